@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv itself.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build by default; GPU users: make test TORCH_REQUIREMENT='torch==2.13.0' with their index.
+TORCH_REQUIREMENT ?= torch==2.13.0
+EXTRAS ?= dev,s3,gcs,azure
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_REQUIREMENT)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_checkpoint.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,152 @@
+"""One exception tree for the whole library.
+
+Every error the library raises on purpose derives from :class:`ResilientTrainError`, so a
+training script can catch the library's failures in one place. Configuration mistakes
+additionally derive from :class:`ValueError` (they are raised at construction, with the fix
+in the message). Messages never contain credentials: anything that may carry a secret goes
+through :func:`resilient_train.storage.redact` first.
+
+Tree::
+
+    ResilientTrainError
+    +-- ConfigError (also ValueError)            bad arguments / configuration
+    +-- StorageError                            a store could not do what was asked
+    |   +-- StoreNotFoundError                  the object does not exist (permanent)
+    |   +-- StorePermissionError                access denied / missing credentials (permanent)
+    |   +-- StoreUnavailableError               endpoint down after retries (transient, exhausted)
+    +-- CheckpointError                         anything about a checkpoint on storage
+    |   +-- CheckpointNotFoundError             no committed checkpoint where one was expected
+    |   +-- ManifestError                       manifest.json missing fields, malformed, bad names
+    |   |   +-- UnsupportedFormatVersionError   written by a newer (or unknown) format version
+    |   |   +-- UnsafePathError                 a file name tries to leave the checkpoint folder
+    |   +-- CorruptCheckpointError              bytes on storage are not what the manifest says
+    |   |   +-- HashMismatchError               a file's SHA-256 differs from the manifest
+    |   |   +-- TruncatedFileError              a file is shorter/longer than the manifest says
+    |   |   +-- SafetensorsHeaderError          header oversized, not JSON, or lies about offsets
+    |   +-- StateMismatchError                  checkpoint does not fit the model/optimizer
+    |   +-- CheckpointWriteError                a save failed (on one or several ranks)
+    +-- DistributedError                        a collective failed on one or more ranks
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+__all__ = [
+    "ResilientTrainError",
+    "ConfigError",
+    "StorageError",
+    "StoreNotFoundError",
+    "StorePermissionError",
+    "StoreUnavailableError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ManifestError",
+    "UnsupportedFormatVersionError",
+    "UnsafePathError",
+    "CorruptCheckpointError",
+    "HashMismatchError",
+    "TruncatedFileError",
+    "SafetensorsHeaderError",
+    "StateMismatchError",
+    "CheckpointWriteError",
+    "DistributedError",
+]
+
+
+class ResilientTrainError(Exception):
+    """Base of every error raised on purpose by resilient_train."""
+
+
+class ConfigError(ResilientTrainError, ValueError):
+    """A configuration or argument that cannot work. The message says what to change."""
+
+
+# ---------------------------------------------------------------- storage
+
+
+class StorageError(ResilientTrainError):
+    """A storage operation failed. ``provider`` names the store (never its credentials)."""
+
+    def __init__(self, message: str, *, provider: str | None = None, path: str | None = None):
+        self.provider = provider
+        self.path = path
+        prefix = f"[{provider}] " if provider else ""
+        super().__init__(prefix + message)
+
+
+class StoreNotFoundError(StorageError, FileNotFoundError):
+    """The object does not exist. Permanent: never retried."""
+
+
+class StorePermissionError(StorageError, PermissionError):
+    """Access was denied or credentials are missing. Permanent: never retried."""
+
+
+class StoreUnavailableError(StorageError, ConnectionError):
+    """The endpoint kept failing with transient errors until the retry budget ran out."""
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(ResilientTrainError):
+    """Something about a checkpoint on storage is wrong or missing."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint (one with a manifest) exists where one was asked for."""
+
+
+class ManifestError(CheckpointError):
+    """The manifest is missing, not JSON, or does not follow the format's schema."""
+
+
+class UnsupportedFormatVersionError(ManifestError):
+    """The manifest declares a format version this library cannot read."""
+
+
+class UnsafePathError(ManifestError):
+    """A file name in the manifest would leave the checkpoint folder (``..``, absolute, ...)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The bytes on storage do not match what the manifest promises."""
+
+
+class HashMismatchError(CorruptCheckpointError):
+    """A file's SHA-256 differs from the one recorded in the manifest."""
+
+
+class TruncatedFileError(CorruptCheckpointError):
+    """A file's size differs from the one recorded in the manifest."""
+
+
+class SafetensorsHeaderError(CorruptCheckpointError):
+    """A safetensors header is oversized, not JSON, or describes impossible offsets."""
+
+
+class StateMismatchError(CheckpointError):
+    """The checkpoint does not fit the objects it is loaded into (keys, shapes, dtypes)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed. ``failures`` maps each failed rank to its cause's message."""
+
+    def __init__(self, message: str, failures: Mapping[int, str] | None = None):
+        self.failures = dict(failures or {})
+        if self.failures:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failures.items()))
+            message = f"{message} ({detail})"
+        super().__init__(message)
+
+
+class DistributedError(ResilientTrainError):
+    """A collective step failed. ``failures`` maps each failed rank to its cause's message."""
+
+    def __init__(self, message: str, failures: Mapping[int, str] | None = None):
+        self.failures = dict(failures or {})
+        if self.failures:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failures.items()))
+            message = f"{message} ({detail})"
+        super().__init__(message)
