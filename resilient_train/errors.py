@@ -51,6 +51,9 @@ __all__ = [
     "StateMismatchError",
     "CheckpointWriteError",
     "DistributedError",
+    "ReplicaMismatchError",
+    "PayloadMismatchError",
+    "KernelUnavailableError",
 ]
 
 
@@ -150,3 +153,18 @@ class DistributedError(ResilientTrainError):
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failures.items()))
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+# ---------------------------------------------------------------- sync and compression
+
+
+class ReplicaMismatchError(DistributedError):
+    """Replicas started from different parameters (their digests differ at the first sync)."""
+
+
+class PayloadMismatchError(DistributedError):
+    """A peer sent a payload of another codec, size or element count than this rank expects."""
+
+
+class KernelUnavailableError(ResilientTrainError, RuntimeError):
+    """A compiled kernel (CUDA, or the C++ CPU twin) was asked for explicitly and cannot run here."""
