@@ -1,0 +1,114 @@
+"""CheckpointManager: save on a schedule, keep the last K, resume from the latest."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from ..errors import ConfigError, StorageError
+from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
+from ..storage import Store, open_store, redact
+from .collectives import Coordinator
+from .reader import LoadResult, committed_steps, latest_step, load
+from .state import TrainState
+from .writer import SaveOptions, SaveResult, save
+
+__all__ = ["CheckpointManager", "retention_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def retention_plan(folders: Mapping[int, bool], keep_last: int) -> list[int]:
+    """Steps whose folders to delete. ``folders`` maps step -> committed.
+
+    Keeps the ``keep_last`` highest committed steps (never fewer than one: the newest committed
+    checkpoint is never deleted) and uncommitted folders above the newest committed step (a
+    save may be writing there). Deletes older committed steps and uncommitted leftovers below.
+    """
+    committed = sorted(s for s, ok in folders.items() if ok)
+    if not committed:
+        return []
+    keep = set(committed[-max(1, keep_last):])
+    newest = committed[-1]
+    return sorted(s for s, ok in folders.items() if (ok and s not in keep) or (not ok and s < newest))
+
+
+class CheckpointManager:
+    """Periodic, collective checkpoints under one URI.
+
+    ``every_n_steps``: :meth:`maybe_save` saves when ``step % every_n_steps == 0``.
+    ``keep_last``: committed checkpoints kept after each save (>= 1).
+    Construction does no I/O. Every rank of ``process_group`` calls the same methods in the
+    same order.
+    """
+
+    def __init__(
+        self,
+        uri: "str | Store",
+        every_n_steps: int,
+        keep_last: int = 3,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        options: SaveOptions | None = None,
+    ):
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ConfigError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ConfigError(f"keep_last must be an int >= 1 (the newest checkpoint is always kept), got {keep_last!r}")
+        self.store = open_store(uri, storage_options)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.process_group = process_group
+        self.options = options or SaveOptions()
+        self.last_saved_step: int | None = None
+
+    def should_save(self, step: int) -> bool:
+        return step > 0 and step % self.every_n_steps == 0 and step != self.last_saved_step
+
+    def save(self, step: int, state: TrainState) -> SaveResult:
+        """Save now (collective), then apply retention on rank 0."""
+        result = save(self.store, state, step, process_group=self.process_group, options=self.options)
+        self.last_saved_step = step
+        if Coordinator(self.process_group).rank == 0:
+            self.apply_retention()
+        return result
+
+    def maybe_save(self, step: int, state: TrainState) -> SaveResult | None:
+        """Save if ``step`` is on the schedule; returns the result or None."""
+        return self.save(step, state) if self.should_save(step) else None
+
+    def restore(self, state: TrainState, step: int | None = None) -> LoadResult | None:
+        """Load ``step`` (default: latest committed) into ``state``; None if there is none yet."""
+        coord = Coordinator(self.process_group)
+        latest = coord.broadcast(self.latest_step() if coord.rank == 0 else None) if step is None else step
+        if latest is None:
+            return None
+        result = load(self.store, state, latest, process_group=self.process_group)
+        self.last_saved_step = result.step
+        return result
+
+    def steps(self) -> list[int]:
+        return committed_steps(self.store)
+
+    def latest_step(self) -> int | None:
+        return latest_step(self.store)
+
+    def apply_retention(self) -> list[int]:
+        """Delete what :func:`retention_plan` says; returns the deleted steps. Rank 0 only."""
+        folders = {}
+        for name in self.store.list(""):
+            step = parse_step_dirname(name)
+            if step is not None:
+                folders[step] = self.store.exists(f"{name}/{MANIFEST_NAME}")
+        doomed = retention_plan(folders, self.keep_last)
+        for step in doomed:
+            folder = step_dirname(step)
+            try:
+                # The manifest goes first so a half-deleted folder is never mistaken for a checkpoint.
+                self.store.delete(f"{folder}/{MANIFEST_NAME}")
+                self.store.delete(folder, recursive=True)
+                log.info("retention removed %s/%s", self.store.uri, folder)
+            except StorageError as exc:
+                log.warning("retention could not remove %s/%s: %s", self.store.uri, folder, redact(str(exc)))
+        return doomed

@@ -1,0 +1,203 @@
+"""The manifest: the commit record of a checkpoint (format version 1).
+
+``manifest.json`` is written last, after every file it lists is durable. Its bytes are
+canonical (see :func:`~resilient_train.format.jsontree.dumps_canonical`) and pinned by tests.
+Parsing validates everything a reader relies on, so a malformed or malicious manifest is
+refused before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ManifestError, UnsafePathError, UnsupportedFormatVersionError
+from .jsontree import dumps_canonical
+from .names import FORMAT_NAME, FORMAT_VERSION
+from .safetensors_io import ITEMSIZE
+
+__all__ = ["FileRecord", "TensorRecord", "Manifest", "check_filename", "MAX_MANIFEST_BYTES"]
+
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_filename(name: Any) -> str:
+    """A manifest file name must be a plain name inside the step folder (no folders at all)."""
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError(f"file name {name!r} in manifest is not a non-empty string")
+    if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or ":" in name or not _SAFE_NAME.match(name):
+        raise UnsafePathError(f"file name {name!r} in manifest would leave the checkpoint folder or is not a plain file name")
+    return name
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    size_bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One stored piece of a logical tensor.
+
+    ``key`` is the logical name (``model/fc.weight``, ``optimizer/state/fc.weight/exp_avg``);
+    ``name`` is its key inside ``file``. A whole tensor has ``offsets`` all zero and
+    ``shape == global_shape``; a shard of a sharded tensor covers
+    ``[offsets[d], offsets[d] + shape[d])`` in every dimension ``d``.
+    """
+
+    key: str
+    file: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_whole(self) -> bool:
+        return self.shape == self.global_shape
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "file": self.file,
+            "global_shape": list(self.global_shape),
+            "key": self.key,
+            "name": self.name,
+            "offsets": list(self.offsets),
+            "shape": list(self.shape),
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    world_size: int
+    files: tuple[FileRecord, ...]
+    tensors: tuple[TensorRecord, ...]
+    format_version: int = FORMAT_VERSION
+    _by_path: dict[str, FileRecord] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", tuple(sorted(self.files, key=lambda f: f.path)))
+        object.__setattr__(self, "tensors", tuple(sorted(self.tensors, key=lambda t: (t.key, t.offsets, t.file))))
+        object.__setattr__(self, "_by_path", {f.path: f for f in self.files})
+
+    def file(self, path: str) -> FileRecord:
+        try:
+            return self._by_path[path]
+        except KeyError:
+            raise ManifestError(f"file {path!r} is not listed in the manifest of step {self.step}") from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": [f.to_json() for f in self.files],
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "step": self.step,
+            "tensors": [t.to_json() for t in self.tensors],
+            "world": {"world_size": self.world_size},
+        }
+
+    def to_bytes(self) -> bytes:
+        return dumps_canonical(self.to_json())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "manifest.json") -> "Manifest":
+        """Parse and validate. Raises ManifestError (or a subclass) naming ``where``."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where}: {len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{where} is not valid JSON ({exc}); the checkpoint was not committed correctly") from None
+        return cls.from_json(obj, where=where)
+
+    @classmethod
+    def from_json(cls, obj: Any, *, where: str = "manifest.json") -> "Manifest":
+        def fail(msg: str) -> ManifestError:
+            return ManifestError(f"{where}: {msg}")
+
+        if not isinstance(obj, dict):
+            raise fail("top level must be a JSON object")
+        if obj.get("format") != FORMAT_NAME:
+            raise fail(f"'format' must be {FORMAT_NAME!r}, got {obj.get('format')!r}")
+        version = obj.get("format_version")
+        if type(version) is not int:
+            raise fail("'format_version' must be an integer")
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatVersionError(
+                f"{where}: format version {version} is not supported by this library (it reads version {FORMAT_VERSION}); "
+                "upgrade resilient-train to read it"
+            )
+        step = obj.get("step")
+        if type(step) is not int or step < 0:
+            raise fail("'step' must be a non-negative integer")
+        world = obj.get("world")
+        if not isinstance(world, dict) or type(world.get("world_size")) is not int or world["world_size"] < 1:
+            raise fail("'world.world_size' must be a positive integer")
+        files_raw, tensors_raw = obj.get("files"), obj.get("tensors")
+        if not isinstance(files_raw, list) or not isinstance(tensors_raw, list):
+            raise fail("'files' and 'tensors' must be lists")
+        files = []
+        seen: set[str] = set()
+        for i, f in enumerate(files_raw):
+            if not isinstance(f, dict):
+                raise fail(f"files[{i}] must be an object")
+            path = check_filename(f.get("path"))
+            if path in seen:
+                raise fail(f"file {path!r} is listed twice")
+            seen.add(path)
+            size, sha = f.get("size_bytes"), f.get("sha256")
+            if type(size) is not int or size < 0:
+                raise fail(f"file {path!r}: 'size_bytes' must be a non-negative integer")
+            if not isinstance(sha, str) or not _SHA256.match(sha):
+                raise fail(f"file {path!r}: 'sha256' must be 64 lowercase hex digits")
+            files.append(FileRecord(path, size, sha))
+        tensors = []
+        pieces: dict[tuple[str, str], str] = {}
+        for i, t in enumerate(tensors_raw):
+            if not isinstance(t, dict):
+                raise fail(f"tensors[{i}] must be an object")
+            key, fname, name, dtype = t.get("key"), t.get("file"), t.get("name"), t.get("dtype")
+            if not isinstance(key, str) or not key or not isinstance(name, str) or not name:
+                raise fail(f"tensors[{i}]: 'key' and 'name' must be non-empty strings")
+            check_filename(fname)
+            if fname not in seen:
+                raise fail(f"tensor {key!r} lives in {fname!r}, which is not listed in 'files'")
+            if dtype not in ITEMSIZE:
+                raise fail(f"tensor {key!r}: unknown dtype {dtype!r}")
+            shape, gshape, offs = t.get("shape"), t.get("global_shape"), t.get("offsets")
+            for label, v in (("shape", shape), ("global_shape", gshape), ("offsets", offs)):
+                if not isinstance(v, list) or not all(type(x) is int and x >= 0 for x in v):
+                    raise fail(f"tensor {key!r}: {label!r} must be a list of non-negative integers")
+            if not (len(shape) == len(gshape) == len(offs)):
+                raise fail(f"tensor {key!r}: shape, global_shape and offsets must have the same length")
+            if any(o + s > g for o, s, g in zip(offs, shape, gshape)):
+                raise fail(f"tensor {key!r}: piece at offsets {offs} of shape {shape} exceeds global shape {gshape}")
+            if (fname, name) in pieces:
+                raise fail(f"name {name!r} appears twice in file {fname!r}")
+            pieces[(fname, name)] = key
+            tensors.append(TensorRecord(key, fname, name, dtype, tuple(shape), tuple(gshape), tuple(offs)))
+        return cls(step=step, world_size=world["world_size"], files=tuple(files), tensors=tuple(tensors), format_version=version)
