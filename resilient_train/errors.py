@@ -54,6 +54,8 @@ __all__ = [
     "ReplicaMismatchError",
     "PayloadMismatchError",
     "KernelUnavailableError",
+    "StoreTransientError",
+    "ReplicationError",
 ]
 
 
@@ -168,3 +170,23 @@ class PayloadMismatchError(DistributedError):
 
 class KernelUnavailableError(ResilientTrainError, RuntimeError):
     """A compiled kernel (CUDA, or the C++ CPU twin) was asked for explicitly and cannot run here."""
+
+
+# ---------------------------------------------------------------- storage: retries and replication
+
+
+class StoreTransientError(StorageError):
+    """One attempt failed with a transient cause (timeout, throttling, 5xx, reset). Retried;
+    once the retry budget is spent it becomes :class:`StoreUnavailableError`."""
+
+
+class ReplicationError(CheckpointError):
+    """Copying a checkpoint to one or more providers failed. ``failures`` maps each failed
+    provider's name to its cause; the providers not named did commit their copy."""
+
+    def __init__(self, message: str, failures: Mapping[str, str] | None = None):
+        self.failures = dict(failures or {})
+        if self.failures:
+            detail = "; ".join(f"{p}: {m}" for p, m in sorted(self.failures.items()))
+            message = f"{message} ({detail})"
+        super().__init__(message)
