@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from ..errors import ConfigError, StorageError
+from ..errors import CheckpointError, ConfigError, StorageError
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
-from .reader import LoadResult, committed_steps, latest_step, load
+from .reader import LoadResult, committed_steps, latest_step, load, read_manifest
 from .state import TrainState
 from .writer import SaveOptions, SaveResult, save
 
@@ -94,13 +94,20 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         return latest_step(self.store)
 
+    def _is_committed(self, step: int) -> bool:
+        try:
+            read_manifest(self.store, step)
+            return True
+        except CheckpointError:
+            return False
+
     def apply_retention(self) -> list[int]:
         """Delete what :func:`retention_plan` says; returns the deleted steps. Rank 0 only."""
         folders = {}
         for name in self.store.list(""):
             step = parse_step_dirname(name)
             if step is not None:
-                folders[step] = self.store.exists(f"{name}/{MANIFEST_NAME}")
+                folders[step] = self._is_committed(step)
         doomed = retention_plan(folders, self.keep_last)
         for step in doomed:
             folder = step_dirname(step)

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .. import errors as errors_module
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -196,18 +197,21 @@ def _check_file(store: Store, folder: str, rec: FileRecord, manifest: Manifest) 
                 raise CorruptCheckpointError(f"{where}: tensor {t.name!r} in the file does not match the manifest ({slot})")
 
 
-def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord, manifest: Manifest) -> tuple[int | None, str | None]:
-    """Index of the first source whose copy verifies, or (None, reasons)."""
+def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord, manifest: Manifest) -> tuple[int | None, str | None, str | None]:
+    """``(index of the first source whose copy verifies, None, None)`` or
+    ``(None, reasons, name of the first error's type)``."""
     reasons = []
+    first_type = None
     for i, store in enumerate(sources):
         try:
             _check_file(store, folder, rec, manifest)
             if i > 0:
                 log.warning("file %s served by replica %s after: %s", rec.path, store.name, "; ".join(reasons))
-            return i, None
+            return i, None, None
         except (StorageError, CorruptCheckpointError, OSError) as exc:
+            first_type = first_type or type(exc).__name__
             reasons.append(redact(f"{store.name}: {type(exc).__name__}: {exc}"))
-    return None, "; ".join(reasons)
+    return None, "; ".join(reasons), first_type
 
 
 def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None) -> tuple[Manifest, list[str]]:
@@ -454,13 +458,16 @@ def _read_json(sources: Sequence[Store], folder: str, rec: FileRecord) -> Any:
 
 def _find(sources: Sequence[Store], step: int | None) -> tuple[int, Manifest]:
     if step is not None:
-        errors = []
+        errors: list[BaseException] = []
         for store in sources:
             try:
                 return step, read_manifest(store, step)
             except (StorageError, CheckpointError, OSError) as exc:
-                errors.append(redact(f"{store.name}: {exc}"))
-        raise CheckpointNotFoundError(f"step {step} is not committed on any replica: " + "; ".join(errors))
+                errors.append(exc)
+        invalid = [e for e in errors if isinstance(e, ManifestError)]
+        if invalid:
+            raise invalid[0]
+        raise CheckpointNotFoundError(f"step {step} is not committed on any replica: " + "; ".join(redact(str(e)) for e in errors))
     best: tuple[int, Manifest] | None = None
     for store in sources:
         try:
@@ -540,21 +547,23 @@ def load(
     # 3. verify (files split across ranks)
     needed = sorted(set().union(*coord.all_gather(sorted(_needed_files(manifest, plan.targets)))))
     mine = needed[coord.rank :: coord.world_size]
-    verdicts: dict[str, tuple[int | None, str | None]] = {}
+    verdicts: dict[str, tuple[int | None, str | None, str | None]] = {}
     if mine:
         with ThreadPoolExecutor(max_workers=min(threads, len(mine)), thread_name_prefix="rt-verify") as pool:
             for fname, verdict in zip(mine, pool.map(lambda n: _verify_with_fallback(sources, folder, manifest.file(n), manifest), mine)):
                 verdicts[fname] = verdict
-    merged: dict[str, tuple[int | None, str | None]] = {}
+    merged: dict[str, tuple[int | None, str | None, str | None]] = {}
     for part in coord.all_gather(verdicts):
         merged.update(part)
-    bad = {f: why for f, (src, why) in merged.items() if src is None}
+    bad = {f: (why, kind) for f, (src, why, kind) in merged.items() if src is None}
     if bad:
         first = sorted(bad)[0]
-        detail = "; ".join(f"{f}: {w}" for f, w in sorted(bad.items())[:5])
-        exc_type = HashMismatchError if "HashMismatchError" in bad[first] else CorruptCheckpointError
+        detail = "; ".join(f"{f}: {w}" for f, (w, _) in sorted(bad.items())[:5])
+        exc_type = getattr(errors_module, bad[first][1] or "", None)
+        if not (isinstance(exc_type, type) and issubclass(exc_type, CorruptCheckpointError)):
+            exc_type = CorruptCheckpointError
         raise exc_type(f"checkpoint step {manifest.step} cannot be loaded, nothing was changed: {detail}")
-    source_of = {f: src for f, (src, _) in merged.items() if src is not None}
+    source_of = {f: src for f, (src, _, _) in merged.items() if src is not None}
 
     # rank state (small, verified on read)
     rank_tree = None

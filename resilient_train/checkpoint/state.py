@@ -226,7 +226,7 @@ def capture(state: TrainState, rank: int = 0, world_size: int = 1) -> Snapshot:
         shared["optimizer"] = {"param_groups": groups, "state": opt_state}
 
     def add_tree(label: str, obj: Any) -> None:
-        tree, ts = encode(obj, tensor_key=lambda p: f"{label}/{p}" if p else label)
+        tree, ts = encode(obj, path=label, tensor_key=lambda p: f"{label}/{p[len(label) + 1:]}" if p.startswith(label + ".") else label)
         for key, t in ts.items():
             pieces.append(_piece(key, "extra", key, t))
         shared[label] = tree
