@@ -1,0 +1,10 @@
+"""Compression of pseudo-gradients: the `Codec` protocol, pure-torch reference codecs, and the
+loader of the compiled kernels (``csrc/``). Never imports checkpoint or storage."""
+
+from __future__ import annotations
+
+from .codecs import (CODEC_NAMES, BF16Codec, BlockwiseCodec, Codec, Encoded, NoneCodec, TopKCodec,
+                     get_codec)
+
+__all__ = ["Codec", "Encoded", "CODEC_NAMES", "get_codec", "NoneCodec", "BF16Codec", "BlockwiseCodec",
+           "TopKCodec"]

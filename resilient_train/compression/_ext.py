@@ -1,0 +1,101 @@
+"""The one module that builds and loads the compiled codecs in ``csrc/``.
+
+Both extensions are JIT-built with :func:`torch.utils.cpp_extension.load` on first use,
+into a cache folder (``$RESILIENT_TRAIN_CACHE`` or ``~/.cache/resilient_train``), keyed by
+torch version so a cached build is reused across runs. A build takes ~30-60 s once.
+
+``load_cpu(required)`` / ``load_cuda(required)`` return the module, or ``None`` when it
+cannot be built and ``required`` is false (the reason is logged once; callers then use the
+pure-torch reference). With ``required`` true a failure raises
+:class:`~resilient_train.errors.KernelUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..errors import KernelUnavailableError
+
+__all__ = ["csrc_dir", "cache_dir", "load_cpu", "load_cuda", "CPU_FLAGS", "NVCC_FLAGS"]
+
+log = logging.getLogger(__name__)
+
+# -ffp-contract=off: the rounding definition forbids fusing `v - q * scale` into one FMA.
+CPU_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17"]
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+_errors: dict[str, str] = {}
+
+
+def csrc_dir() -> Path:
+    """``csrc/`` of a source checkout or editable install (not shipped inside a wheel)."""
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RESILIENT_TRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                     "resilient_train")
+    tag = torch.__version__.replace("+", "_").replace(".", "_")
+    return Path(root) / f"ext_torch{tag}"
+
+
+def _simd_flags() -> list[str]:
+    # The AVX2 path in quant_cpu.cpp is bit-identical to its scalar path; only enable it where
+    # torch itself detected AVX2, so a cached build never meets a CPU that lacks it.
+    cap = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2"] if cap in ("AVX2", "AVX512") else []
+
+
+def _build(kind: str) -> ModuleType:
+    from torch.utils import cpp_extension  # lazy: pulls in setuptools
+
+    src = csrc_dir()
+    build = cache_dir() / (kind + ("_avx2" if kind == "cpu" and _simd_flags() else ""))
+    build.mkdir(parents=True, exist_ok=True)
+    if kind == "cpu":
+        sources = [src / "quant_cpu.cpp"]
+        flags: dict = {"extra_cflags": CPU_FLAGS + _simd_flags()}
+    else:
+        sources = [src / "quant_cuda.cpp", src / "quant_cuda.cu"]
+        flags = {"extra_cflags": CPU_FLAGS, "extra_cuda_cflags": NVCC_FLAGS}
+    missing = [str(p) for p in sources if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"kernel sources not found: {missing} (csrc/ ships with the source tree)")
+    return cpp_extension.load(name=f"resilient_train_quant_{kind}", sources=[str(p) for p in sources],
+                              build_directory=str(build), verbose=False, **flags)
+
+
+def _load(kind: str, required: bool) -> ModuleType | None:
+    with _lock:
+        if kind not in _loaded:
+            try:
+                if kind == "cuda" and not torch.cuda.is_available():
+                    raise RuntimeError("torch.cuda.is_available() is False")
+                _loaded[kind] = _build(kind)
+            except Exception as exc:  # a compiler/toolchain failure of any kind means "not here"
+                _loaded[kind] = None
+                _errors[kind] = f"{type(exc).__name__}: {exc}"
+                log.warning("compiled %s codec unavailable, using the pure-torch reference: %s",
+                            kind, _errors[kind][:500])
+        mod = _loaded[kind]
+    if mod is None and required:
+        raise KernelUnavailableError(f"the {kind} codec kernel cannot be built or loaded here: {_errors[kind]}")
+    return mod
+
+
+def load_cpu(required: bool = False) -> ModuleType | None:
+    """The C++ CPU twin (``csrc/quant_cpu.cpp``)."""
+    return _load("cpu", required)
+
+
+def load_cuda(required: bool = False) -> ModuleType | None:
+    """The CUDA kernel (``csrc/quant_cuda.cu`` + ``csrc/quant_cuda.cpp``)."""
+    return _load("cuda", required)
