@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 # -ffp-contract=off: the rounding definition forbids fusing `v - q * scale` into one FMA.
 CPU_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
-NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17"]
+# The C++ standard is left to cpp_extension (torch 2.13 builds with C++20).
+NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
