@@ -8,7 +8,17 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
 
-setup: $(VENV)/.installed
+# The Azure Blob emulator (azurite) for the storage tests, from npm, pinned by tools/package-lock.json.
+TOOLS_STAMP := tools/node_modules/.installed
+
+setup: $(VENV)/.installed $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): tools/package.json tools/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tools --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "npm not found: the Azure storage tests need node/npm (they fail under CI, skip elsewhere)"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -1,4 +1,9 @@
-"""Storage: the Store protocol and its backends. The only package that imports fsspec."""
+"""Storage: the Store protocol and its backends. The only package that imports fsspec.
+
+* :func:`open_store` turns a URI into a Store (remote ones retry transient failures).
+* :mod:`.providers`: providers, a replication policy with data residency, pure placement.
+* :mod:`.transfer`: verified streaming copies between stores, run concurrently.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,37 @@ from .base import Store, check_relpath, join
 from .fsspec_store import FsspecStore
 from .local import LocalStore
 from .redact import redact, redact_options
+from .retry import NO_RETRY, RetryingStore, RetryPolicy, classify
 
-__all__ = ["Store", "LocalStore", "FsspecStore", "open_store", "check_relpath", "join", "redact", "redact_options"]
+__all__ = [
+    "Store",
+    "LocalStore",
+    "FsspecStore",
+    "RetryingStore",
+    "RetryPolicy",
+    "NO_RETRY",
+    "classify",
+    "open_store",
+    "check_relpath",
+    "join",
+    "redact",
+    "redact_options",
+]
 
 
-def open_store(uri: "str | Store", storage_options: Mapping[str, Any] | None = None, name: str | None = None) -> Store:
+def open_store(
+    uri: "str | Store",
+    storage_options: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    *,
+    retry: RetryPolicy | None = None,
+    block_size_bytes: int | None = None,
+) -> Store:
     """Return a Store for ``uri``: a local folder (plain path or ``file://``) or any fsspec URL.
 
-    A Store passed in is returned unchanged. No I/O happens here.
+    Remote stores are wrapped in :class:`RetryingStore` with ``retry`` (default
+    :class:`RetryPolicy`); pass :data:`NO_RETRY` to see every failure. A Store passed in is
+    returned unchanged. No I/O happens here.
     """
     if not isinstance(uri, str):
         if isinstance(uri, Store):
@@ -29,4 +57,6 @@ def open_store(uri: "str | Store", storage_options: Mapping[str, Any] | None = N
         return LocalStore(uri[len("file://"):], name=name)
     if "://" not in uri and "::" not in uri:
         return LocalStore(uri, name=name)
-    return FsspecStore(uri, storage_options, name=name)
+    policy = retry or RetryPolicy()
+    inner = FsspecStore(uri, storage_options, name=name, call_timeout_s=policy.call_timeout_s, block_size_bytes=block_size_bytes)
+    return RetryingStore(inner, policy)
