@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -39,7 +40,9 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, 
             result = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        out.put((rank, True, result))
+        # Plain pickle bytes: torch's queue reductions would pass tensors through shared memory
+        # that vanishes when this process exits.
+        out.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         out.put((rank, False, traceback.format_exc()))
 
@@ -66,7 +69,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
                 if all(not p.is_alive() for p in procs) and out.empty():
                     break
                 continue
-            (results if ok else failures)[rank] = value
+            if ok:
+                results[rank] = pickle.loads(value)
+            else:
+                failures[rank] = value
         for r, p in enumerate(procs):
             p.join(timeout=5 if r in results or r in failures else 0.1)
             if p.is_alive():
