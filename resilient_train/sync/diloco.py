@@ -1,0 +1,415 @@
+"""DiLoCo, streaming DiLoCo with overlap, and local SGD, for a plain PyTorch loop.
+
+Usage (every replica runs the same code)::
+
+    sync = DiLoCo(model, inner_opt, sync_every=100, codec="int8", comm=ProcessGroupCommunicator())
+    for batch in data:
+        loss(model, batch).backward(); inner_opt.step(); inner_opt.zero_grad()
+        # nothing else: sync hooks inner_opt.step(). Without an inner optimizer, call sync.step().
+
+Maths (per fragment, see docs/sync.md). Each replica ``i`` keeps the *global* weights
+``G`` (fp32, identical on every replica) and trains its local weights ``L_i``. At a sync of a
+fragment, ``D_i = G - L_i`` (the pseudo-gradient) is encoded with error feedback, the mean
+``D = (1/n) sum_i decode(encode(D_i + e_i))`` is computed identically on every replica, and the
+outer optimizer steps ``G`` with ``G.grad = D`` (default: SGD, lr 0.7, Nesterov momentum 0.9).
+Then ``L_i <- G`` when ``overlap_steps == 0``. With ``overlap_steps = d > 0`` the exchange
+runs in the background while d more inner steps happen, and then
+``L_i <- lerp(L_i, G, mix) = L_i + mix * (G - L_i)`` (``mix`` = 1 discards the d local steps,
+0.5 is the Streaming DiLoCo choice).
+
+Schedule: parameters are split into ``fragments = K`` contiguous groups of about equal size;
+fragment ``k`` launches at inner steps ``t`` with ``t >= o_k`` and ``t = o_k (mod H)``, where
+``o_k = (k + 1) * H // K``; with K = 1 that is every H steps. Its result is applied at
+``t + d``.
+
+Failure behaviour: the first sync runs a handshake (one all-gather) comparing a digest of the
+*starting* parameters, taken in the constructor, and the sync configuration: different
+parameters raise :class:`ReplicaMismatchError`, different configurations
+:class:`PayloadMismatchError`, on every rank. A non-finite pseudo-gradient is never sent (its
+replica sends zeros and a veto flag in the same exchange); the round is skipped on every
+replica: ``G``, the outer optimizer and the residuals stay as they were, ``L_i <- G``, and the
+skip is logged and counted in ``skipped_rounds``. A failed or timed-out exchange raises
+:class:`DistributedError`.
+
+``state_dict()`` returns ``{"meta": <JSON-able dict>, "tensors": {name: Tensor}}`` with the
+global weights, residuals, outer optimizer state and any in-flight result (waited for), so a
+checkpoint never needs pickle. ``LocalSGD`` is DiLoCo with the outer optimizer fixed to plain
+SGD with lr 1 (so ``G <- mean_i L_i``) and no compression.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..compression import Codec, get_codec
+from ..errors import ConfigError, PayloadMismatchError, ReplicaMismatchError, StateMismatchError
+from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, _CODEC_IDS,
+                           allreduce_encoded)
+
+__all__ = ["DiLoCo", "LocalSGD", "default_outer_optimizer", "STATE_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "resilient_train.sync/1"
+_DIGEST_SAMPLES = 4096
+
+
+def default_outer_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """The DiLoCo paper's outer optimizer: SGD, lr 0.7, Nesterov momentum 0.9."""
+    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+
+
+def param_digest(params: list[torch.Tensor]) -> int:
+    """63-bit digest of shapes, dtypes and a strided sample of up to 4096 values per tensor.
+
+    Cheap (independent of model size beyond the sample) and deterministic across machines; it
+    detects replicas initialised differently, not a single changed element."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in params:
+        flat = p.detach().reshape(-1)
+        stride = max(1, flat.numel() // _DIGEST_SAMPLES)
+        sample = flat[::stride][:_DIGEST_SAMPLES].contiguous().cpu()
+        h.update(f"{tuple(p.shape)}|{p.dtype}|".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def _flatten(params: list[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.zeros(0)
+    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
+
+
+@torch.no_grad()
+def _write(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.copy_(flat[off:off + n].view_as(p))
+        off += n
+
+
+@dataclass
+class _Pending:
+    launched_at: int
+    apply_at: int
+    handle: Handle
+    saved_residual: torch.Tensor | None
+
+
+class _Fragment:
+    def __init__(self, index: int, params: list[torch.Tensor], offset: int, outer_factory, with_residual: bool):
+        self.index = index
+        self.params = params
+        self.offset = offset
+        self.global_ = _flatten(params).clone().requires_grad_(True)
+        self.outer = outer_factory([self.global_])
+        self.residual = torch.zeros_like(self.global_.detach()) if with_residual else None
+        self.pending: _Pending | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.global_.numel()
+
+
+def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
+    """K contiguous groups with about total/K elements each (every group non-empty)."""
+    total = sum(p.numel() for p in params)
+    groups: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    seen = 0
+    for i, p in enumerate(params):
+        remaining_params = len(params) - i
+        g = min(k - 1, seen * k // max(total, 1))
+        # keep enough parameters for the groups still empty
+        empty_after = sum(1 for grp in groups[g + 1:] if not grp)
+        if remaining_params <= empty_after:
+            g = next(j for j, grp in enumerate(groups) if not grp)
+        groups[g].append(p)
+        seen += p.numel()
+    return groups
+
+
+class DiLoCo:
+    """DiLoCo with optional streaming fragments, overlap and compressed pseudo-gradients.
+
+    ``inner_optimizer``: if given, ``step()`` runs automatically after each of its steps (a
+    post-step hook, removed by ``close()``); if ``None``, call ``step()`` after every inner
+    optimizer step yourself. ``outer_optimizer``: a factory ``params -> Optimizer`` applied to
+    each fragment's global weights (default :func:`default_outer_optimizer`). ``comm``: a
+    :class:`Communicator` (default: the default process group, looked up at the first sync).
+    The constructor validates arguments and copies the starting weights; it does no I/O.
+    """
+
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None = None,
+                 outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None, *,
+                 sync_every: int, comm: Communicator | None = None, codec: str | Codec = "none",
+                 fragments: int = 1, overlap_steps: int = 0, mix: float = 0.5,
+                 timeout: timedelta = DEFAULT_TIMEOUT):
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ConfigError(f"sync_every must be an int >= 1 (inner steps between syncs), got {sync_every!r}")
+        params = [p for p in model.parameters()]
+        if not params:
+            raise ConfigError("the model has no parameters to synchronise")
+        if isinstance(fragments, bool) or not isinstance(fragments, int) or not 1 <= fragments <= min(
+                sync_every, len(params)):
+            raise ConfigError(f"fragments must be an int in [1, min(sync_every, number of parameter tensors)] "
+                              f"= [1, {min(sync_every, len(params))}], got {fragments!r}")
+        if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or not 0 <= overlap_steps < sync_every:
+            raise ConfigError(f"overlap_steps must be an int in [0, sync_every) = [0, {sync_every}), "
+                              f"got {overlap_steps!r}")
+        if not isinstance(mix, (int, float)) or not 0 < mix <= 1:
+            raise ConfigError(f"mix must be in (0, 1], got {mix!r}")
+        self.codec: Codec = get_codec(codec) if isinstance(codec, str) else codec
+        if not isinstance(self.codec, Codec):
+            raise ConfigError(f"codec must be a codec name or a Codec, got {type(codec).__name__}")
+        self.sync_every = sync_every
+        self.overlap_steps = overlap_steps
+        self.mix = float(mix)
+        self.timeout = timeout
+        self.comm: Communicator = comm if comm is not None else ProcessGroupCommunicator()
+        factory = outer_optimizer or default_outer_optimizer
+        self._fragments = [
+            _Fragment(k, grp, (k + 1) * sync_every // fragments, factory, self.codec.name != "none")
+            for k, grp in enumerate(_split(params, fragments))]
+        self._digest = param_digest(params)
+        self.step_count = 0
+        self.rounds = 0
+        self.skipped_rounds = 0
+        self._handshake_done = False
+        self._hook = None
+        if inner_optimizer is not None:
+            self._hook = inner_optimizer.register_step_post_hook(lambda *_: self._step())
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> None:
+        """Count one inner step; launch and apply the syncs that are due (see the schedule)."""
+        if self._hook is not None:
+            raise ConfigError("this sync is hooked to its inner optimizer and steps by itself; "
+                              "do not also call step() (or construct it with inner_optimizer=None)")
+        self._step()
+
+    def _step(self) -> None:
+        self.step_count += 1
+        t = self.step_count
+        for frag in self._fragments:
+            if frag.pending is not None and frag.pending.apply_at == t:
+                self._apply(frag)
+            if t >= frag.offset and (t - frag.offset) % self.sync_every == 0:
+                self._launch(frag, t)
+                if self.overlap_steps == 0:
+                    self._apply(frag)
+
+    def sync_steps(self, fragment: int, horizon: int) -> list[int]:
+        """The inner steps <= horizon at which ``fragment`` launches a sync (pure)."""
+        o = self._fragments[fragment].offset
+        return list(range(o, horizon + 1, self.sync_every))
+
+    @property
+    def num_fragments(self) -> int:
+        return len(self._fragments)
+
+    def fragment_params(self, k: int) -> list[torch.Tensor]:
+        return list(self._fragments[k].params)
+
+    def global_weights(self, k: int) -> torch.Tensor:
+        return self._fragments[k].global_.detach()
+
+    # ------------------------------------------------------------------ phases
+
+    def _config_vector(self) -> list[int]:
+        numels = ",".join(str(f.numel) for f in self._fragments)
+        opts = f"{sorted(self.codec.options().items())}|{numels}"
+        opt_hash = int.from_bytes(hashlib.blake2b(opts.encode(), digest_size=8).digest(), "little") >> 1
+        return [self.sync_every, len(self._fragments), self.overlap_steps, _CODEC_IDS.get(self.codec.name, 0),
+                opt_hash]
+
+    def _handshake(self) -> None:
+        """One all-gather of [digest, config...]; raises on every rank if replicas differ."""
+        mine = torch.tensor([self._digest] + self._config_vector(), dtype=torch.int64)
+        rows = [r.tolist() for r in self.comm.allgather(mine).wait(self.timeout)]
+        ref = rows[0]
+        differ = {r: f"parameter digest {row[0]:#x} != rank 0's {ref[0]:#x}"
+                  for r, row in enumerate(rows) if row[0] != ref[0]}
+        if differ:
+            raise ReplicaMismatchError("replicas started from different parameters (broadcast or seed the "
+                                       "model identically before constructing the sync)", differ)
+        differ = {r: f"[sync_every, fragments, overlap_steps, codec, options] = {row[1:]} != rank 0's {ref[1:]}"
+                  for r, row in enumerate(rows) if row[1:] != ref[1:]}
+        if differ:
+            raise PayloadMismatchError("replicas disagree on the sync configuration", differ)
+        self._handshake_done = True
+
+    def _launch(self, frag: _Fragment, t: int) -> None:
+        if not self._handshake_done:
+            self._handshake()
+        delta = frag.global_.detach() - _flatten(frag.params).to(frag.global_.device)
+        finite = bool(torch.isfinite(delta).all())
+        if not finite:
+            delta.zero_()  # never send a non-finite value; the flag vetoes the round everywhere
+        saved = frag.residual.clone() if frag.residual is not None else None
+        n = self.comm.world_size
+        if self.codec.name == "none":
+            buf = torch.cat([delta, torch.tensor([0.0 if finite else 1.0], device=delta.device)])
+
+            def finish(b: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+                nbad = int(b[-1].item())
+                return (None, nbad) if nbad else (b[:-1].div_(n), 0)
+
+            handle = self.comm.allreduce_sum(buf).then(finish)
+        else:
+            payload = self.codec.encode(delta, frag.residual if finite else None)
+            handle = allreduce_encoded(self.comm, self.codec, payload, 0 if finite else 1).then(
+                lambda res: (res[0], sum(1 for f in res[1] if f)))
+        frag.pending = _Pending(t, t + self.overlap_steps, handle, saved)
+        self.rounds += 1
+
+    @torch.no_grad()
+    def _apply(self, frag: _Fragment) -> None:
+        pending = frag.pending
+        assert pending is not None  # internal invariant: only called with a round in flight
+        mean, nbad = pending.handle.wait(self.timeout)
+        frag.pending = None
+        g = frag.global_
+        if mean is None:
+            self.skipped_rounds += 1
+            log.warning("sync round of fragment %d launched at step %d skipped: non-finite pseudo-gradient "
+                        "on %d replica(s); local weights reset to the global weights", frag.index,
+                        pending.launched_at, nbad)
+            if frag.residual is not None and pending.saved_residual is not None:
+                frag.residual.copy_(pending.saved_residual)
+            _write(frag.params, g.detach())
+            return
+        g.grad = mean.to(g.device)
+        with torch.enable_grad():
+            frag.outer.step()
+        g.grad = None
+        if self.overlap_steps == 0:
+            _write(frag.params, g.detach())
+        else:
+            local = _flatten(frag.params).to(g.device)
+            _write(frag.params, torch.lerp(local, g.detach(), self.mix))
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Wait for rounds in flight (their results are dropped) and remove the hook."""
+        for frag in self._fragments:
+            if frag.pending is not None:
+                frag.pending.handle.wait(self.timeout)
+                frag.pending = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> "DiLoCo":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"meta": JSON-able, "tensors": {name: Tensor}}``. Waits for rounds in flight."""
+        tensors: dict[str, torch.Tensor] = {}
+        frags = []
+        for f in self._fragments:
+            pre = f"fragment.{f.index}"
+            tensors[f"{pre}.global"] = f.global_.detach().clone()
+            if f.residual is not None:
+                tensors[f"{pre}.residual"] = f.residual.clone()
+            osd = f.outer.state_dict()
+            ostate: dict[str, dict[str, Any]] = {}
+            for pid, st in osd["state"].items():
+                ostate[str(pid)] = {}
+                for key, val in st.items():
+                    if isinstance(val, torch.Tensor):
+                        tensors[f"{pre}.outer.{pid}.{key}"] = val.clone()
+                        ostate[str(pid)][key] = {"tensor": f"{pre}.outer.{pid}.{key}"}
+                    else:
+                        ostate[str(pid)][key] = {"value": val}
+            pending = None
+            if f.pending is not None:
+                mean, nbad = f.pending.handle.wait(self.timeout)
+                pending = {"launched_at": f.pending.launched_at, "apply_at": f.pending.apply_at, "nbad": nbad}
+                if mean is not None:
+                    tensors[f"{pre}.pending.mean"] = mean.clone()
+                if f.pending.saved_residual is not None:
+                    tensors[f"{pre}.pending.saved_residual"] = f.pending.saved_residual.clone()
+            frags.append({"numel": f.numel, "offset": f.offset, "outer_state": ostate,
+                          "outer_param_groups": osd["param_groups"], "pending": pending})
+        meta = {"format": STATE_FORMAT, "kind": type(self).__name__, "step": self.step_count,
+                "sync_every": self.sync_every, "overlap_steps": self.overlap_steps, "mix": self.mix,
+                "codec": {"name": self.codec.name, "options": self.codec.options()},
+                "rounds": self.rounds, "skipped_rounds": self.skipped_rounds,
+                "handshake_done": self._handshake_done, "fragments": frags}
+        return {"meta": meta, "tensors": tensors}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`'s output. Local model weights are not touched
+        (they belong to the model's own checkpoint). Mismatches raise StateMismatchError."""
+        meta, tensors = state.get("meta"), state.get("tensors")
+        if not isinstance(meta, dict) or not isinstance(tensors, dict) or meta.get("format") != STATE_FORMAT:
+            raise StateMismatchError(f"not a {STATE_FORMAT} state (need keys 'meta' and 'tensors')")
+        mine = (type(self).__name__, self.sync_every, self.overlap_steps, self.codec.name, len(self._fragments))
+        theirs = (meta.get("kind"), meta.get("sync_every"), meta.get("overlap_steps"),
+                  meta.get("codec", {}).get("name"), len(meta.get("fragments", [])))
+        if mine != theirs:
+            raise StateMismatchError(f"sync state was saved as (kind, sync_every, overlap_steps, codec, fragments) "
+                                     f"= {theirs}, this object is {mine}")
+
+        def tensor(name: str, like: torch.Tensor) -> torch.Tensor:
+            if name not in tensors:
+                raise StateMismatchError(f"sync state lacks tensor {name!r}")
+            t = tensors[name]
+            if t.shape != like.shape:
+                raise StateMismatchError(f"{name}: shape {tuple(t.shape)} != expected {tuple(like.shape)}")
+            return t.to(device=like.device, dtype=like.dtype)
+
+        for f, fm in zip(self._fragments, meta["fragments"]):
+            pre = f"fragment.{f.index}"
+            if fm.get("numel") != f.numel:
+                raise StateMismatchError(f"{pre}: {fm.get('numel')} elements saved, model has {f.numel}")
+            f.global_.data.copy_(tensor(f"{pre}.global", f.global_))
+            if f.residual is not None:
+                f.residual.copy_(tensor(f"{pre}.residual", f.residual))
+            ostate = {}
+            for pid, entries in fm["outer_state"].items():
+                ostate[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"])
+                                    for k, v in entries.items()}
+            f.outer.load_state_dict({"state": ostate, "param_groups": fm["outer_param_groups"]})
+            f.pending = None
+            p = fm.get("pending")
+            if p is not None:
+                mean = tensor(f"{pre}.pending.mean", f.global_) if not p["nbad"] else None
+                saved = tensors.get(f"{pre}.pending.saved_residual")
+                f.pending = _Pending(p["launched_at"], p["apply_at"], Handle.completed((mean, p["nbad"])),
+                                     saved.clone() if saved is not None else None)
+        self.step_count = int(meta["step"])
+        self.rounds = int(meta["rounds"])
+        self.skipped_rounds = int(meta["skipped_rounds"])
+        self._handshake_done = bool(meta["handshake_done"])
+
+
+class LocalSGD(DiLoCo):
+    """Average the replicas' parameters every ``sync_every`` steps.
+
+    Implemented as DiLoCo with an outer SGD of lr 1 and no momentum and no compression:
+    ``G <- G - mean_i (G - L_i) = mean_i L_i`` (up to fp32 rounding), then ``L_i <- G``. It keeps
+    one fp32 copy of the weights (the last average), which is what a non-finite round falls
+    back to."""
+
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None = None, *,
+                 sync_every: int, comm: Communicator | None = None, fragments: int = 1, overlap_steps: int = 0,
+                 mix: float = 0.5, timeout: timedelta = DEFAULT_TIMEOUT):
+        super().__init__(model, inner_optimizer, lambda ps: torch.optim.SGD(ps, lr=1.0), sync_every=sync_every,
+                         comm=comm, codec="none", fragments=fragments, overlap_steps=overlap_steps, mix=mix,
+                         timeout=timeout)

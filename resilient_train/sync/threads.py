@@ -1,0 +1,68 @@
+"""Run N gloo ranks as threads of this process (tests, examples, small benchmarks).
+
+``run_thread_ranks(fn, world_size)`` starts a ``TCPStore`` on 127.0.0.1 with a free port,
+gives each thread its own ``ProcessGroupGloo`` on the loopback device, and calls
+``fn(rank, comm)`` with a :class:`ProcessGroupCommunicator`. Results come back in rank order;
+an exception on any rank is re-raised in the caller as one :class:`DistributedError` naming
+every failed rank. Every collective has ``pg_timeout``; the join has ``timeout_s``.
+
+Threads share the GIL, so this is for correctness, not for measuring compute speed (the
+benchmarks use one process per rank).
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+from ..errors import DistributedError
+from .communicator import ProcessGroupCommunicator
+
+__all__ = ["run_thread_ranks", "make_gloo_group"]
+
+
+def make_gloo_group(store: Any, rank: int, world_size: int, timeout: timedelta) -> Any:
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    return dist.ProcessGroupGloo(store, rank, world_size, opts)
+
+
+def run_thread_ranks(fn: Callable[[int, ProcessGroupCommunicator], Any], world_size: int, *,
+                     timeout_s: float = 60.0, pg_timeout: timedelta = timedelta(seconds=30)) -> list[Any]:
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=pg_timeout,
+                           wait_for_workers=False)
+    port = master.port
+    results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+
+    def body(rank: int) -> None:
+        try:
+            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=pg_timeout)
+            pg = make_gloo_group(store, rank, world_size, pg_timeout)
+            results[rank] = fn(rank, ProcessGroupCommunicator(pg))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller with its traceback
+            failures[rank] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            errors[rank] = exc
+
+    errors: dict[int, BaseException] = {}
+    threads = [threading.Thread(target=body, args=(r,), daemon=True, name=f"rank{r}") for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    for r, t in enumerate(threads):
+        if t.is_alive():
+            failures.setdefault(r, f"rank {r} did not finish within {timeout_s} s")
+    del master
+    if failures:
+        err = DistributedError(f"{len(failures)} of {world_size} thread ranks failed", failures)
+        err.errors = errors  # the original exceptions, for tests that check their types
+        raise err
+    return [results[r] for r in range(world_size)]
