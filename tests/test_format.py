@@ -1,0 +1,135 @@
+"""The on-disk format, pinned: exact bytes for a tiny known state, JSON state round trips,
+safetensors compatibility, names, and the pure planner."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import resilient_train as rt
+from resilient_train.checkpoint.planner import PieceMeta, plan_reads, plan_save
+from resilient_train.format import Manifest, TensorRecord, decode_json_state, encode_json_state, parse_step_dirname, step_dirname
+
+# Changing any of these bytes changes format version 1: bump FORMAT_VERSION and keep a reader.
+PINNED = {
+    'manifest.json' : b'{\n "files": [\n  {\n   "path": "model-00001-of-00001.safetensors",\n   "sha256": "10fdc69197f627a61f8cf82563a86867ebaf50f1dca290fbeb0fb75f6b6519ff",\n   "size_bytes": 172\n  },\n  {\n   "path": "model.safetensors.index.json",\n   "sha256": "b5b757ed16e4862ebdf4a380c21a9c505f763ad14552f69875714df85f9e445f",\n   "size_bytes": 155\n  },\n  {\n   "path": "rank-00000.json",\n   "sha256": "d389bfc79f7f089f4101f3b3326e102fcc5563750b41af61f01ff4885c4384b0",\n   "size_bytes": 33\n  },\n  {\n   "path": "state.json",\n   "sha256": "bb7d0864b5358203174338b18193ce12c178a05bf0f119770691dd29ee5d604a",\n   "size_bytes": 49\n  }\n ],\n "format": "resilient-train-checkpoint",\n "format_version": 1,\n "step": 7,\n "tensors": [\n  {\n   "dtype": "F32",\n   "file": "model-00001-of-00001.safetensors",\n   "global_shape": [\n    1\n   ],\n   "key": "model/bias",\n   "name": "bias",\n   "offsets": [\n    0\n   ],\n   "shape": [\n    1\n   ]\n  },\n  {\n   "dtype": "F32",\n   "file": "model-00001-of-00001.safetensors",\n   "global_shape": [\n    1,\n    2\n   ],\n   "key": "model/weight",\n   "name": "weight",\n   "offsets": [\n    0,\n    0\n   ],\n   "shape": [\n    1,\n    2\n   ]\n  }\n ],\n "world": {\n  "world_size": 1\n }\n}\n' ,
+    'model-00001-of-00001.safetensors' : b'\x98\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},"bias":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"weight":{"dtype":"F32","shape":[1,2],"data_offsets":[4,12]}}   \x00\x00\x00?\x00\x00\x80?\x00\x00\x00\xc0' ,
+    'model.safetensors.index.json' : b'{\n "metadata": {\n  "total_size": 12\n },\n "weight_map": {\n  "bias": "model-00001-of-00001.safetensors",\n  "weight": "model-00001-of-00001.safetensors"\n }\n}\n' ,
+    'rank-00000.json' : b'{\n "rank": 0,\n "world_size": 1\n}\n' ,
+    'state.json' : b'{\n "extra": {\n  "lr": 0.1,\n  "name": "tiny"\n }\n}\n' ,
+}
+
+
+def test_exact_bytes_of_a_tiny_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        model.bias.fill_(0.5)
+    rt.save(str(tmp_path), rt.TrainState(model=model, rng=False, extra={"lr": 0.1, "name": "tiny"}), 7)
+    folder = tmp_path / "step-0000000007"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(PINNED)
+    for name, data in PINNED.items():
+        assert (folder / name).read_bytes() == data, name
+    manifest = Manifest.from_bytes(PINNED["manifest.json"])
+    assert manifest.to_bytes() == PINNED["manifest.json"]
+
+
+def test_step_folder_names():
+    assert step_dirname(42) == "step-0000000042"
+    assert parse_step_dirname("step-0000000042") == 42
+    assert parse_step_dirname("step-42") is None
+    assert parse_step_dirname("step-0000000042.tmp") is None
+    with pytest.raises(ValueError):
+        step_dirname(-1)
+
+
+def test_json_state_round_trip_of_rng_and_awkward_values():
+    value = {
+        "py": random.getstate(),
+        "np": np.random.get_state(),
+        "floats": [math.inf, -math.inf, 1.5, np.float32(2.0)],
+        "int_keys": {1: "a", (2, 3): "b"},
+        "tagged": {"__tuple__": 1},
+        "bytes": b"\x00\xff",
+        "dtype": torch.bfloat16,
+        "t": torch.arange(4),
+    }
+    tree, tensors = encode_json_state(value)
+    assert list(tensors) == ["t"]
+    back = decode_json_state(tree, tensors)
+    assert back["py"] == value["py"]
+    assert back["np"][0] == "MT19937" and np.array_equal(back["np"][1], value["np"][1]) and back["np"][2:] == value["np"][2:]
+    assert back["floats"][:3] == [math.inf, -math.inf, 1.5] and back["floats"][3] == 2.0
+    assert back["int_keys"] == {1: "a", (2, 3): "b"}
+    assert back["tagged"] == {"__tuple__": 1}
+    assert back["bytes"] == b"\x00\xff" and back["dtype"] is torch.bfloat16
+    nan_tree, _ = encode_json_state(float("nan"))
+    assert math.isnan(decode_json_state(nan_tree))
+
+
+def test_json_state_refuses_code():
+    with pytest.raises(TypeError, match="x.f"):
+        encode_json_state({"x": {"f": print}})
+
+
+def _meta(key, shape, offsets=None, gshape=None, group="model"):
+    gshape = gshape or shape
+    n = 4
+    for s in shape:
+        n *= s
+    return PieceMeta(key, group, key.split("/", 1)[1], "F32", tuple(shape), tuple(gshape), tuple(offsets or [0] * len(shape)), n)
+
+
+def test_planner_spreads_replicated_and_keeps_shards_with_owners():
+    replicated = [_meta(f"model/p{i}", [100 * (i + 1)]) for i in range(6)]
+    shard = lambda r: _meta("model/w", [5, 4], [5 * r, 0], [20, 4])  # noqa: E731
+    per_rank = [replicated + [shard(r)] for r in range(4)]
+    plan = plan_save(per_rank)
+    owners = {p.key: f.rank for f in plan.files for p in f.pieces if p.key != "model/w"}
+    assert len(owners) == 6 and len(set(owners.values())) == 4  # spread over every rank
+    shards = sorted((f.rank, p.offsets) for f in plan.files for p in f.pieces if p.key == "model/w")
+    assert shards == [(0, (0, 0)), (1, (5, 0)), (2, (10, 0)), (3, (15, 0))]
+    assert all(f.group == "model_shards" for f in plan.files if any(p.key == "model/w" for p in f.pieces))
+    assert plan == plan_save(per_rank)  # deterministic
+
+
+def test_planner_splits_files_by_size():
+    per_rank = [[_meta(f"model/p{i}", [256]) for i in range(10)]]
+    plan = plan_save(per_rank, max_file_bytes=2048)
+    assert [f.filename for f in plan.files] == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
+    assert all(f.nbytes <= 2048 for f in plan.files)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(1, 6),
+    saved_world=st.integers(1, 5),
+    load_world=st.integers(1, 5),
+)
+def test_plan_reads_covers_any_resharding_exactly(n, m, saved_world, load_world):
+    full = torch.arange(n * m, dtype=torch.float32).reshape(n, m)
+    step = -(-n // saved_world)
+    records = []
+    pieces = {}
+    for r in range(saved_world):
+        lo, hi = min(n, r * step), min(n, (r + 1) * step)
+        if hi > lo:
+            rec = TensorRecord("model/w", f"f{r}", "w", "F32", (hi - lo, m), (n, m), (lo, 0))
+            records.append(rec)
+            pieces[rec.file] = full[lo:hi]
+    lstep = -(-n // load_world)
+    for r in range(load_world):
+        lo, hi = min(n, r * lstep), min(n, (r + 1) * lstep)
+        dest = torch.full((hi - lo, m), -1.0)
+        ops, covered = plan_reads(records, (lo, 0), (hi - lo, m))
+        assert covered == dest.numel()
+        for op in ops:
+            src = pieces[op.record.file][tuple(slice(s, s + k) for s, k in zip(op.src_start, op.size))]
+            dest[tuple(slice(s, s + k) for s, k in zip(op.dst_start, op.size))] = src
+        assert torch.equal(dest, full[lo:hi])
