@@ -114,12 +114,19 @@ class FsspecStore:
         try:
             yield f
         except BaseException:
+            # Abort the upload (multipart parts are dropped), then make sure no object is left:
+            # some backends (memory://) create the entry at open time.
             discard = getattr(f, "discard", None)
             try:
                 if callable(discard):
                     discard()
+                    try:
+                        f.closed = True  # a discarded buffered file must not flush again in __del__
+                    except AttributeError:
+                        pass
                 else:
                     f.close()
+                if self.fs.exists(full):
                     self.fs.rm(full)
             except Exception:  # noqa: BLE001 - best effort cleanup; the original error wins
                 log.debug("cleanup of partial %s failed", redact(full))

@@ -1,0 +1,153 @@
+"""The contract every Store keeps, as plain functions a test runs against any Store.
+
+Usage (see ``tests/test_storage_conformance.py``)::
+
+    for check in CHECKS:
+        check(store)          # store: an empty Store rooted at a fresh prefix
+
+Each check raises AssertionError with what broke. The checks use only the Store protocol, so
+local folders, ``memory://`` and the S3 / Azure / GCS servers all run the same ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable
+
+from ..errors import StoreNotFoundError, UnsafePathError
+from ..storage import Store
+
+__all__ = ["CHECKS", "run_all"]
+
+
+def check_roundtrip_bytes(store: Store) -> None:
+    data = os.urandom(1000)
+    store.write_bytes("a/b/c.bin", data)
+    assert store.read_bytes("a/b/c.bin") == data
+    assert store.size("a/b/c.bin") == 1000
+    assert store.exists("a/b/c.bin")
+    assert store.exists("a/b") or store.list("a") == ["b"]
+
+
+def check_ranged_reads(store: Store) -> None:
+    data = bytes(range(256)) * 4
+    store.write_bytes("r.bin", data)
+    assert store.read_bytes("r.bin", 10, 20) == data[10:20]
+    assert store.read_bytes("r.bin", 1000) == data[1000:]
+    with store.open_read("r.bin") as f:
+        f.seek(500)
+        assert f.read(4) == data[500:504]
+        buf = bytearray(8)
+        n = f.readinto(buf)
+        assert n == 8 and bytes(buf) == data[504:512]
+
+
+def check_stream_write_large(store: Store) -> None:
+    """A multi-part upload (> one part of every backend's default) reads back bit-exact."""
+    chunk = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    with store.open_write("big/blob.bin") as f:
+        for i in range(12):
+            piece = chunk[i:] + chunk[:i]
+            f.write(piece)
+            h.update(piece)
+    assert store.size("big/blob.bin") == 12 << 20
+    g = hashlib.sha256()
+    with store.open_read("big/blob.bin") as f:
+        while True:
+            b = f.read(3 << 20)
+            if not b:
+                break
+            g.update(b)
+    assert g.hexdigest() == h.hexdigest()
+
+
+def check_failed_write_leaves_nothing(store: Store) -> None:
+    class Boom(Exception):
+        pass
+
+    try:
+        with store.open_write("partial.bin") as f:
+            f.write(b"x" * 1000)
+            raise Boom()
+    except Boom:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("the body's exception was swallowed")
+    assert not store.exists("partial.bin"), "a write whose body raised left an object behind"
+
+
+def check_list_and_delete(store: Store) -> None:
+    for p in ("d/x/1", "d/x/2", "d/y", "d/z/deep/3"):
+        store.write_bytes(p, b"1")
+    assert store.list("d") == ["x", "y", "z"], store.list("d")
+    assert store.list("d/x") == ["1", "2"]
+    assert store.list("missing-folder") == []
+    store.delete("d/y")
+    assert store.list("d") == ["x", "z"]
+    store.delete("d/x", recursive=True)
+    assert store.list("d") == ["z"]
+    store.delete("d/not-there")  # deleting what is gone is not an error
+
+
+def check_missing_raises_not_found(store: Store) -> None:
+    for call in (lambda: store.read_bytes("nope.bin"), lambda: store.size("nope.bin")):
+        try:
+            call()
+        except StoreNotFoundError as exc:
+            assert exc.provider == store.name
+        else:  # pragma: no cover
+            raise AssertionError("reading a missing object did not raise StoreNotFoundError")
+    try:
+        with store.open_read("nope.bin"):
+            pass
+    except StoreNotFoundError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("open_read of a missing object did not raise StoreNotFoundError")
+    assert not store.exists("nope.bin")
+
+
+def check_unsafe_paths_refused(store: Store) -> None:
+    for bad in ("../escape", "/abs", "a/../../b", "a//b", "a\\b"):
+        try:
+            store.write_bytes(bad, b"x")
+        except UnsafePathError:
+            continue
+        raise AssertionError(f"unsafe path {bad!r} was accepted")
+
+
+def check_overwrite_and_child(store: Store) -> None:
+    store.write_bytes("o/f", b"first")
+    store.write_bytes("o/f", b"second")
+    assert store.read_bytes("o/f") == b"second"
+    child = store.child("o")
+    assert child.read_bytes("f") == b"second"
+    child.write_bytes("g", b"via child")
+    assert store.read_bytes("o/g") == b"via child"
+    assert child.name == store.name
+
+
+def check_empty_object(store: Store) -> None:
+    store.write_bytes("empty", b"")
+    assert store.size("empty") == 0
+    assert store.read_bytes("empty") == b""
+
+
+CHECKS: list[Callable[[Store], None]] = [
+    check_roundtrip_bytes,
+    check_ranged_reads,
+    check_stream_write_large,
+    check_failed_write_leaves_nothing,
+    check_list_and_delete,
+    check_missing_raises_not_found,
+    check_unsafe_paths_refused,
+    check_overwrite_and_child,
+    check_empty_object,
+]
+
+
+def run_all(store: Store) -> None:
+    for check in CHECKS:
+        check(store.child(check.__name__.removeprefix("check_")))

@@ -1,0 +1,63 @@
+"""Fixtures shared by the test files. Storage: local servers of S3, Azure Blob and GCS.
+
+Each server starts once per session on 127.0.0.1 on a free port and stops at the end;
+``make_store(kind)`` returns an empty Store under a fresh prefix. A server whose program is
+missing fails the test under CI (``CI`` set) and skips it, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import Callable, Iterator
+
+import pytest
+
+from resilient_train.testing.servers import SERVERS, EmulatorUnavailable, prepare_client_env
+
+prepare_client_env()  # before any cloud client is imported (gcsfs hangs on emulators otherwise)
+
+STORE_KINDS = ["local", "memory", "s3", "azure", "gcs"]
+
+
+def start_server(kind: str):
+    """Start a fresh server of ``kind``; fail loudly under CI, skip elsewhere, if it is missing."""
+    try:
+        return SERVERS[kind]().start()
+    except EmulatorUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{kind} emulator unavailable under CI: {exc}", pytrace=False)
+        pytest.skip(f"{kind} emulator unavailable (outside CI): {exc}")
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[dict]:
+    """Lazily started session servers, by kind; all stopped at the end of the session."""
+    started: dict = {}
+    yield started
+    for srv in started.values():
+        srv.stop()
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def make_store(servers, tmp_path) -> Callable:
+    """``make_store(kind, name=None, **open_kw)`` -> an empty Store of that kind."""
+    from resilient_train.storage import open_store
+
+    def make(kind: str, name: str | None = None, **open_kw):
+        prefix = f"t{next(_counter)}-{uuid.uuid4().hex[:8]}"
+        if kind == "local":
+            return open_store(str(tmp_path / prefix), name=name or "local")
+        if kind == "memory":
+            return open_store(f"memory://rt-tests/{prefix}", name=name or "memory", **open_kw)
+        if kind not in servers:
+            servers[kind] = start_server(kind)
+            servers[kind].create_bucket("rt-tests")
+        srv = servers[kind]
+        return open_store(srv.uri("rt-tests", prefix), srv.storage_options, name=name or kind, **open_kw)
+
+    return make
