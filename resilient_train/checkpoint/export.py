@@ -1,0 +1,71 @@
+"""Export a checkpoint's model weights alone, as a plain Hugging Face safetensors folder."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..format.jsontree import dumps_canonical
+from ..format.names import HF_INDEX_NAME, step_dirname
+from ..format.safetensors_io import write_file
+from ..storage import Store, open_store
+from .reader import _needed_files, _verify_with_fallback, _whole_target, _records_by_key, latest_step, open_sources, read_manifest, read_tensors
+
+__all__ = ["read_model_tensors", "export_hf"]
+
+log = logging.getLogger(__name__)
+
+
+def read_model_tensors(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int = 4) -> tuple[int, dict[str, torch.Tensor]]:
+    """Every model tensor of a checkpoint, reassembled whole on the CPU, every byte verified."""
+    sources = open_sources(uri, storage_options)
+    if step is None:
+        step = latest_step(sources[0])
+        if step is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {sources[0].uri}")
+    manifest = read_manifest(sources[0], step)
+    targets = [_whole_target(key, recs) for key, recs in sorted(_records_by_key(manifest).items()) if key.startswith("model/")]
+    folder = step_dirname(step)
+    source_of = {}
+    for fname in sorted(_needed_files(manifest, targets)):
+        src, why, _ = _verify_with_fallback(sources, folder, manifest.file(fname), manifest)
+        if src is None:
+            raise CorruptCheckpointError(f"{fname}: {why}")
+        source_of[fname] = src
+    read_tensors(sources, manifest, targets, source_of, io_threads)
+    return step, {t.key.removeprefix("model/"): t.dest for t in targets}
+
+
+def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shard_bytes: int = 5 * 1024**3, storage_options: Mapping[str, Any] | None = None, dst_storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Write ``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json`` to ``dst``.
+
+    Sharded (DTensor) model tensors are reassembled. Returns the file names written.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError("max_shard_bytes must be positive")
+    _, tensors = read_model_tensors(src, step, storage_options=storage_options)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    out = open_store(dst, dst_storage_options)
+    names = []
+    weight_map = {}
+    for i, items in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with out.open_write(fname) as f:
+            write_file(f, items, {"format": "pt"})
+        names.append(fname)
+        weight_map.update({n: fname for n, _ in items})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    out.write_bytes(HF_INDEX_NAME, dumps_canonical({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}))
+    log.info("exported %d tensors (%.1f MB) to %s", len(tensors), total / 1e6, out.uri)
+    return names + [HF_INDEX_NAME]

@@ -1,0 +1,87 @@
+"""The command line, run as users run it: the installed console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import safetensors.torch
+import torch
+
+import resilient_train as rt
+
+from .helpers import make_run, train_steps
+
+CLI = [os.path.join(os.path.dirname(sys.executable), "resilient-train")]
+
+
+def run(*args, check=True):
+    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def _two_steps(tmp_path):
+    state = make_run()
+    train_steps(state, 2)
+    rt.save(str(tmp_path), state, 2)
+    train_steps(state, 2)
+    rt.save(str(tmp_path), state, 4)
+    (tmp_path / "step-0000000006").mkdir()
+    return state
+
+
+def test_help_explains_each_command():
+    out = run("--help").stdout
+    assert "ckpt" in out
+    for cmd, word in (("ls", "status"), ("inspect", "optimizer"), ("verify", "SHA-256"), ("export-hf", "Hugging Face")):
+        assert word in run("ckpt", cmd, "--help").stdout
+
+
+def test_ls_inspect_verify(tmp_path):
+    _two_steps(tmp_path)
+    out = run("ckpt", "ls", str(tmp_path)).stdout
+    assert "2  committed" in out and "4  committed" in out and "6  uncommitted" in out
+    out = run("ckpt", "inspect", str(tmp_path)).stdout
+    assert "step 4" in out and "model/fc1.weight" in out and "F32" in out and "sampler" in out and "param group" in out
+    js = json.loads(run("ckpt", "inspect", f"{tmp_path}/step-0000000002", "--json").stdout)
+    assert js["manifest"]["step"] == 2 and js["state"]["extra"]["note"] == "tiny"
+    assert "OK" in run("ckpt", "verify", str(tmp_path)).stdout
+
+
+def test_verify_fails_naming_the_file(tmp_path):
+    _two_steps(tmp_path)
+    victim = tmp_path / "step-0000000002" / "optimizer-00001-of-00001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    proc = run("ckpt", "verify", f"{tmp_path}/step-0000000002", check=False)
+    assert proc.returncode == 1
+    assert "optimizer-00001-of-00001.safetensors" in proc.stderr and "SHA-256" in proc.stderr
+    assert run("ckpt", "verify", f"{tmp_path}/step-0000000004").returncode == 0
+
+
+def test_errors_are_clear_and_exit_2(tmp_path):
+    proc = run("ckpt", "inspect", str(tmp_path / "nothing"), check=False)
+    assert proc.returncode == 2 and "no committed checkpoint" in proc.stderr
+    proc = run("ckpt", "ls", "nosuchscheme://x/y", check=False)
+    assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+def test_export_hf(tmp_path):
+    state = _two_steps(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    run("ckpt", "export-hf", str(tmp_path / "ckpt"), str(out), "--max-shard-gb", str(600 / 1024**3))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2
+    loaded = {}
+    for f in files:
+        loaded.update(safetensors.torch.load_file(out / f))
+    assert set(loaded) == set(state.model.state_dict())
+    for k, v in state.model.state_dict().items():
+        assert torch.equal(loaded[k], v)
+    assert not any("optimizer" in p.name for p in out.iterdir())
