@@ -14,7 +14,7 @@ from ..format.names import shard_filename
 
 __all__ = ["PieceMeta", "FilePlan", "SavePlan", "plan_save", "ReadOp", "plan_reads", "region_volume"]
 
-DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
