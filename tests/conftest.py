@@ -61,3 +61,35 @@ def make_store(servers, tmp_path) -> Callable:
         return open_store(srv.uri("rt-tests", prefix), srv.storage_options, name=name or kind, **open_kw)
 
     return make
+
+
+def make_train_state(seed: int = 0, width: int = 64):
+    """A small model + AdamW state (several tensors, optimizer moments after one step)."""
+    import torch
+
+    from resilient_train import TrainState
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, width)).sum().backward()
+    opt.step()
+    return TrainState(model=model, optimizer=opt, extra={"note": "storage tests"}, rng=False)
+
+
+def state_tensors(state) -> dict:
+    """Every tensor of model and optimizer, cloned, by name: to compare bit for bit."""
+    out = {f"model/{k}": v.detach().clone() for k, v in state.model.state_dict().items()}
+    for i, (idx, per) in enumerate(sorted(state.optimizer.state_dict()["state"].items())):
+        for k, v in per.items():
+            if hasattr(v, "clone"):
+                out[f"opt/{idx}/{k}"] = v.clone()
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} differs"
