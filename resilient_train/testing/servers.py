@@ -124,7 +124,7 @@ class _Server:
             if self._proc.poll() is None:
                 try:
                     os.killpg(self._proc.pid, signal.SIGTERM)
-                    self._proc.wait(timeout=10)
+                    self._proc.wait(timeout=2)  # azurite lingers on keep-alive connections
                 except (subprocess.TimeoutExpired, ProcessLookupError):
                     self.kill()
             if self._proc.stderr:

@@ -1,0 +1,372 @@
+"""Committed checkpoints across providers: copy, migrate, replicate, save and load with replicas.
+
+Every copy follows one rule: files first, each streamed (no local staging) and verified against
+the source manifest's size and SHA-256; the destination's ``manifest.json`` last, byte for byte
+the source's. So each provider's copy commits on its own, and an interrupted copy is an
+uncommitted folder that the next run completes: files already present with the right size and
+hash are skipped (resumable).
+
+* :func:`copy_checkpoint`: one step, from one or more replicas (a file that is missing or
+  corrupt on one source is read from the next) to one destination.
+* :func:`migrate`: one step, or all, from SRC to DST (``resilient-train ckpt migrate``).
+* :func:`write_replicated` / :func:`save_replicated`: write a checkpoint to its primary provider,
+  then replicate it to the policy's other providers. A provider that fails does not stop the
+  others; the error names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
+* :func:`replicate`: bring existing checkpoints up to the policy's copy count.
+* :func:`load_replicated`: load from the replicas in the policy's read order; the reader falls
+  back per file when a provider is down or a hash does not match, and reports who served what.
+
+Replication after a collective write runs on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, ReplicationError, ResilientTrainError, StorageError
+from ..format.manifest import FileRecord, Manifest
+from ..format.names import MANIFEST_NAME, step_dirname
+from ..storage import Store, open_store, redact
+from ..storage.providers import Placement
+from ..storage.transfer import copy_file, file_matches, run_concurrently
+from .collectives import Coordinator
+from .reader import LoadResult, committed_steps, load
+from .state import Snapshot, TrainState, capture
+from .writer import SaveOptions, write_snapshot
+
+__all__ = [
+    "CopyReport",
+    "ReplicationReport",
+    "copy_checkpoint",
+    "migrate",
+    "write_replicated",
+    "save_replicated",
+    "replicate",
+    "load_replicated",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    step: int
+    source: str
+    destination: str
+    files_copied: int
+    files_skipped: int
+    bytes_copied: int
+    seconds: float
+    already_committed: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_copied / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ReplicationReport:
+    step: int
+    committed: list[str] = field(default_factory=list)
+    """Providers holding a committed copy, primary first."""
+    copies: dict[str, CopyReport] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _describe(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, bytes, Manifest]:
+    path = f"{step_dirname(step)}/{MANIFEST_NAME}"
+    reasons = []
+    for s in sources:
+        try:
+            data = s.read_bytes(path)
+            manifest = Manifest.from_bytes(data, where=f"{s.name}:{path}")
+            if manifest.step != step:
+                raise CheckpointError(f"{s.name}:{path} says step {manifest.step}")
+            return s, data, manifest
+        except (ResilientTrainError, OSError) as exc:
+            reasons.append(_describe(exc))
+    raise CheckpointNotFoundError(f"step {step} is not committed on any source: " + "; ".join(reasons))
+
+
+class _Progress:
+    """A thread-safe byte counter, shown with tqdm (bytes and rate) when it is installed."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._lock = threading.Lock()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                log.info("install tqdm (pip install 'resilient-train[progress]') for a progress bar")
+            else:
+                self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=True)
+
+    def __call__(self, n: int) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def copy_checkpoint(
+    sources: "Store | Sequence[Store]",
+    dst: Store,
+    step: int,
+    *,
+    io_threads: int = 4,
+    progress: bool = False,
+) -> CopyReport:
+    """Copy committed checkpoint ``step`` to ``dst`` (see module doc); returns what was done.
+
+    Raises CheckpointNotFoundError if no source has the step committed; CheckpointError if
+    ``dst`` holds a *different* committed checkpoint of that step (never overwritten);
+    ReplicationError naming ``dst`` and each file that could not be copied (the destination
+    stays uncommitted, and running again resumes).
+    """
+    srcs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    t0 = time.perf_counter()
+    src, manifest_bytes, manifest = _read_source_manifest(srcs, step)
+    srcs = [src] + [s for s in srcs if s is not src]
+    folder = step_dirname(step)
+    mpath = f"{folder}/{MANIFEST_NAME}"
+    try:
+        existing = dst.read_bytes(mpath)
+    except (StorageError, OSError):
+        existing = None
+    if existing is not None:
+        if existing == manifest_bytes:
+            log.info("step %d already committed on %s", step, dst.name)
+            return CopyReport(step, src.name, dst.name, 0, len(manifest.files), 0, time.perf_counter() - t0, already_committed=True)
+        raise CheckpointError(f"{dst.name} already holds a different committed checkpoint for step {step}; refusing to overwrite it (delete {folder} there first)")
+
+    todo: list[FileRecord] = []
+    skipped = 0
+
+    def needs_copy(rec: FileRecord) -> bool:
+        return not file_matches(dst, f"{folder}/{rec.path}", rec.size_bytes, rec.sha256)
+
+    flags, failures = run_concurrently(needs_copy, manifest.files, io_threads, "rt-check")
+    for rec, flag in zip(manifest.files, flags):
+        if flag is False:
+            skipped += 1
+        else:
+            todo.append(rec)  # a failed check means "copy it"
+    bar = _Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", progress)
+
+    def one(rec: FileRecord) -> int:
+        path = f"{folder}/{rec.path}"
+        reasons = []
+        for s in srcs:
+            try:
+                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.sha256, on_bytes=bar)
+                if s is not srcs[0]:
+                    log.warning("%s: copied from replica %s after: %s", rec.path, s.name, "; ".join(reasons))
+                return n
+            except (ResilientTrainError, OSError) as exc:
+                reasons.append(_describe(exc))
+        raise ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
+
+    try:
+        sizes, failures = run_concurrently(one, todo, io_threads, "rt-copy")
+    finally:
+        bar.close()
+    if failures:
+        raise ReplicationError(
+            f"step {step} was not committed on {dst.name} ({len(failures)} of {len(todo)} files failed; run again to resume)",
+            {dst.name: "; ".join(_describe(e) for _, e in failures[:3])},
+        )
+    dst.sync_folder(folder)
+    dst.write_bytes(mpath, manifest_bytes)  # the commit: last
+    dst.sync_folder(folder)
+    seconds = time.perf_counter() - t0
+    report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
+    log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
+    return report
+
+
+def migrate(
+    src: "str | Store",
+    dst: "str | Store",
+    step: int | None = None,
+    *,
+    all_steps: bool = False,
+    src_options: Mapping[str, Any] | None = None,
+    dst_options: Mapping[str, Any] | None = None,
+    io_threads: int = 4,
+    progress: bool = True,
+) -> list[CopyReport]:
+    """Copy step ``step`` (default: the latest committed) or, with ``all_steps``, every
+    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`."""
+    if step is not None and all_steps:
+        raise ConfigError("pass either a step or all_steps=True, not both")
+    s = open_store(src, src_options)
+    d = open_store(dst, dst_options)
+    steps = committed_steps(s)
+    if not steps:
+        raise CheckpointNotFoundError(f"no committed checkpoint under {s.uri}")
+    if all_steps:
+        chosen = steps
+    elif step is None:
+        chosen = [steps[-1]]
+    else:
+        if step not in steps:
+            raise CheckpointNotFoundError(f"step {step} is not committed under {s.uri}; committed steps: {steps}")
+        chosen = [step]
+    return [copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress) for st in chosen]
+
+
+def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
+    """Allowed, healthy providers in declared order: the targets first, then substitutes."""
+    health = health or {}
+    return [p.name for p in placement.providers if placement.policy.allows(p.region) and health.get(p.name, True)]
+
+
+def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int) -> None:
+    """Copy from the committed providers to further candidates until the policy's count."""
+    want = placement.policy.copies
+    rest = [c for c in candidates if c not in report.committed and c not in failures]
+    while len(report.committed) < want and rest:
+        batch, rest = rest[: want - len(report.committed)], rest[want - len(report.committed):]
+        sources = [placement.store(n) for n in report.committed]
+
+        def one(name: str) -> CopyReport:
+            return copy_checkpoint(sources, placement.store(name), report.step, io_threads=io_threads)
+
+        results, errs = run_concurrently(one, batch, max_workers=len(batch), thread_name_prefix="rt-replicate")
+        failed = {name for name, _ in errs}
+        for name, exc in errs:
+            failures[name] = _describe(exc)
+            log.error("replication of step %d to %s failed: %s", report.step, name, failures[name])
+        for name, res in zip(batch, results):
+            if name not in failed and res is not None:
+                report.committed.append(name)
+                report.copies[name] = res
+
+
+def write_replicated(
+    placement: Placement,
+    snap: Snapshot,
+    step: int,
+    *,
+    process_group: Any = None,
+    options: SaveOptions | None = None,
+    health: Mapping[str, bool] | None = None,
+    io_threads: int = 4,
+) -> ReplicationReport:
+    """Write ``snap`` as ``step`` to the primary provider, then replicate (see module doc).
+
+    Collective for the write. If the primary fails, the next allowed healthy provider becomes
+    the primary. Raises ReplicationError naming every failed provider (``.committed`` and
+    ``.report`` tell who has a copy) if fewer than ``policy.copies`` copies committed.
+    """
+    decision = placement.decide(health)
+    report = ReplicationReport(step, reason=decision.reason)
+    failures: dict[str, str] = {}
+    candidates = _candidates(placement, health)
+    for name in candidates:
+        try:
+            write_snapshot(placement.store(name), snap, step, process_group=process_group, options=options)
+        except (ResilientTrainError, OSError) as exc:
+            failures[name] = _describe(exc)
+            log.error("save of step %d to %s failed, trying the next provider: %s", step, name, failures[name])
+            continue
+        report.committed.append(name)
+        break
+    if report.committed and Coordinator(process_group).rank == 0:
+        _fill_copies(placement, report, candidates, failures, io_threads)
+    if len(report.committed) < placement.policy.copies:
+        err = ReplicationError(
+            f"step {step} has {len(report.committed)} of {placement.policy.copies} copies (committed on: {', '.join(report.committed) or 'none'})",
+            failures or {"policy": "not enough healthy providers in the allowed regions: " + decision.reason},
+        )
+        err.committed = list(report.committed)  # type: ignore[attr-defined]
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+    return report
+
+
+def save_replicated(placement: Placement, state: TrainState, step: int, *, process_group: Any = None, options: SaveOptions | None = None, health: Mapping[str, bool] | None = None) -> ReplicationReport:
+    """Capture ``state`` and :func:`write_replicated` it. Collective."""
+    coord = Coordinator(process_group)
+    return write_replicated(placement, capture(state, coord.rank, coord.world_size), step, process_group=process_group, options=options, health=health)
+
+
+def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4) -> list[ReplicationReport]:
+    """Bring checkpoints up to the policy's copy count by copying between providers.
+
+    ``step`` None: the newest step committed anywhere; ``all_steps``: every step committed on
+    some allowed provider. Raises ReplicationError naming the providers that failed, after
+    trying all of them.
+    """
+    candidates = _candidates(placement, health)
+    held: dict[int, list[str]] = {}
+    unreachable: dict[str, str] = {}
+    for name in candidates:
+        try:
+            for s in committed_steps(placement.store(name)):
+                held.setdefault(s, []).append(name)
+        except (ResilientTrainError, OSError) as exc:
+            unreachable[name] = _describe(exc)
+    if not held:
+        raise CheckpointNotFoundError("no committed checkpoint on any provider" + (f" (unreachable: {unreachable})" if unreachable else ""))
+    if all_steps:
+        steps = sorted(held)
+    elif step is None:
+        steps = [max(held)]
+    else:
+        if step not in held:
+            raise CheckpointNotFoundError(f"step {step} is committed on no provider; committed steps: {sorted(held)}")
+        steps = [step]
+    reports = []
+    all_failures: dict[str, str] = {}
+    alive = [c for c in candidates if c not in unreachable]
+    for s in steps:
+        rep = ReplicationReport(s, committed=list(held[s]))
+        failures = dict(unreachable)
+        _fill_copies(placement, rep, alive, failures, io_threads)
+        if len(rep.committed) < placement.policy.copies:
+            all_failures.update({f"{k} (step {s})": v for k, v in failures.items()})
+        reports.append(rep)
+    if all_failures:
+        err = ReplicationError("some checkpoints are below the policy's copy count", all_failures)
+        err.report = reports  # type: ignore[attr-defined]
+        raise err
+    return reports
+
+
+def load_replicated(
+    placement: Placement,
+    state: TrainState,
+    step: int | None = None,
+    *,
+    process_group: Any = None,
+    health: Mapping[str, bool] | None = None,
+    strict: bool = True,
+    on_served: Callable[[dict[str, str]], None] | None = None,
+) -> LoadResult:
+    """Load from the replicas in the policy's read order (healthy first, then cheapest).
+
+    Each file comes from the first replica whose copy verifies; the result's ``sources`` maps
+    every file to the provider that served it, and the mapping is logged.
+    """
+    order = placement.decide(health).read_order
+    result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict)
+    by_provider: dict[str, int] = {}
+    for prov in result.sources.values():
+        by_provider[prov] = by_provider.get(prov, 0) + 1
+    log.info("step %d loaded; files per provider: %s (read order %s)", result.step, by_provider, ", ".join(order))
+    if on_served is not None:
+        on_served(dict(result.sources))
+    return result
