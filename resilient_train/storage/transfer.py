@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from ..errors import HashMismatchError, StoreNotFoundError, TruncatedFileError
 from .base import Store
-from .retry import RetryPolicy, call_with_retry
+from .retry import NO_RETRY, RetryPolicy, call_with_retry
 
 __all__ = ["copy_file", "file_matches", "sha256_of", "run_concurrently", "CHUNK_BYTES"]
 
@@ -104,7 +104,8 @@ def copy_file(
     with each chunk's size (negative to take back bytes of an attempt that failed).
     """
     dst_path = dst_path or src_path
-    policy = retry or getattr(dst, "policy", None) or RetryPolicy()
+    # The stores' own budgets: a store that does not retry (local, a test wrapper) is not retried here.
+    policy = retry or getattr(dst, "policy", None) or getattr(src, "policy", None) or NO_RETRY
     return call_with_retry(
         lambda: _copy_once(src, src_path, dst, dst_path, size_bytes, sha256, chunk_bytes, on_bytes),
         policy,
