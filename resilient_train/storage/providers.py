@@ -25,7 +25,7 @@ from .base import Store
 from .redact import redact, redact_options
 from .retry import RetryPolicy
 
-__all__ = ["Provider", "ReplicationPolicy", "Placement", "PlacementDecision", "HealthBook", "place"]
+__all__ = ["Provider", "ReplicationPolicy", "Placement", "PlacementDecision", "HealthBook", "place", "placement_from_config"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The client package each scheme needs, and the extra that installs it.
@@ -231,3 +231,37 @@ class HealthBook:
 
     def snapshot(self, names: Sequence[str], now: float) -> dict[str, bool]:
         return {n: not (n in self._down_at and now - self._down_at[n] < self.cooldown_s) for n in names}
+
+
+def placement_from_config(config: Mapping[str, Any]) -> Placement:
+    """A Placement from a JSON-able description (the ``ckpt replicate --config`` file)::
+
+        {"providers": [{"name": "aws", "uri": "s3://b/run", "region": "eu-west-1",
+                        "egress_cost_per_gb": 0.09, "storage_options": {...}}, ...],
+         "policy": {"copies": 2, "allowed_regions": ["eu-*"], "prefer": ["aws"]}}
+
+    Raises ConfigError naming the entry that is wrong.
+    """
+    if not isinstance(config, Mapping) or not isinstance(config.get("providers"), list):
+        raise ConfigError('the replication config must be a JSON object with a "providers" list (and an optional "policy" object)')
+    known = {"name", "uri", "region", "egress_cost_per_gb", "storage_options"}
+    providers = []
+    for i, entry in enumerate(config["providers"]):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"providers[{i}] must be an object with name, uri and region")
+        extra = set(entry) - known
+        if extra:
+            raise ConfigError(f"providers[{i}] has unknown keys {sorted(extra)}; allowed: {sorted(known)}")
+        missing = [k for k in ("name", "uri", "region") if k not in entry]
+        if missing:
+            raise ConfigError(f"providers[{i}] lacks {missing}")
+        providers.append(Provider(**dict(entry)))
+    pol = config.get("policy") or {}
+    if not isinstance(pol, Mapping) or set(pol) - {"copies", "allowed_regions", "prefer"}:
+        raise ConfigError('"policy" must be an object with copies, allowed_regions and prefer only')
+    policy = ReplicationPolicy(
+        copies=pol.get("copies", len(providers)),
+        allowed_regions=tuple(pol["allowed_regions"]) if pol.get("allowed_regions") is not None else None,
+        prefer=tuple(pol.get("prefer", ())),
+    )
+    return Placement(providers, policy)
