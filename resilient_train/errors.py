@@ -56,6 +56,9 @@ __all__ = [
     "KernelUnavailableError",
     "StoreTransientError",
     "ReplicationError",
+    "MembershipError",
+    "MembershipStoreError",
+    "MembershipRefusedError",
 ]
 
 
@@ -190,3 +193,19 @@ class ReplicationError(CheckpointError):
             detail = "; ".join(f"{p}: {m}" for p, m in sorted(self.failures.items()))
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+# ---------------------------------------------------------------- membership
+
+
+class MembershipError(ResilientTrainError):
+    """In-process elastic membership could not do what was asked in time: no view admitted this
+    member, the member was dropped from the view, or no view change came after a failure."""
+
+
+class MembershipStoreError(MembershipError, ConnectionError):
+    """The membership key-value store did not answer within the call's timeout."""
+
+
+class MembershipRefusedError(MembershipError):
+    """The members refused this joiner; the message says why (e.g. a different model fingerprint)."""
