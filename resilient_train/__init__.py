@@ -20,3 +20,7 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["CheckpointManager", "LoadResult", "SaveResult", "TrainState", "errors", "load", "save", "verify_checkpoint", "__version__"]
+
+from .trainer import SyncConfig, Trainer, TrainerConfig, wrap  # noqa: E402
+
+__all__ += ["SyncConfig", "Trainer", "TrainerConfig", "wrap"]
