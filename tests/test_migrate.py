@@ -57,6 +57,11 @@ def test_interrupted_migration_resumes_copying_only_what_is_missing_or_wrong(mak
                 raise PermissionError("injected: quota exceeded")
             return super().open_write(path)
 
+        def write_bytes(self, path, data):
+            if path.endswith(shards[1]):
+                raise PermissionError("injected: quota exceeded")
+            return super().write_bytes(path, data)
+
     with pytest.raises(ReplicationError) as ei:
         copy_checkpoint(src, FailOn(dst_inner), 3)
     assert "dst" in str(ei.value) and shards[1] in str(ei.value)

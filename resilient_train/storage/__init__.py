@@ -58,5 +58,6 @@ def open_store(
     if "://" not in uri and "::" not in uri:
         return LocalStore(uri, name=name)
     policy = retry or RetryPolicy()
-    inner = FsspecStore(uri, storage_options, name=name, call_timeout_s=policy.call_timeout_s, block_size_bytes=block_size_bytes)
+    kw = {"block_size_bytes": block_size_bytes} if block_size_bytes else {}
+    inner = FsspecStore(uri, storage_options, name=name, call_timeout_s=policy.call_timeout_s, **kw)
     return RetryingStore(inner, policy)

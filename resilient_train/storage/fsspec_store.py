@@ -15,7 +15,14 @@ from .base import check_relpath
 from .redact import redact, redact_options
 from .retry import classify
 
-__all__ = ["FsspecStore", "client_defaults"]
+__all__ = ["FsspecStore", "client_defaults", "DEFAULT_BLOCK_SIZE_BYTES"]
+
+DEFAULT_BLOCK_SIZE_BYTES = 32 * 1024 * 1024
+"""Part size of streamed uploads (multipart on S3, staged blocks on Azure, resumable chunks on
+GCS). Larger than the clients' defaults (adlfs: 4 MiB) so a file moves in few requests."""
+
+DEFAULT_SINGLE_PUT_BYTES = 64 * 1024 * 1024
+"""Objects up to this size are written with one PUT from memory (see FsspecStore.open_write)."""
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,8 @@ class FsspecStore:
         _root: str | None = None,
         *,
         call_timeout_s: float = 300.0,
-        block_size_bytes: int | None = None,
+        block_size_bytes: int | None = DEFAULT_BLOCK_SIZE_BYTES,
+        single_put_bytes: int = DEFAULT_SINGLE_PUT_BYTES,
     ):
         self._uri = uri.rstrip("/")
         self._options = dict(storage_options or {})
@@ -53,6 +61,7 @@ class FsspecStore:
         self._root_path = _root
         self.call_timeout_s = call_timeout_s
         self.block_size_bytes = block_size_bytes
+        self.single_put_bytes = single_put_bytes
 
     @property
     def uri(self) -> str:
@@ -105,36 +114,19 @@ class FsspecStore:
 
     @contextmanager
     def open_write(self, path: str) -> Iterator[BinaryIO]:
+        """Objects up to ``single_put_bytes`` are buffered and sent as one PUT on exit (the
+        fastest request on every backend: adlfs streams 2-3x slower than one upload); larger
+        ones switch to the backend's streamed multipart / block upload of ``block_size_bytes``
+        parts. Either way nothing exists under ``path`` until the context exits cleanly."""
         full = self._full(path)
+        self.fs  # noqa: B018 - resolve the filesystem (ConfigError) before the body runs
+        w = _SpoolingWriter(self, full, path)
         try:
-            extra = {"block_size": self.block_size_bytes} if self.block_size_bytes else {}
-            f = self.fs.open(full, "wb", **extra)
-        except Exception as exc:  # noqa: BLE001 - every backend error is mapped to the tree
-            raise self._wrap(exc, path) from exc
-        try:
-            yield f
+            yield w  # type: ignore[misc]
         except BaseException:
-            # Abort the upload (multipart parts are dropped), then make sure no object is left:
-            # some backends (memory://) create the entry at open time.
-            discard = getattr(f, "discard", None)
-            try:
-                if callable(discard):
-                    discard()
-                    try:
-                        f.closed = True  # a discarded buffered file must not flush again in __del__
-                    except AttributeError:
-                        pass
-                else:
-                    f.close()
-                if self.fs.exists(full):
-                    self.fs.rm(full)
-            except Exception:  # noqa: BLE001 - best effort cleanup; the original error wins
-                log.debug("cleanup of partial %s failed", redact(full))
+            w.abort()
             raise
-        try:
-            f.close()
-        except Exception as exc:  # noqa: BLE001
-            raise self._wrap(exc, path) from exc
+        w.finish()
 
     @contextmanager
     def open_read(self, path: str) -> Iterator[BinaryIO]:
@@ -216,6 +208,7 @@ class FsspecStore:
             _root=(f"{self._root_path}/{rel}" if self._fs is not None else None),
             call_timeout_s=self.call_timeout_s,
             block_size_bytes=self.block_size_bytes,
+            single_put_bytes=self.single_put_bytes,
         )
 
     @property
@@ -244,3 +237,74 @@ def client_defaults(uri: str, options: Mapping[str, Any]) -> dict[str, Any]:
         out.setdefault("connection_timeout", 10)
         out.setdefault("read_timeout", 120)
     return out
+
+
+class _SpoolingWriter:
+    """Write side of :meth:`FsspecStore.open_write`: memory up to ``single_put_bytes``, then a
+    streamed upload. Backend errors are mapped to the error tree."""
+
+    def __init__(self, store: FsspecStore, full: str, path: str):
+        self._store = store
+        self._full = full
+        self._path = path
+        self._buf = bytearray()
+        self._f: Any = None
+        self._n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._n
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        self._n += n
+        if self._f is None:
+            if len(self._buf) + n <= self._store.single_put_bytes:
+                self._buf += mv
+                return n
+            try:
+                extra = {"block_size": self._store.block_size_bytes} if self._store.block_size_bytes else {}
+                self._f = self._store.fs.open(self._full, "wb", **extra)
+                self._f.write(self._buf)
+            except Exception as exc:  # noqa: BLE001 - every backend error is mapped to the tree
+                raise self._store._wrap(exc, self._path) from exc
+            self._buf = bytearray()
+        try:
+            self._f.write(mv)
+        except Exception as exc:  # noqa: BLE001
+            raise self._store._wrap(exc, self._path) from exc
+        return n
+
+    def finish(self) -> None:
+        try:
+            if self._f is None:
+                self._store._run("pipe_file", self._full, bytes(self._buf))
+                self._buf = bytearray()
+            else:
+                self._f.close()
+        except Exception as exc:  # noqa: BLE001
+            raise self._store._wrap(exc, self._path) from exc
+
+    def abort(self) -> None:
+        """Drop the upload (multipart parts too) and make sure no object is left behind."""
+        self._buf = bytearray()
+        f, fs = self._f, self._store.fs
+        try:
+            if f is not None:
+                discard = getattr(f, "discard", None)
+                if callable(discard):
+                    discard()
+                    try:
+                        f.closed = True  # a discarded buffered file must not flush again in __del__
+                    except AttributeError:
+                        pass
+                else:
+                    f.close()
+            # some backends (memory://) create the entry when the file is opened
+            if f is not None and fs.exists(self._full):
+                fs.rm(self._full)
+        except Exception:  # noqa: BLE001 - best effort cleanup; the original error wins
+            log.debug("cleanup of partial %s failed", redact(self._full))
