@@ -1,0 +1,360 @@
+"""In-process elastic membership across replica groups: heartbeats, views, one group per epoch.
+
+Each replica group's leader runs one :class:`Membership`. Call order::
+
+    m = Membership(kv, "provider-a", fingerprint, heartbeat_interval_s=1, timeout_s=10).start()
+    m.wait_for_admission(timeout_s=120)         # raises MembershipRefusedError if refused
+    comm = m.communicator()                     # collective: every member of the view calls it
+    sync_state(comm, m.view, m.member_id, flat, step, fallback=...)   # joiners get the state
+    while training:
+        buf[-1] = float(m.check())              # vote: someone saw a newer view
+        try:
+            comm.allreduce_sum(buf).wait(timedelta(seconds=collective_timeout_s))
+        except DistributedError:                # a peer died or hung: bounded by the timeout
+            m.wait_for_change(timeout_s=...)    # the survivors' new view, or MembershipError
+            comm = m.communicator(); sync_state(...); continue   # redo the step
+        if buf[-1] > 0:                         # everyone switches after the same step
+            m.wait_for_change(...); comm = m.communicator(); sync_state(...)
+
+The protocol (keys under ``prefix`` in the :class:`~.kvstore.KVStore`; docs/membership.md):
+
+* ``registry/n`` (counter) and ``registry/<i>`` (a member id): who has ever registered.
+* ``hb/<member>``: JSON ``{token, seq, intent, fingerprint, epoch}``, rewritten every
+  ``heartbeat_interval_s`` by a background thread. ``token`` is new for every process, so a
+  restart under the same id is seen as a new heartbeat stream; ``epoch`` is the latest view
+  the member has read: a listed member asking to "join" is a restart only if it has read the
+  view that lists it (otherwise it simply has not noticed its admission yet).
+* ``view/<epoch>``: JSON of the :class:`~.decision.View` of that epoch, written once with
+  ``compare_set(expected=None)``: the first proposal wins and everyone adopts it.
+* ``refused/<member>``: JSON ``{token, reason}`` for a refused joiner.
+* ``epoch-<n>/...``: the gloo rendezvous of epoch ``n``'s process group (ranks by sorted id).
+
+Every thread observes all heartbeats on its own monotonic clock (a heartbeat counts as seen
+when its ``(token, seq)`` changes), runs :func:`~.decision.decide`, and publishes the result
+only if it is the decision's :func:`~.decision.coordinator` (the lowest surviving member; the
+lowest joiner when no member survives). A thread decides only after observing for
+``timeout_s`` (so a new process does not mistake members it has not heard yet for dead ones).
+
+Failure behaviour: nothing on the training path blocks without a timeout. Store errors in the
+background thread are logged and retried on the next beat (``last_error`` keeps the latest); a
+member that cannot heartbeat for ``timeout_s`` is dropped by the others and must rejoin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from ..errors import ConfigError, MembershipError, MembershipRefusedError, MembershipStoreError
+from ..sync.communicator import ProcessGroupCommunicator
+from .decision import Heartbeat, View, coordinator, decide
+from .kvstore import KVStore, torch_store_for
+
+__all__ = ["Membership", "encode_view", "decode_view"]
+
+log = logging.getLogger(__name__)
+
+
+def encode_view(view: View, reason: str = "") -> bytes:
+    return json.dumps({"epoch": view.epoch, "members": list(view.members), "fingerprint": view.fingerprint,
+                       "joiners": list(view.joiners), "reason": reason}, sort_keys=True).encode()
+
+
+def decode_view(raw: bytes) -> tuple[View, str]:
+    d = json.loads(raw)
+    return View(int(d["epoch"]), tuple(d["members"]), str(d["fingerprint"]), tuple(d["joiners"])), str(d["reason"])
+
+
+class Membership:
+    """One replica group's membership handle (see the module docstring for the call order).
+
+    ``member_id``: a stable name for the replica group (e.g. the provider); a process that
+    restarts under the same id is re-admitted as a joiner. ``fingerprint``: identifies the
+    model and code (joiners with another one are refused). ``timeout_s``: a member silent for
+    longer is dropped; must exceed ``2 * heartbeat_interval_s``. ``min_members``: views never
+    shrink below it. ``collective_timeout_s``: the bound on connecting each epoch's group (and
+    the group's own default timeout). ``store_timeout_s``: each store call's bound.
+    The constructor validates and does no I/O; ``start()`` registers and starts the thread."""
+
+    def __init__(self, store: KVStore, member_id: str, fingerprint: str, *, heartbeat_interval_s: float = 1.0,
+                 timeout_s: float = 10.0, min_members: int = 1, collective_timeout_s: float = 30.0,
+                 store_timeout_s: float = 5.0, prefix: str = "rt-membership"):
+        if not isinstance(member_id, str) or not member_id or "/" in member_id:
+            raise ConfigError(f"member_id must be a non-empty str without '/', got {member_id!r}")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise ConfigError("fingerprint must be a non-empty str (e.g. model_fingerprint(model, code_version))")
+        if not heartbeat_interval_s > 0:
+            raise ConfigError(f"heartbeat_interval_s must be > 0, got {heartbeat_interval_s!r}")
+        if not timeout_s > 2 * heartbeat_interval_s:
+            raise ConfigError(f"timeout_s ({timeout_s!r}) must exceed 2 * heartbeat_interval_s "
+                              f"({heartbeat_interval_s!r}), or live members are dropped between beats")
+        if isinstance(min_members, bool) or not isinstance(min_members, int) or min_members < 1:
+            raise ConfigError(f"min_members must be an int >= 1, got {min_members!r}")
+        if not collective_timeout_s > 0 or not store_timeout_s > 0:
+            raise ConfigError("collective_timeout_s and store_timeout_s must be > 0")
+        for name in ("set", "get", "add", "compare_set", "clone"):
+            if not callable(getattr(store, name, None)):
+                raise ConfigError(f"store must implement the KVStore protocol; it lacks {name}()")
+        self.member_id = member_id
+        self.fingerprint = fingerprint
+        self.heartbeat_interval_s = float(heartbeat_interval_s)
+        self.timeout_s = float(timeout_s)
+        self.min_members = min_members
+        self.collective_timeout = timedelta(seconds=collective_timeout_s)
+        self.store_timeout = timedelta(seconds=store_timeout_s)
+        self.prefix = prefix.rstrip("/")
+        self._kv = store
+        self._bg_kv: KVStore | None = None
+        self._token = os.urandom(8).hex()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # written by the background thread under _cond
+        self._latest = View(0)
+        self._latest_reason = ""
+        self._admitted = False
+        self._refused: str | None = None
+        self.last_error: BaseException | None = None
+        # observation state (background thread only)
+        self._ids: list[str] = []
+        self._registry_seen = 0
+        self._seen_key: dict[str, tuple[str, int]] = {}
+        self._last_seen: dict[str, float] = {}
+        self._info: dict[str, tuple[str, str]] = {}
+        self._notified: set[tuple[str, str]] = set()
+        self._seq = 0
+        self._start_epoch = 0
+        self._observe_from = 0.0
+        # adopted epoch (training thread)
+        self._view = View(0)
+        self._comm: ProcessGroupCommunicator | None = None
+        self._adopt_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifetime
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}"
+
+    def start(self) -> "Membership":
+        """Register, read the published views, and start heartbeating with intent "join"."""
+        if self._thread is not None:
+            raise ConfigError("Membership.start() called twice")
+        self._bg_kv = self._kv.clone()
+        i = self._bg_kv.add(self._k("registry/n"), 1, timeout=self.store_timeout) - 1
+        self._bg_kv.set(self._k(f"registry/{i}"), self.member_id.encode(), timeout=self.store_timeout)
+        self._scan_views()
+        self._start_epoch = self._latest.epoch
+        self._observe_from = time.monotonic()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"membership-{self.member_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop heartbeating (the others drop this member after ``timeout_s``). Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.store_timeout.total_seconds() + self.heartbeat_interval_s + 1)
+        self._comm = None
+
+    def __enter__(self) -> "Membership":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ what the trainer calls
+
+    @property
+    def view(self) -> View:
+        """The adopted view: the one :meth:`communicator` last built a group for."""
+        return self._view
+
+    @property
+    def latest(self) -> View:
+        """The latest published view this member has seen (may be newer than :attr:`view`)."""
+        with self._cond:
+            return self._latest
+
+    @property
+    def latest_reason(self) -> str:
+        with self._cond:
+            return self._latest_reason
+
+    def check(self) -> bool:
+        """True when a view newer than the adopted one is published (never blocks)."""
+        with self._cond:
+            return self._latest.epoch > self._view.epoch
+
+    def wait_for_change(self, timeout_s: float) -> View | None:
+        """Block until a view newer than the adopted one is published; ``None`` after ``timeout_s``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._latest.epoch > self._view.epoch or self._stop.is_set(), timeout_s)
+            return self._latest if self._latest.epoch > self._view.epoch else None
+
+    def wait_for_admission(self, timeout_s: float) -> View:
+        """Block until a published view admits this member and return it. Raises
+        :class:`MembershipRefusedError` if refused, :class:`MembershipError` after ``timeout_s``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._admitted or self._refused is not None or self._stop.is_set(),
+                                timeout_s)
+            if self._refused is not None:
+                raise MembershipRefusedError(f"{self.member_id} was refused: {self._refused}")
+            if not self._admitted:
+                raise MembershipError(f"{self.member_id} was not admitted within {timeout_s} s (latest view: "
+                                      f"epoch {self._latest.epoch} {list(self._latest.members)}; last store "
+                                      f"error: {self.last_error!r})")
+            return self._latest
+
+    def communicator(self) -> ProcessGroupCommunicator:
+        """A Communicator over the latest published view's members (rank = index in the sorted
+        members). Builds a new gloo group when the view changed (collective: every member of
+        the view must call it; bounded by ``collective_timeout_s``), else returns the cached one.
+        Raises :class:`MembershipError` if this member is not in the latest view (dropped:
+        ``wait_for_admission`` again, then take the state as a joiner) or the group cannot connect
+        (a member died meanwhile: ``wait_for_change`` and call again)."""
+        with self._adopt_lock:
+            with self._cond:
+                latest, admitted = self._latest, self._admitted
+            if self._comm is not None and latest.epoch == self._view.epoch:
+                return self._comm
+            if not admitted or self.member_id not in latest.members:
+                raise MembershipError(f"{self.member_id} is not a member of epoch {latest.epoch} "
+                                      f"{list(latest.members)}: wait_for_admission() and rejoin")
+            from ..sync.threads import make_gloo_group
+
+            store = torch_store_for(self._kv.clone(), self._k(f"epoch-{latest.epoch}"), self.collective_timeout)
+            try:
+                pg = make_gloo_group(store, latest.rank_of(self.member_id), len(latest.members),
+                                     self.collective_timeout)
+            except Exception as exc:  # gloo: connect timeout / refused
+                raise MembershipError(f"could not connect the group of epoch {latest.epoch} "
+                                      f"{list(latest.members)} within {self.collective_timeout}: {exc}; "
+                                      f"wait_for_change() and call communicator() again") from exc
+            self._comm = ProcessGroupCommunicator(pg)
+            with self._cond:
+                self._view = latest
+            log.info("%s adopted epoch %d %s (rank %d)", self.member_id, latest.epoch, list(latest.members),
+                     latest.rank_of(self.member_id))
+            return self._comm
+
+    # ------------------------------------------------------------------ background thread
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self._tick()
+            except MembershipStoreError as exc:
+                self.last_error = exc
+                log.warning("membership %s: store call failed, retrying next beat: %s", self.member_id, exc)
+            except Exception as exc:  # noqa: BLE001 - keep heartbeating; the error is kept and logged
+                self.last_error = exc
+                log.exception("membership %s: beat failed", self.member_id)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _tick(self) -> None:
+        self._beat()
+        now = time.monotonic()
+        self._observe(now)
+        self._scan_views()
+        self._check_refused()
+        if now - self._observe_from >= self.timeout_s:
+            self._coordinate(now)
+
+    def _beat(self) -> None:
+        assert self._bg_kv is not None  # internal: set in start()
+        self._seq += 1
+        with self._cond:
+            intent = "member" if self._admitted else "join"
+            epoch = self._latest.epoch
+        body = {"token": self._token, "seq": self._seq, "intent": intent, "fingerprint": self.fingerprint,
+                "epoch": epoch}
+        self._bg_kv.set(self._k(f"hb/{self.member_id}"), json.dumps(body).encode(), timeout=self.store_timeout)
+
+    def _observe(self, now: float) -> None:
+        kv = self._bg_kv
+        assert kv is not None
+        n = kv.add(self._k("registry/n"), 0, timeout=self.store_timeout)
+        while self._registry_seen < n:
+            raw = kv.get(self._k(f"registry/{self._registry_seen}"), timeout=self.store_timeout)
+            if raw is None:  # registered but its name is not written yet: read it next beat
+                break
+            if raw.decode() not in self._ids:
+                self._ids.append(raw.decode())
+            self._registry_seen += 1
+        for mid in self._ids:
+            raw = kv.get(self._k(f"hb/{mid}"), timeout=self.store_timeout)
+            if raw is None:
+                continue
+            hb = json.loads(raw)
+            key = (str(hb["token"]), int(hb["seq"]))
+            if mid in self._seen_key and self._seen_key[mid] != key:
+                self._last_seen[mid] = now
+            self._seen_key[mid] = key
+            self._info[mid] = (str(hb["intent"]), str(hb["fingerprint"]), int(hb["epoch"]))
+        self._last_seen[self.member_id] = now  # this process is alive by construction
+
+    def _scan_views(self) -> None:
+        kv = self._bg_kv
+        assert kv is not None
+        while True:
+            with self._cond:
+                latest = self._latest
+            raw = kv.get(self._k(f"view/{latest.epoch + 1}"), timeout=self.store_timeout)
+            if raw is None:
+                return
+            view, reason = decode_view(raw)
+            with self._cond:
+                self._latest, self._latest_reason = view, reason
+                if self.member_id in view.joiners and view.epoch > self._start_epoch:
+                    self._admitted = True
+                elif self.member_id not in view.members:
+                    self._admitted = False
+                self._cond.notify_all()
+            log.info("membership %s saw %s", self.member_id, reason)
+
+    def _check_refused(self) -> None:
+        with self._cond:
+            if self._admitted or self._refused is not None:
+                return
+        raw = self._bg_kv.get(self._k(f"refused/{self.member_id}"), timeout=self.store_timeout)  # type: ignore[union-attr]
+        if raw is not None:
+            d = json.loads(raw)
+            if d["token"] == self._token:
+                with self._cond:
+                    self._refused = str(d["reason"])
+                    self._cond.notify_all()
+
+    def _coordinate(self, now: float) -> None:
+        with self._cond:
+            latest = self._latest
+        hbs = {}
+        for mid, seen in self._last_seen.items():
+            intent, fp, hb_epoch = self._info.get(mid, ("member", self.fingerprint, latest.epoch))
+            if intent == "join" and mid in latest.members and hb_epoch < latest.epoch:
+                intent = "member"  # admitted by the latest view but has not read it yet: not a restart
+            hbs[mid] = Heartbeat(seen, intent, fp)
+        with self._cond:
+            hbs[self.member_id] = Heartbeat(now, "member" if self._admitted else "join", self.fingerprint)
+        d = decide(now, latest, hbs, timeout_s=self.timeout_s, min_members=self.min_members)
+        if coordinator(d.view) != self.member_id:
+            return
+        kv = self._bg_kv
+        assert kv is not None
+        for mid, why in d.refused.items():
+            token = self._seen_key[mid][0]
+            if (mid, token) not in self._notified:
+                kv.set(self._k(f"refused/{mid}"), json.dumps({"token": token, "reason": why}).encode(),
+                       timeout=self.store_timeout)
+                self._notified.add((mid, token))
+                log.warning("membership: refused %s: %s", mid, why)
+        if d.view is not latest:
+            kv.compare_set(self._k(f"view/{d.view.epoch}"), None, encode_view(d.view, d.reason),
+                           timeout=self.store_timeout)
+            self._scan_views()

@@ -1,0 +1,125 @@
+"""Bring every member of a new epoch to the same state: joiners (and any member left behind by
+a failed step) receive it from a live peer in chunks, or from a fallback when no peer has it.
+
+:func:`sync_state` is collective over the epoch's group (every member calls it right after
+``Membership.communicator()``). Phases:
+
+1. **exchange**: one all-gather of ``[step, digest, is_joiner]`` per rank.
+2. **choose**: the source is the non-joiner with the highest step (ties: the lowest rank), so
+   a member that completed one more step before a peer died is not rolled back. When every
+   member is a joiner, each calls ``fallback(flat) -> step`` (e.g. "load the latest
+   checkpoint"), and the exchange and choice run again over the loaded states.
+3. **send**: every rank whose ``(step, digest)`` differs from the source's, and every joiner,
+   receives ``flat`` point to point from the source in ``chunk_bytes`` pieces (bounded memory,
+   each piece with ``timeout``).
+4. **verify**: each receiver recomputes the digest (blake2b of the bytes) and compares it with
+   the source's; a mismatch raises :class:`DistributedError`.
+
+``flat`` is one contiguous tensor the caller owns (e.g. the flattened parameters and optimizer
+state); it is overwritten in place on receivers. Every member must pass the same numel and
+dtype (the membership fingerprint guarantees the same model). A peer dying mid-transfer raises
+:class:`DistributedError`: wait for the next view and call again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError, DistributedError, MembershipError
+from ..sync.communicator import ProcessGroupCommunicator
+from .decision import View
+
+__all__ = ["sync_state", "SyncResult", "state_digest", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """``step``: the step every member now holds; ``source``: the member that served it (None
+    when nobody needed anything); ``received_bytes``/``sent_bytes``: this rank's traffic;
+    ``used_fallback``: the state came from ``fallback``; ``receivers``: who received it."""
+
+    step: int
+    source: str | None
+    receivers: tuple[str, ...]
+    received_bytes: int
+    sent_bytes: int
+    used_fallback: bool
+
+
+def state_digest(flat: torch.Tensor) -> int:
+    """A 63-bit blake2b digest of ``flat``'s bytes (fits a signed int64)."""
+    data = flat.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return int.from_bytes(hashlib.blake2b(memoryview(data), digest_size=8).digest(), "little") >> 1
+
+
+def _exchange(comm: ProcessGroupCommunicator, flat: torch.Tensor, step: int, joiner: bool,
+              timeout: timedelta) -> list[list[int]]:
+    mine = torch.tensor([step, state_digest(flat), int(joiner), flat.numel()], dtype=torch.int64)
+    rows = [r.tolist() for r in comm.allgather(mine).wait(timeout)]
+    numels = {r: row[3] for r, row in enumerate(rows)}
+    if len(set(numels.values())) != 1:
+        raise DistributedError("members hold states of different sizes (numel)",
+                               {r: f"numel {n}" for r, n in numels.items()})
+    return rows
+
+
+def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat: torch.Tensor, step: int, *,
+               fallback: Callable[[torch.Tensor], int] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               timeout: timedelta = timedelta(seconds=60)) -> SyncResult:
+    """Make ``flat`` and the step equal on every member of ``view`` (module docstring)."""
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ConfigError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
+    if not flat.is_contiguous():
+        raise ConfigError("flat must be one contiguous tensor (flatten the state into a buffer first)")
+    if comm.world_size != len(view.members) or comm.rank != view.rank_of(member_id):
+        raise ConfigError(f"the communicator (rank {comm.rank} of {comm.world_size}) is not the group of "
+                          f"view {view.epoch} {list(view.members)}: call sync_state after communicator()")
+    me = comm.rank
+    rows = _exchange(comm, flat, step, member_id in view.joiners, timeout)
+    used_fallback = False
+    if all(row[2] for row in rows):
+        if fallback is None:
+            raise MembershipError(f"no member of epoch {view.epoch} holds the state (all are joiners) and "
+                                  "no fallback was given: pass fallback=<load the latest checkpoint>")
+        step = int(fallback(flat))
+        used_fallback = True
+        rows = _exchange(comm, flat, step, False, timeout)
+    candidates = [r for r, row in enumerate(rows) if not row[2]]
+    source = max(candidates, key=lambda r: (rows[r][0], -r))
+    ref = rows[source][:2]
+    receivers = [r for r, row in enumerate(rows) if r != source and (row[2] or row[:2] != ref)]
+    names = tuple(view.members[r] for r in receivers)
+    if not receivers:
+        return SyncResult(int(ref[0]), None, (), 0, 0, used_fallback)
+    data = flat.detach().reshape(-1).view(torch.uint8)
+    chunks = [data[i:i + chunk_bytes] for i in range(0, data.numel(), chunk_bytes)]
+    pg = comm.group
+    sent = received = 0
+    try:
+        if me == source:
+            for dst in receivers:
+                for tag, chunk in enumerate(chunks):
+                    if not pg.send([chunk], dst, tag).wait(timeout):
+                        raise TimeoutError(f"send to rank {dst} timed out after {timeout}")
+                    sent += chunk.numel()
+        elif me in receivers:
+            for tag, chunk in enumerate(chunks):
+                if not pg.recv([chunk], source, tag).wait(timeout):
+                    raise TimeoutError(f"receive from rank {source} timed out after {timeout}")
+                received += chunk.numel()
+    except Exception as exc:  # gloo raises RuntimeError when the peer dies
+        raise DistributedError(f"state transfer in epoch {view.epoch} from {view.members[source]} failed",
+                               {me: f"{type(exc).__name__}: {exc}"}) from exc
+    if me in receivers:
+        got = state_digest(flat)
+        if got != ref[1]:
+            raise DistributedError("received state does not match the source's digest",
+                                   {me: f"digest {got:#x} != {ref[1]:#x}"})
+    return SyncResult(int(ref[0]), view.members[source], names, received, sent, used_fallback)
