@@ -4,15 +4,16 @@ The test process hosts the TCPStore (it is never killed). Each member process tr
 model whose arithmetic is exact (int64, modular), so the final state can be recomputed from
 the membership history that the state itself records (one bitmask per step), and compared
 bit for bit. Timeline: a, b, c train; c is SIGKILLed; a and b detect it, agree on a new epoch,
-rebuild their group and continue; d joins, receives the state from a live peer, and a, b, d
-finish together.
+rebuild their group and continue; d joins, receives the state from a live peer (bit-identical),
+and a, b, d train together; d is SIGSTOPped (a hang: its sockets stay open), the collective
+timeout and the heartbeat timeout bound the survivors' wait, and a, b finish.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
-import pickle
 import queue
 import signal
 import time
@@ -34,9 +35,9 @@ class Cfg:
     timeout_s: float = 1.5
     collective_timeout_s: float = 3.0
     min_members: int = 2
-    numel: int = 300_000  # 2.4 MB of int64: several transfer chunks
+    numel: int = 100_000  # 0.8 MB of int64: several transfer chunks
     max_steps: int = 3000
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = 256 << 10
     step_sleep_s: float = 0.02
     admit_timeout_s: float = 30.0
 
@@ -74,7 +75,7 @@ def member_main(host: str, port: int, member_id: str, fingerprint: str, cfg: Cfg
     import torch
 
     from resilient_train.errors import DistributedError, MembershipError
-    from resilient_train.membership import Membership, TCPKVStore, sync_state
+    from resilient_train.membership import Membership, TCPKVStore, state_digest, sync_state
 
     torch.set_num_threads(1)
 
@@ -112,7 +113,7 @@ def member_main(host: str, port: int, member_id: str, fingerprint: str, cfg: Cfg
                                  chunk_bytes=cfg.chunk_bytes,
                                  timeout=timedelta(seconds=cfg.collective_timeout_s))
                 emit("epoch", epoch=m.view.epoch, members=m.view.members, step=res.step, source=res.source,
-                     received=res.received_bytes, sent=res.sent_bytes)
+                     received=res.received_bytes, sent=res.sent_bytes, digest=state_digest(flat))
                 return comm, res.step
             except (DistributedError, MembershipError) as exc:
                 emit("retry", error=str(exc)[:300])
@@ -183,7 +184,7 @@ class Events:
         return [e for e in self.log if e[0] == kind and (member is None or e[1] == member)]
 
 
-def test_sigkill_a_member_survivors_continue_then_a_joiner_catches_up():
+def test_sigkill_then_join_then_sigstop():
     from resilient_train.membership import TCPKVStore
 
     cfg = Cfg()
@@ -235,9 +236,23 @@ def test_sigkill_a_member_survivors_continue_then_a_joiner_catches_up():
         joined = ev.wait_for(lambda e: e[0] == "epoch" and e[1] == "d", 30, "d admitted")
         assert joined[3]["members"] == ("a", "b", "d") and joined[3]["epoch"] == 3
         assert joined[3]["source"] == "a" and joined[3]["received"] == (cfg.numel + cfg.max_steps) * 8
+        a3 = ev.wait_for(lambda e: e[0] == "epoch" and e[1] == "a" and e[3]["epoch"] == 3, 10, "a in epoch 3")
+        assert joined[3]["digest"] == a3[3]["digest"] and joined[3]["step"] == a3[3]["step"]  # bit-identical
+        ev.wait_for(lambda e: e[0] == "step" and e[1] == "d" and e[3]["step"] >= joined[3]["step"] + 15, 30,
+                    "15 steps with d")
+
+        # --- hang: SIGSTOP d; its sockets stay open, so only the collective timeout can notice
+        t_stop = time.time()
+        os.kill(procs["d"].pid, signal.SIGSTOP)
+        for mid in survivors:
+            ev.wait_for(lambda e, mid=mid: e[0] == "step" and e[1] == mid and e[3]["epoch"] == 4,
+                        cfg.collective_timeout_s + cfg.timeout_s + 15, f"{mid} stepping in epoch 4")
+        resumed_hang = max(min(e[2] for e in ev.of("step", mid) if e[3]["epoch"] == 4) for mid in survivors) - t_stop
+        bound = max(cfg.collective_timeout_s, cfg.timeout_s) + 4 * cfg.heartbeat_interval_s + 3.0
+        assert resumed_hang < bound, resumed_hang
         last = max(e[3]["step"] for e in ev.of("step"))
-        kv.set("test/stop_at", str(last + 40).encode(), timeout=to)
-        for mid in ("a", "b", "d"):
+        kv.set("test/stop_at", str(last + 20).encode(), timeout=to)
+        for mid in survivors:
             ev.wait_for(lambda e, mid=mid: e[0] == "done" and e[1] == mid, 30, f"{mid} done")
     finally:
         for p in procs.values():
@@ -246,19 +261,21 @@ def test_sigkill_a_member_survivors_continue_then_a_joiner_catches_up():
             p.join(5)
 
     done = {e[1]: e[3] for e in ev.of("done")}
-    assert {v["step"] for v in done.values()} == {last + 40}
-    assert done["a"]["flat"] == done["b"]["flat"] == done["d"]["flat"]  # bit-identical
+    assert {v["step"] for v in done.values()} == {last + 20}
+    assert done["a"]["flat"] == done["b"]["flat"]  # bit-identical
     (x_ref, x_got), history = replay(done["a"]["flat"], cfg)
     import torch
 
-    assert len(history) == last + 40
+    assert len(history) == last + 20
     assert torch.equal(x_ref, x_got)  # every step's result is what its members' all-reduce should give
-    # the membership history, in order: a,b,c until the kill; a,b; then a,b,d
+    # the membership history, in order: a,b,c until the kill; a,b; a,b,d after the join; a,b
     runs = [h for i, h in enumerate(history) if i == 0 or history[i - 1] != h]
-    assert runs == [("a", "b", "c"), ("a", "b"), ("a", "b", "d")], runs
+    assert runs == [("a", "b", "c"), ("a", "b"), ("a", "b", "d"), ("a", "b")], runs
     print(f"\nSIGKILL c: survivors' collective failed after {detected:.2f} s, epoch 2 adopted after "
           f"{adopted:.2f} s, training resumed after {resumed:.2f} s (timeout_s={cfg.timeout_s}, "
           f"heartbeat {cfg.heartbeat_interval_s} s); d admitted and caught up {joined[2] - t_spawn:.2f} s "
-          f"after it asked; processes ready after {t_ready - t0:.1f} s "
-          f"(steps: {history.count(('a', 'b', 'c'))} with c, {history.count(('a', 'b'))} without, "
-          f"{history.count(('a', 'b', 'd'))} with d)")
+          f"after it asked; SIGSTOP d: resumed after {resumed_hang:.2f} s (collective_timeout_s="
+          f"{cfg.collective_timeout_s}); timeline from spawn: ready {t_ready - t0:.1f} s, epoch 1 "
+          f"{first[2] - t0:.1f} s, kill {t_kill - t0:.1f} s, d asked {t_spawn - t0:.1f} s, "
+          f"all done {time.time() - t0:.1f} s "
+          f"(steps per membership run: {[(''.join(r), sum(1 for _ in g)) for r, g in itertools.groupby(history)]})")
