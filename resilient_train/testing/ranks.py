@@ -47,7 +47,7 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, 
         out.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results in rank order."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
