@@ -218,6 +218,8 @@ class Membership:
         Raises :class:`MembershipError` if this member is not in the latest view (dropped:
         ``wait_for_admission`` again, then take the state as a joiner) or the group cannot connect
         (a member died meanwhile: ``wait_for_change`` and call again)."""
+        if self._stop.is_set():
+            raise MembershipError(f"{self.member_id}: this Membership is closed")
         with self._adopt_lock:
             with self._cond:
                 latest, admitted = self._latest, self._admitted
