@@ -157,6 +157,7 @@ def main() -> None:
         "runs": args.runs,
         "unit": "seconds, medians over runs (first run of each async contender excluded as warm-up)",
         "machine": machine_info(),
+        "load_average_1m_at_end": os.getloadavg()[0],
         "results": results,
         "ratios": ratios,
         "goals": {"rt stall / dcp stall": "<= 0.3", "rt stall / sync save": "< 0.1"},

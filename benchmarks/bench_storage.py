@@ -150,6 +150,7 @@ def main() -> None:
         "threads": args.threads,
         "unit": "seconds (median of runs) and MB/s (1e6 bytes/s); ratio = ceiling time / rt time (1.0 = as fast as the plain client)",
         "machine": machine_info(),
+        "load_average_1m_at_end": os.getloadavg()[0],
         "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
