@@ -260,6 +260,10 @@ def test_sigkill_then_join_then_sigstop():
                 p.kill()
             p.join(5)
 
+    rates = {}
+    for e in ev.of("step", "a"):
+        rates.setdefault(e[3]["epoch"], []).append(e[2])
+    step_s = {ep: round((ts[-1] - ts[0]) / max(1, len(ts) - 1), 3) for ep, ts in rates.items()}
     done = {e[1]: e[3] for e in ev.of("done")}
     assert {v["step"] for v in done.values()} == {last + 20}
     assert done["a"]["flat"] == done["b"]["flat"]  # bit-identical
@@ -277,5 +281,5 @@ def test_sigkill_then_join_then_sigstop():
           f"after it asked; SIGSTOP d: resumed after {resumed_hang:.2f} s (collective_timeout_s="
           f"{cfg.collective_timeout_s}); timeline from spawn: ready {t_ready - t0:.1f} s, epoch 1 "
           f"{first[2] - t0:.1f} s, kill {t_kill - t0:.1f} s, d asked {t_spawn - t0:.1f} s, "
-          f"all done {time.time() - t0:.1f} s "
+          f"all done {time.time() - t0:.1f} s; seconds per step by epoch {step_s} "
           f"(steps per membership run: {[(''.join(r), sum(1 for _ in g)) for r, g in itertools.groupby(history)]})")
