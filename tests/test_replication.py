@@ -153,3 +153,23 @@ def test_corrupted_bytes_on_one_provider_replica_used(make_store, caplog):
     copy_checkpoint([a, b], dst, 9)
     assert verify_checkpoint(dst, 9)[1] == []
     assert rep.committed == ["gcs", "azure"]
+
+
+def test_health_book_learns_from_a_failed_replica(make_store, tmp_path):
+    from resilient_train.checkpoint.replicate import write_replicated
+    from resilient_train.checkpoint.state import capture
+    from resilient_train.storage.providers import HealthBook
+    from resilient_train.testing.faults import FaultyStore
+
+    a, b, c = make_store("memory", "a"), make_store("memory", "b"), make_store("memory", "c")
+    down = FaultyStore(b, down=True)
+    provs = [provider_for(a, "eu"), provider_for(b, "eu"), provider_for(c, "eu")]
+    pl = Placement(provs, ReplicationPolicy(copies=2), stores={"a": a, "b": down, "c": c})
+    book = HealthBook(cooldown_s=60)
+    snap = capture(make_train_state())
+    rep = write_replicated(pl, snap, 1, options=OPTS, health_book=book, now=0.0)
+    assert rep.committed == ["a", "c"]  # b failed, c stood in
+    assert book.snapshot(["a", "b", "c"], now=1.0) == {"a": True, "b": False, "c": True}
+    rep = write_replicated(pl, snap, 2, options=OPTS, health_book=book, now=2.0)
+    assert rep.committed == ["a", "c"] and down.calls == down.injected  # b was not even tried again
+    assert pl.decide(book.snapshot(["a", "b", "c"], now=2.0)).read_order[-1] == "b"

@@ -31,7 +31,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, Repl
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..storage import Store, open_store, redact
-from ..storage.providers import Placement
+from ..storage.providers import HealthBook, Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
 from .collectives import Coordinator
 from .reader import LoadResult, committed_steps, load
@@ -264,13 +264,20 @@ def write_replicated(
     options: SaveOptions | None = None,
     health: Mapping[str, bool] | None = None,
     io_threads: int = 4,
+    health_book: HealthBook | None = None,
+    now: float | None = None,
 ) -> ReplicationReport:
     """Write ``snap`` as ``step`` to the primary provider, then replicate (see module doc).
+
+    With ``health_book`` (and the clock reading ``now``), its view decides the targets when
+    ``health`` is not given, and each provider's outcome is recorded in it.
 
     Collective for the write. If the primary fails, the next allowed healthy provider becomes
     the primary. Raises ReplicationError naming every failed provider (``.committed`` and
     ``.report`` tell who has a copy) if fewer than ``policy.copies`` copies committed.
     """
+    if health is None and health_book is not None:
+        health = health_book.snapshot([p.name for p in placement.providers], now if now is not None else time.monotonic())
     decision = placement.decide(health)
     report = ReplicationReport(step, reason=decision.reason)
     failures: dict[str, str] = {}
@@ -286,6 +293,12 @@ def write_replicated(
         break
     if report.committed and Coordinator(process_group).rank == 0:
         _fill_copies(placement, report, candidates, failures, io_threads)
+    if health_book is not None:
+        t = now if now is not None else time.monotonic()
+        for name in failures:
+            health_book.failed(name, t)
+        for name in report.committed:
+            health_book.succeeded(name)
     if len(report.committed) < placement.policy.copies:
         err = ReplicationError(
             f"step {step} has {len(report.committed)} of {placement.policy.copies} copies (committed on: {', '.join(report.committed) or 'none'})",
