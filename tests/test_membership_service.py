@@ -42,15 +42,17 @@ def test_transfer_serves_joiners_and_laggards_from_the_most_advanced_member():
     def rank(r: int, comm):
         flat = {0: ahead.clone(), 1: ahead * 0.5, 2: torch.full((1000,), float("nan"))}[r]
         step = {0: 7, 1: 6, 2: 123}[r]  # b missed the last step; c's own step does not count
-        res = sync_state(comm, view, view.members[r], flat, step, chunk_bytes=999, timeout=TO)
+        meta = [b'{"sampler": 7000, "sync": "a"}', b"b-stale", b""][r]  # e.g. DiLoCo's JSON meta
+        res = sync_state(comm, view, view.members[r], flat, step, meta=meta, chunk_bytes=999, timeout=TO)
         return res, flat
 
     out = run_thread_ranks(rank, 3, timeout_s=40)
     for res, flat in out:
         assert res.step == 7 and res.source == "a" and res.receivers == ("b", "c")
         assert torch.equal(flat, ahead)  # bit-identical, NaNs overwritten
-    assert [r.received_bytes for r, _ in out] == [0, 4000, 4000]
-    assert [r.sent_bytes for r, _ in out] == [8000, 0, 0]
+        assert res.meta == b'{"sampler": 7000, "sync": "a"}'
+    assert [r.received_bytes for r, _ in out] == [0, 4030, 4030]
+    assert [r.sent_bytes for r, _ in out] == [8060, 0, 0]
 
 
 def test_transfer_sends_nothing_when_members_agree():

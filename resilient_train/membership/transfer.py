@@ -4,14 +4,15 @@ a failed step) receive it from a live peer in chunks, or from a fallback when no
 :func:`sync_state` is collective over the epoch's group (every member calls it right after
 ``Membership.communicator()``). Phases:
 
-1. **exchange**: one all-gather of ``[step, digest, is_joiner]`` per rank.
+1. **exchange**: one all-gather of ``[step, digest, is_joiner, numel, len(meta)]`` per rank.
 2. **choose**: the source is the non-joiner with the highest step (ties: the lowest rank), so
    a member that completed one more step before a peer died is not rolled back. When every
    member is a joiner, each calls ``fallback(flat) -> step`` (e.g. "load the latest
    checkpoint"), and the exchange and choice run again over the loaded states.
 3. **send**: every rank whose ``(step, digest)`` differs from the source's, and every joiner,
    receives ``flat`` point to point from the source in ``chunk_bytes`` pieces (bounded memory,
-   each piece with ``timeout``).
+   each piece with ``timeout``), then the source's ``meta`` bytes (e.g. the JSON half of a
+   sync engine's ``state_dict``, the data loader's position), which may differ in length.
 4. **verify**: each receiver recomputes the digest (blake2b of the bytes) and compares it with
    the source's; a mismatch raises :class:`DistributedError`.
 
@@ -43,7 +44,8 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 class SyncResult:
     """``step``: the step every member now holds; ``source``: the member that served it (None
     when nobody needed anything); ``received_bytes``/``sent_bytes``: this rank's traffic;
-    ``used_fallback``: the state came from ``fallback``; ``receivers``: who received it."""
+    ``used_fallback``: the state came from ``fallback``; ``receivers``: who received it;
+    ``meta``: the source's meta bytes on receivers, this rank's own elsewhere."""
 
     step: int
     source: str | None
@@ -51,6 +53,7 @@ class SyncResult:
     received_bytes: int
     sent_bytes: int
     used_fallback: bool
+    meta: bytes = b""
 
 
 def state_digest(flat: torch.Tensor) -> int:
@@ -59,9 +62,9 @@ def state_digest(flat: torch.Tensor) -> int:
     return int.from_bytes(hashlib.blake2b(memoryview(data), digest_size=8).digest(), "little") >> 1
 
 
-def _exchange(comm: ProcessGroupCommunicator, flat: torch.Tensor, step: int, joiner: bool,
+def _exchange(comm: ProcessGroupCommunicator, flat: torch.Tensor, step: int, joiner: bool, meta: bytes,
               timeout: timedelta) -> list[list[int]]:
-    mine = torch.tensor([step, state_digest(flat), int(joiner), flat.numel()], dtype=torch.int64)
+    mine = torch.tensor([step, state_digest(flat), int(joiner), flat.numel(), len(meta)], dtype=torch.int64)
     rows = [r.tolist() for r in comm.allgather(mine).wait(timeout)]
     numels = {r: row[3] for r, row in enumerate(rows)}
     if len(set(numels.values())) != 1:
@@ -71,8 +74,8 @@ def _exchange(comm: ProcessGroupCommunicator, flat: torch.Tensor, step: int, joi
 
 
 def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat: torch.Tensor, step: int, *,
-               fallback: Callable[[torch.Tensor], int] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               timeout: timedelta = timedelta(seconds=60)) -> SyncResult:
+               meta: bytes = b"", fallback: Callable[[torch.Tensor], int] | None = None,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: timedelta = timedelta(seconds=60)) -> SyncResult:
     """Make ``flat`` and the step equal on every member of ``view`` (module docstring)."""
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ConfigError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
@@ -82,7 +85,7 @@ def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat:
         raise ConfigError(f"the communicator (rank {comm.rank} of {comm.world_size}) is not the group of "
                           f"view {view.epoch} {list(view.members)}: call sync_state after communicator()")
     me = comm.rank
-    rows = _exchange(comm, flat, step, member_id in view.joiners, timeout)
+    rows = _exchange(comm, flat, step, member_id in view.joiners, meta, timeout)
     used_fallback = False
     if all(row[2] for row in rows):
         if fallback is None:
@@ -90,16 +93,21 @@ def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat:
                                   "no fallback was given: pass fallback=<load the latest checkpoint>")
         step = int(fallback(flat))
         used_fallback = True
-        rows = _exchange(comm, flat, step, False, timeout)
+        rows = _exchange(comm, flat, step, False, meta, timeout)
     candidates = [r for r, row in enumerate(rows) if not row[2]]
     source = max(candidates, key=lambda r: (rows[r][0], -r))
     ref = rows[source][:2]
     receivers = [r for r, row in enumerate(rows) if r != source and (row[2] or row[:2] != ref)]
     names = tuple(view.members[r] for r in receivers)
     if not receivers:
-        return SyncResult(int(ref[0]), None, (), 0, 0, used_fallback)
+        return SyncResult(int(ref[0]), None, (), 0, 0, used_fallback, meta)
     data = flat.detach().reshape(-1).view(torch.uint8)
     chunks = [data[i:i + chunk_bytes] for i in range(0, data.numel(), chunk_bytes)]
+    meta_len = int(rows[source][4])
+    meta_buf = (torch.frombuffer(bytearray(meta), dtype=torch.uint8) if me == source and meta
+                else torch.empty(meta_len, dtype=torch.uint8))
+    if meta_len:
+        chunks.append(meta_buf)
     pg = comm.group
     sent = received = 0
     try:
@@ -122,4 +130,5 @@ def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat:
         if got != ref[1]:
             raise DistributedError("received state does not match the source's digest",
                                    {me: f"digest {got:#x} != {ref[1]:#x}"})
-    return SyncResult(int(ref[0]), view.members[source], names, received, sent, used_fallback)
+    got_meta = bytes(meta_buf.numpy().tobytes()) if me in receivers else meta
+    return SyncResult(int(ref[0]), view.members[source], names, received, sent, used_fallback, got_meta)
