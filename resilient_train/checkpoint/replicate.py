@@ -291,8 +291,11 @@ def write_replicated(
             continue
         report.committed.append(name)
         break
-    if report.committed and Coordinator(process_group).rank == 0:
+    coord = Coordinator(process_group)
+    if report.committed and coord.rank == 0:
         _fill_copies(placement, report, candidates, failures, io_threads)
+    # Every rank returns (or raises) the same outcome as rank 0, which did the copies.
+    report.committed, report.copies, failures = coord.broadcast((report.committed, report.copies, failures) if coord.rank == 0 else None)
     if health_book is not None:
         t = now if now is not None else time.monotonic()
         for name in failures:
