@@ -5,10 +5,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-void quantize_ef_cuda(const at::Tensor& x, const at::Tensor& residual, at::Tensor& data, at::Tensor& scales,
-                      int64_t block, int64_t bits, cudaStream_t stream);
-void dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int64_t n, int64_t block, int64_t bits,
-                     at::Tensor& out, bool accumulate, cudaStream_t stream);
+void quantize_ef_cuda(const float* x, float* residual, uint8_t* data, float* scales, int64_t n, int64_t block,
+                      int64_t bits, cudaStream_t stream);
+void dequantize_cuda(const uint8_t* data, const float* scales, float* out, int64_t n, int64_t block, int64_t bits,
+                     bool accumulate, cudaStream_t stream);
 
 namespace {
 void check_flat_float(const at::Tensor& t, const char* what) {
@@ -35,7 +35,9 @@ std::vector<at::Tensor> quantize_ef(const at::Tensor& x, const c10::optional<at:
   at::Tensor data = bits == 8 ? at::empty({n}, x.options().dtype(at::kChar))
                               : at::empty({(n + 1) / 2}, x.options().dtype(at::kByte));
   at::Tensor scales = at::empty({nblocks}, x.options());
-  quantize_ef_cuda(x, r, data, scales, block, bits, c10::cuda::getCurrentCUDAStream());
+  quantize_ef_cuda(x.data_ptr<float>(), r.defined() ? r.data_ptr<float>() : nullptr,
+                   static_cast<uint8_t*>(data.data_ptr()), scales.data_ptr<float>(), n, block, bits,
+                   c10::cuda::getCurrentCUDAStream());
   return {data, scales};
 }
 
@@ -50,7 +52,8 @@ void dequantize(const at::Tensor& data, const at::Tensor& scales, int64_t n, int
   TORCH_CHECK(out.numel() == n && scales.numel() == (n + block - 1) / block &&
                   data.numel() == (bits == 8 ? n : (n + 1) / 2), "size mismatch");
   const c10::cuda::CUDAGuard guard(out.device());
-  dequantize_cuda(data, scales, n, block, bits, out, accumulate, c10::cuda::getCurrentCUDAStream());
+  dequantize_cuda(static_cast<const uint8_t*>(data.data_ptr()), scales.data_ptr<float>(), out.data_ptr<float>(), n,
+                  block, bits, accumulate, c10::cuda::getCurrentCUDAStream());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -8,10 +8,10 @@
 // the block's absmax with warp shuffles; pass 2 re-reads the (cache-hot) block, writes the
 // codes, and overwrites the residual with v - q * scale. x and r are read from DRAM once.
 //
-// This file includes only ATen's core tensor header and the CUDA runtime (no c10/cuda
-// headers: CPU builds of torch ship them without their generated config, and the nvcc test
-// compiles this file against such a build). The stream comes from quant_cuda.cpp.
-#include <ATen/core/Tensor.h>
+// The launchers take raw pointers; quant_cuda.cpp checks and allocates the tensors and passes
+// the current stream. This file includes only c10's error macros and the CUDA runtime: no
+// c10/cuda headers (CPU builds of torch ship them without their generated config, and the
+// nvcc test compiles this file against such a build), and no ATen (keeps nvcc fast).
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
@@ -88,45 +88,37 @@ int grid_for(int64_t work, int per_cta) {
   return static_cast<int>(g < 1 ? 1 : (g > 65535 * 16 ? 65535 * 16 : g));
 }
 
-}  // namespace
-
-// Host launchers, called by quant_cuda.cpp after it has checked shapes, dtypes and devices.
 void check_launch() {
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-void quantize_ef_cuda(const at::Tensor& x, const at::Tensor& residual, at::Tensor& data, at::Tensor& scales,
-                      int64_t block, int64_t bits, cudaStream_t stream) {
-  const int64_t n = x.numel();
-  const int64_t nblocks = scales.numel();
+}  // namespace
+
+// Host launchers, called by quant_cuda.cpp after it has checked shapes, dtypes and devices.
+// residual may be null (no error feedback). data holds int8 codes or packed int4 bytes.
+void quantize_ef_cuda(const float* x, float* residual, uint8_t* data, float* scales, int64_t n, int64_t block,
+                      int64_t bits, cudaStream_t stream) {
   if (n == 0) return;
-  const float* rp_c = residual.defined() ? residual.data_ptr<float>() : nullptr;
-  float* rp = const_cast<float*>(rp_c);
+  const int64_t nblocks = (n + block - 1) / block;
   const int grid = grid_for(nblocks, kWarpsPerCta);
-  auto* dp = static_cast<uint8_t*>(data.data_ptr());
   if (bits == 8) {
-    quantize_ef_kernel<8><<<grid, 32 * kWarpsPerCta, 0, stream>>>(x.data_ptr<float>(), rp, dp,
-                                                                   scales.data_ptr<float>(), n, block, nblocks);
+    quantize_ef_kernel<8><<<grid, 32 * kWarpsPerCta, 0, stream>>>(x, residual, data, scales, n, block, nblocks);
   } else {
-    quantize_ef_kernel<4><<<grid, 32 * kWarpsPerCta, 0, stream>>>(x.data_ptr<float>(), rp, dp,
-                                                                   scales.data_ptr<float>(), n, block, nblocks);
+    quantize_ef_kernel<4><<<grid, 32 * kWarpsPerCta, 0, stream>>>(x, residual, data, scales, n, block, nblocks);
   }
   check_launch();
 }
 
-void dequantize_cuda(const at::Tensor& data, const at::Tensor& scales, int64_t n, int64_t block, int64_t bits,
-                     at::Tensor& out, bool accumulate, cudaStream_t stream) {
+void dequantize_cuda(const uint8_t* data, const float* scales, float* out, int64_t n, int64_t block, int64_t bits,
+                     bool accumulate, cudaStream_t stream) {
   if (n == 0) return;
   const int threads = 256;
   const int grid = grid_for(n, threads);
-  const auto* dp = static_cast<const uint8_t*>(data.data_ptr());
   if (bits == 8) {
-    dequantize_kernel<8><<<grid, threads, 0, stream>>>(dp, scales.data_ptr<float>(), out.data_ptr<float>(), n,
-                                                        block, accumulate);
+    dequantize_kernel<8><<<grid, threads, 0, stream>>>(data, scales, out, n, block, accumulate);
   } else {
-    dequantize_kernel<4><<<grid, threads, 0, stream>>>(dp, scales.data_ptr<float>(), out.data_ptr<float>(), n,
-                                                        block, accumulate);
+    dequantize_kernel<4><<<grid, threads, 0, stream>>>(data, scales, out, n, block, accumulate);
   }
   check_launch();
 }
