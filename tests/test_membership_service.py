@@ -222,3 +222,31 @@ def test_member_wrongly_dropped_rejoins_as_a_joiner_and_gets_the_state():
         for t in threads:
             t.join(20)
         assert out["b"][0].source == "a" and out["b"][0].step == 42 and torch.equal(out["b"][1], torch.arange(100.0))
+
+
+def test_coordinator_loss_and_restart_under_the_same_id():
+    """a (the coordinator: lowest id) stops; b takes over and publishes. Then c restarts under
+    its own id before the timeout: the new process is re-admitted as a joiner, not taken for
+    the old one."""
+    kv = MemoryKVStore()
+    kw = dict(heartbeat_interval_s=0.1, timeout_s=0.5, collective_timeout_s=10)
+    a, b, c = (Membership(kv, mid, "fp", **kw).start() for mid in "abc")
+    try:
+        v1 = _until(lambda: a.latest if a.latest.members == ("a", "b", "c") else None, 5, "a, b, c admitted")
+        for m in (b, c):
+            m.wait_for_admission(5)
+        a.close()
+        v2 = _until(lambda: b.latest if b.latest.epoch > v1.epoch else None, 5, "a dropped")
+        assert v2.members == ("b", "c") and v2.joiners == () and "dropped ['a']" in b.latest_reason
+        c.close()
+        c2 = Membership(kv, "c", "fp", **kw).start()  # the restarted process, at once
+        v3 = _until(lambda: b.latest if b.latest.epoch > v2.epoch else None, 5, "c restarted")
+        assert v3.members == ("b", "c") and v3.joiners == ("c",) and "restarted" in b.latest_reason
+        assert c2.wait_for_admission(5) == v3
+        time.sleep(1.0)  # ten beats: nothing else changes (c2 is not taken for a restart again)
+        assert b.latest == v3 and c2.latest == v3
+    finally:
+        for m in (a, b, c):
+            m.close()
+        if "c2" in locals():
+            c2.close()

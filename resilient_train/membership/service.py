@@ -147,6 +147,7 @@ class Membership:
         self._bg_kv = self._kv.clone()
         i = self._bg_kv.add(self._k("registry/n"), 1, timeout=self.store_timeout) - 1
         self._bg_kv.set(self._k(f"registry/{i}"), self.member_id.encode(), timeout=self.store_timeout)
+        self._start_epoch = 1 << 62  # views published before this process started never admit it
         self._scan_views()
         self._start_epoch = self._latest.epoch
         self._observe_from = time.monotonic()
