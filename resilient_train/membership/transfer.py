@@ -16,8 +16,12 @@ a failed step) receive it from a live peer in chunks, or from a fallback when no
 4. **verify**: each receiver recomputes the digest (blake2b of the bytes) and compares it with
    the source's; a mismatch raises :class:`DistributedError`.
 
-``flat`` is one contiguous tensor the caller owns (e.g. the flattened parameters and optimizer
-state); it is overwritten in place on receivers. Every member must pass the same numel and
+``flat`` is one contiguous tensor the caller owns; it is overwritten in place on receivers. It
+must hold only state that is identical on every member after a completed step (synchronous
+training: parameters and optimizer state; DiLoCo: the global weights and the outer optimizer's
+state, with ``step`` = completed sync rounds). Per-replica state (DiLoCo's local weights,
+error-feedback residuals) must stay out of it, or a difference between survivors is
+"repaired" by overwriting it; a joiner starts its local weights from the received globals. Every member must pass the same numel and
 dtype (the membership fingerprint guarantees the same model). A peer dying mid-transfer raises
 :class:`DistributedError`: wait for the next view and call again.
 """
