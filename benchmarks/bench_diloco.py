@@ -247,6 +247,40 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def make_table(runs: dict) -> list[dict]:
+    """One row per mode: loss at the same tokens as DDP, bytes, and emulated time to reach
+    DDP's final loss (and 1.02 x it), each speed-up against DDP's own time to that target."""
+    if "ddp" not in runs:
+        return []
+    ddp = runs["ddp"]
+    target = ddp["final_val_loss"]
+    t_ddp, t_ddp_2pct = time_to(ddp["curve"], target), time_to(ddp["curve"], target * 1.02)
+    table = []
+    for name, r in runs.items():
+        t_hit, t_2pct = time_to(r["curve"], target), time_to(r["curve"], target * 1.02)
+        table.append({
+            "mode": name, "final_val_loss": r["final_val_loss"],
+            "vs_ddp_pct": 100 * (r["final_val_loss"] / target - 1),
+            "bytes_per_inner_step": r["bytes_per_inner_step"],
+            "emulated_s_at_same_tokens": r["emulated_s"], "last_val_loss": r["last_val_loss"],
+            "steps_run": r["steps_run"],
+            "emulated_s_to_ddp_final_loss": t_hit,
+            "speedup_to_ddp_final_loss": (t_ddp / t_hit) if t_hit else None,
+            "emulated_s_to_within_2pct_of_ddp": t_2pct,
+            "speedup_to_within_2pct": (t_ddp_2pct / t_2pct) if t_2pct else None,
+        })
+    return table
+
+
+def print_table(table: list[dict]) -> None:
+    print(f"\n{'mode':28s} {'val loss':>9s} {'vs DDP':>8s} {'bytes/step':>11s} {'t->DDP loss':>12s} {'speedup':>8s}")
+    for row in table:
+        hit = f"{row['emulated_s_to_ddp_final_loss']:.1f} s" if row["emulated_s_to_ddp_final_loss"] else "not reached"
+        sp = f"{row['speedup_to_ddp_final_loss']:.1f}x" if row["speedup_to_ddp_final_loss"] else "-"
+        print(f"{row['mode']:28s} {row['final_val_loss']:9.4f} {row['vs_ddp_pct']:+7.2f}% "
+              f"{row['bytes_per_inner_step']:11.0f} {hit:>12s} {sp:>8s}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400)
@@ -266,7 +300,14 @@ def main() -> None:
     ap.add_argument("--compute-ms", type=float, default=0.0, help="compute time per inner step (0: calibrate)")
     ap.add_argument("--modes", default="all", help="comma-separated mode names, or all")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "diloco_cpu.json"))
+    ap.add_argument("--retable", default="", help="recompute the table of a saved results JSON and exit")
     args = ap.parse_args()
+    if args.retable:
+        doc = json.loads(Path(args.retable).read_text())
+        doc["table"] = make_table(doc["runs"])
+        print_table(doc["table"])
+        Path(args.retable).write_text(json.dumps(doc, indent=2) + "\n")
+        return
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from resilient_train.sync.wan import get_profile
@@ -304,30 +345,8 @@ def main() -> None:
         print(f"{name:28s} val {runs[name]['final_val_loss']:.4f}  bytes/step {runs[name]['bytes_per_inner_step']:10.0f}"
               f"  emulated {runs[name]['emulated_s']:8.1f} s  (wall {runs[name]['wall_s']:.0f} s)", flush=True)
 
-    table = []
-    if "ddp" in runs:
-        target = runs["ddp"]["final_val_loss"]
-        t_ddp = runs["ddp"]["emulated_s"]
-        for name, r in runs.items():
-            t_hit = time_to(r["curve"], target)
-            t_2pct = time_to(r["curve"], target * 1.02)
-            table.append({
-                "mode": name, "final_val_loss": r["final_val_loss"],
-                "vs_ddp_pct": 100 * (r["final_val_loss"] / target - 1),
-                "bytes_per_inner_step": r["bytes_per_inner_step"],
-                "emulated_s_at_same_tokens": r["emulated_s"], "last_val_loss": r["last_val_loss"],
-                "steps_run": r["steps_run"],
-                "emulated_s_to_ddp_final_loss": t_hit,
-                "speedup_to_ddp_final_loss": (t_ddp / t_hit) if t_hit else None,
-                "emulated_s_to_within_2pct_of_ddp": t_2pct,
-                "speedup_to_within_2pct": (t_ddp / t_2pct) if t_2pct else None,
-            })
-        print(f"\n{'mode':28s} {'val loss':>9s} {'vs DDP':>8s} {'bytes/step':>11s} {'t->DDP loss':>12s} {'speedup':>8s}")
-        for row in table:
-            hit = f"{row['emulated_s_to_ddp_final_loss']:.1f} s" if row["emulated_s_to_ddp_final_loss"] else "not reached"
-            sp = f"{row['speedup_to_ddp_final_loss']:.1f}x" if row["speedup_to_ddp_final_loss"] else "-"
-            print(f"{row['mode']:28s} {row['final_val_loss']:9.4f} {row['vs_ddp_pct']:+7.2f}% "
-                  f"{row['bytes_per_inner_step']:11.0f} {hit:>12s} {sp:>8s}")
+    table = make_table(runs)
+    print_table(table)
     prof = get_profile(cfg["profile"])
     doc = {"benchmark": "bench_diloco", "config": cfg, "H": H, "world": args.world, "parameters": nparams,
            "calibrated_compute_s_per_step": compute_s,
