@@ -93,10 +93,12 @@ def test_retry_budget_is_bounded_and_names_provider(tmp_path):
     assert "flaky-provider" in str(ei.value) and ei.value.provider == "flaky-provider"
 
 
-def test_save_and_load_succeed_through_injected_faults(tmp_path):
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_save_and_load_succeed_through_injected_faults(make_store, kind):
     state = make_train_state()
     want = state_tensors(state)
-    faulty = FaultyStore(LocalStore(str(tmp_path / "ck")), rate=0.25, seed=11)
+    base = make_store(kind)
+    faulty = FaultyStore(getattr(base, "inner", base), rate=0.25, seed=11)
     store = RetryingStore(faulty, FAST)
     save(store, state, 5, options=SaveOptions(max_file_bytes=4096, io_threads=4))
     after_save = faulty.injected
