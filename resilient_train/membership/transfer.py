@@ -13,7 +13,7 @@ a failed step) receive it from a live peer in chunks, or from a fallback when no
    receives ``flat`` point to point from the source in ``chunk_bytes`` pieces (bounded memory,
    each piece with ``timeout``), then the source's ``meta`` bytes (e.g. the JSON half of a
    sync engine's ``state_dict``, the data loader's position), which may differ in length.
-4. **verify**: each receiver recomputes the digest (blake2b of the bytes) and compares it with
+4. **verify**: each receiver recomputes the digest (SHA-256 of the bytes) and compares it with
    the source's; a mismatch raises :class:`DistributedError`.
 
 ``flat`` is one contiguous tensor the caller owns; it is overwritten in place on receivers. It
@@ -61,9 +61,9 @@ class SyncResult:
 
 
 def state_digest(flat: torch.Tensor) -> int:
-    """A 63-bit blake2b digest of ``flat``'s bytes (fits a signed int64)."""
+    """A 63-bit SHA-256 digest of ``flat``'s bytes (fits a signed int64; SHA-256 has CPU support)."""
     data = flat.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return int.from_bytes(hashlib.blake2b(memoryview(data), digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.sha256(memoryview(data)).digest()[:8], "little") >> 1
 
 
 def _exchange(comm: ProcessGroupCommunicator, flat: torch.Tensor, step: int, joiner: bool, meta: bytes,
