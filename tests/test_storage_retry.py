@@ -171,3 +171,22 @@ def test_redact_masks_signed_urls_and_keys():
 def test_transient_error_type_is_a_storage_error():
     e = StoreTransientError("x", provider="p")
     assert classify(e) == "transient" and "[p]" in str(e)
+
+
+def test_breaker_fails_fast_after_a_spent_budget_then_tries_again(tmp_path):
+    now = [100.0]
+    faulty = FaultyStore(LocalStore(str(tmp_path), name="dead"), down=True)
+    pol = RetryPolicy(max_attempts=3, max_total_s=5, base_wait_s=0.001, max_wait_s=0.002, breaker_cooldown_s=30)
+    store = RetryingStore(faulty, pol, clock=lambda: now[0])
+    with pytest.raises(StoreUnavailableError):
+        store.read_bytes("a")
+    assert faulty.calls == 3 and not store.available
+    child = store.child("sub")
+    for call in (lambda: store.exists("b"), lambda: child.write_bytes("c", b"1")):
+        with pytest.raises(StoreUnavailableError, match="not attempted"):
+            call()
+    assert faulty.calls == 3  # nothing reached the provider
+    now[0] += 31
+    faulty.down = False
+    store.write_bytes("d", b"back")  # half-open: tried again, succeeds, breaker closes
+    assert store.available and store.read_bytes("d") == b"back"

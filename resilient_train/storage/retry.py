@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
@@ -130,13 +131,17 @@ def classify(exc: BaseException) -> str:
 class RetryPolicy:
     """How hard to try. ``max_attempts`` and ``max_total_s`` both bound the retries;
     waits grow as ``base_wait_s * 2**n`` capped at ``max_wait_s``, with full jitter.
-    ``call_timeout_s`` bounds each single call (passed to the backend as its timeout)."""
+    ``call_timeout_s`` bounds each single call (passed to the backend as its timeout).
+    ``breaker_cooldown_s``: once a call has spent its whole budget, the store fails every call
+    at once for this long (a dead provider costs one budget, not one per file), then tries
+    again; 0 disables it."""
 
     max_attempts: int = 6
-    max_total_s: float = 120.0
+    max_total_s: float = 60.0
     base_wait_s: float = 0.2
-    max_wait_s: float = 10.0
+    max_wait_s: float = 8.0
     call_timeout_s: float = 300.0
+    breaker_cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -145,9 +150,11 @@ class RetryPolicy:
             raise ConfigError("RetryPolicy.max_total_s and call_timeout_s must be positive seconds")
         if self.base_wait_s < 0 or self.max_wait_s < self.base_wait_s:
             raise ConfigError("RetryPolicy needs 0 <= base_wait_s <= max_wait_s")
+        if self.breaker_cooldown_s < 0:
+            raise ConfigError("RetryPolicy.breaker_cooldown_s must be >= 0 seconds (0 disables the breaker)")
 
 
-NO_RETRY = RetryPolicy(max_attempts=1, max_total_s=1e9, base_wait_s=0.0, max_wait_s=0.0)
+NO_RETRY = RetryPolicy(max_attempts=1, max_total_s=1e9, base_wait_s=0.0, max_wait_s=0.0, breaker_cooldown_s=0.0)
 
 
 def call_with_retry(fn: Callable[[], T], policy: RetryPolicy, *, provider: str, what: str, sleep: Callable[[float], None] | None = None) -> T:
@@ -185,12 +192,24 @@ def call_with_retry(fn: Callable[[], T], policy: RetryPolicy, *, provider: str, 
         raise
 
 
-class RetryingStore:
-    """A Store that retries every call of ``inner`` on transient failures (see module doc)."""
+class _Breaker:
+    """Shared by a RetryingStore and its children: until when calls fail fast."""
 
-    def __init__(self, inner: Store, policy: RetryPolicy | None = None):
+    def __init__(self) -> None:
+        self.open_until = 0.0
+        self.cause = ""
+
+
+class RetryingStore:
+    """A Store that retries every call of ``inner`` on transient failures (see module doc),
+    with a circuit breaker: after a call exhausts the budget, calls fail at once with
+    StoreUnavailableError for ``policy.breaker_cooldown_s``. ``clock`` is injectable."""
+
+    def __init__(self, inner: Store, policy: RetryPolicy | None = None, *, clock: Callable[[], float] = time.monotonic, _breaker: _Breaker | None = None):
         self.inner = inner
         self.policy = policy or RetryPolicy()
+        self._clock = clock
+        self._breaker = _breaker or _Breaker()
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -207,8 +226,30 @@ class RetryingStore:
     def __repr__(self) -> str:
         return f"RetryingStore({self.inner!r})"
 
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (the provider failed a whole retry budget lately)."""
+        return self._clock() >= self._breaker.open_until
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return call_with_retry(fn, self.policy, provider=self.name, what=what)
+        b = self._breaker
+        now = self._clock()
+        if now < b.open_until:
+            raise StoreUnavailableError(
+                f"{what} not attempted: the provider failed its whole retry budget {self.policy.breaker_cooldown_s - (b.open_until - now):.0f} s ago "
+                f"and is skipped for {b.open_until - now:.0f} s more (last cause: {b.cause})",
+                provider=self.name,
+            )
+        try:
+            result = call_with_retry(fn, self.policy, provider=self.name, what=what)
+        except StoreUnavailableError as exc:
+            if self.policy.breaker_cooldown_s > 0:
+                b.open_until = self._clock() + self.policy.breaker_cooldown_s
+                b.cause = redact(str(exc))[:300]
+                log.warning("[%s] marked unavailable for %.0f s after: %s", self.name, self.policy.breaker_cooldown_s, b.cause)
+            raise
+        b.open_until = 0.0
+        return result
 
     @contextmanager
     def open_write(self, path: str) -> Iterator[BinaryIO]:
@@ -244,7 +285,7 @@ class RetryingStore:
         self._call(f"sync {path!r}", lambda: self.inner.sync_folder(path))
 
     def child(self, path: str) -> "RetryingStore":
-        return RetryingStore(self.inner.child(path), self.policy)
+        return RetryingStore(self.inner.child(path), self.policy, clock=self._clock, _breaker=self._breaker)
 
 
 class _Entered:
