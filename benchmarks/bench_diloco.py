@@ -284,7 +284,7 @@ def print_table(table: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--H", type=int, default=20, help="inner steps between syncs")
+    ap.add_argument("--H", type=int, default=40, help="inner steps between syncs")
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--steps-factor", type=float, default=1.5,
                     help="non-DDP modes train this many times --steps (to measure time to DDP's final loss); "
