@@ -83,6 +83,7 @@ class FsspecStore:
                 hint = f"; install it with: pip install 'resilient-train[{extra}]'" if extra else ""
                 raise ConfigError(f"cannot open storage {self.uri!r} for provider {self.name!r}: {redact(str(exc))}{hint}") from None
             self._root_path = self._root_path.rstrip("/")
+            _shorten_client_retries(self._fs)
         return self._fs
 
     def _full(self, path: str, *, allow_empty: bool = False) -> str:
@@ -308,3 +309,25 @@ class _SpoolingWriter:
                 fs.rm(self._full)
         except Exception:  # noqa: BLE001 - best effort cleanup; the original error wins
             log.debug("cleanup of partial %s failed", redact(self._full))
+
+
+def _shorten_client_retries(fs: Any) -> None:
+    """Keep azure-core's own retry loop short (adlfs offers no option for it).
+
+    Its default (azure-storage's ExponentialRetry: 3 retries after 15 s + 3**n each) made a dead
+    Azure endpoint cost ~12 s per attempt and ~80 s per recovery
+    before RetryingStore, which owns the retry budget, even saw the failure.
+    """
+    client = getattr(fs, "service_client", None)
+    policy = getattr(getattr(client, "_config", None), "retry_policy", None)
+    if policy is None:
+        return
+    for attr in ("total_retries", "connect_retries", "read_retries", "status_retries"):
+        if isinstance(getattr(policy, attr, None), int):
+            setattr(policy, attr, min(getattr(policy, attr), 1))
+    if isinstance(getattr(policy, "backoff_max", None), (int, float)):  # azure-core RetryPolicy
+        policy.backoff_max = min(policy.backoff_max, 2)
+    if isinstance(getattr(policy, "initial_backoff", None), (int, float)):  # azure-storage ExponentialRetry: 15 s + 3**n
+        policy.initial_backoff = min(policy.initial_backoff, 0.5)
+        policy.increment_base = min(getattr(policy, "increment_base", 2), 2)
+        policy.random_jitter_range = min(getattr(policy, "random_jitter_range", 0.5), 0.5)
