@@ -134,7 +134,8 @@ def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> 
         sync = LocalSGD(model, sync_every=mode["H"], comm=comm)
     elif kind == "diloco":
         sync = DiLoCo(model, sync_every=mode["H"], comm=comm, codec=mode.get("codec", "none"),
-                      fragments=mode.get("fragments", 1), overlap_steps=mode.get("overlap", 0))
+                      fragments=mode.get("fragments", 1), overlap_steps=mode.get("overlap", 0),
+                      mix=mode.get("mix", 0.5))
     gen = torch.Generator().manual_seed(10_000 + rank)
     curve = []
     params = list(model.parameters())
@@ -325,8 +326,14 @@ def main() -> None:
         "streaming_int8_K4": {"kind": "diloco", "H": H, "codec": "int8", "fragments": 4},
         "streaming_int8_K4_overlap5": {"kind": "diloco", "H": H, "codec": "int8", "fragments": 4, "overlap": 5},
     }
+    extra = {  # not in "all": to separate the effects of streaming, overlap and the mixing factor
+        "diloco_int8_overlap5": {"kind": "diloco", "H": H, "codec": "int8", "overlap": 5},
+        "diloco_int8_overlap5_mix1": {"kind": "diloco", "H": H, "codec": "int8", "overlap": 5, "mix": 1.0},
+        "streaming_int8_K4_overlap5_mix1": {"kind": "diloco", "H": H, "codec": "int8", "fragments": 4, "overlap": 5,
+                                            "mix": 1.0},
+    }
     if args.modes != "all":
-        modes = {k: modes[k] for k in args.modes.split(",")}
+        modes = {k: {**modes, **extra}[k] for k in args.modes.split(",")}
     compute_s = args.compute_ms / 1e3 if args.compute_ms > 0 else calibrate(cfg)
     nparams = sum(p.numel() for p in make_model(cfg).parameters())
     print(f"model: {nparams} parameters; calibrated compute {compute_s * 1e3:.1f} ms/step", flush=True)
