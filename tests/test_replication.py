@@ -173,3 +173,25 @@ def test_health_book_learns_from_a_failed_replica(make_store, tmp_path):
     rep = write_replicated(pl, snap, 2, options=OPTS, health_book=book, now=2.0)
     assert rep.committed == ["a", "c"] and down.calls == down.injected  # b was not even tried again
     assert pl.decide(book.snapshot(["a", "b", "c"], now=2.0)).read_order[-1] == "b"
+
+
+def test_unhealthy_provider_is_not_asked_unless_needed(make_store):
+    from resilient_train.testing.faults import FaultyStore
+
+    a, b = make_store("memory", "a"), make_store("memory", "b")
+    spy = FaultyStore(b)  # counts calls, never fails
+    provs = [provider_for(a, "eu"), provider_for(b, "eu")]
+    pl = Placement(provs, ReplicationPolicy(copies=2), stores={"a": a, "b": spy})
+    state = make_train_state()
+    want = state_tensors(state)
+    save_replicated(pl, state, 1, options=OPTS)
+    before = spy.calls
+    fresh = make_train_state(seed=3)
+    load_replicated(pl, fresh, health={"b": False})
+    assert spy.calls == before  # b is marked down: not asked
+    assert_same_tensors(state_tensors(fresh), want)
+    a.delete(step_dirname(1), recursive=True)  # the healthy one lost it: b serves after all
+    fresh = make_train_state(seed=4)
+    res = load_replicated(pl, fresh, 1, health={"b": False})
+    assert set(res.sources.values()) == {"b"}
+    assert_same_tensors(state_tensors(fresh), want)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, ReplicationError, ResilientTrainError, StorageError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, ReplicationError, ResilientTrainError, StorageError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..storage import Store, open_store, redact
@@ -374,11 +374,22 @@ def load_replicated(
 ) -> LoadResult:
     """Load from the replicas in the policy's read order (healthy first, then cheapest).
 
+    Providers that ``health`` marks down are left out, and tried only if the healthy ones
+    cannot serve the checkpoint (not found or corrupt there).
+
     Each file comes from the first replica whose copy verifies; the result's ``sources`` maps
     every file to the provider that served it, and the mapping is logged.
     """
     order = placement.decide(health).read_order
-    result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict)
+    healthy = [n for n in order if (health or {}).get(n, True)]
+    try:
+        # Providers known to be unhealthy are not even asked, unless the healthy ones cannot serve.
+        result = load([placement.store(n) for n in (healthy or order)], state, step, process_group=process_group, strict=strict)
+    except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
+        if not healthy or len(healthy) == len(order):
+            raise
+        log.warning("healthy replicas (%s) could not serve the checkpoint (%s); trying the unhealthy ones too", ", ".join(healthy), redact(str(exc))[:300])
+        result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict)
     by_provider: dict[str, int] = {}
     for prov in result.sources.values():
         by_provider[prov] = by_provider.get(prov, 0) + 1
