@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_train.compression import CODEC_NAMES, Codec, get_codec
-from resilient_train.compression.conformance import check_accumulate, check_all, check_error_feedback
+from resilient_train.compression.conformance import check_all, check_error_feedback
 from resilient_train.errors import ConfigError, KernelUnavailableError, PayloadMismatchError
 
 # every codec, with the integer codecs on the pure-torch path and on a small odd-ish block
