@@ -104,3 +104,30 @@ def test_auto_falls_back_to_reference_when_the_build_fails(monkeypatch, caplog):
     assert torch.equal(got.data, want.data) and torch.equal(got.scales, want.scales)
     with pytest.raises(KernelUnavailableError, match="no compiler in this test"):
         get_codec("int8", backend="cpu").encode(x)
+
+
+@pytest.mark.slow
+def test_diloco_with_the_cpu_twin_equals_diloco_with_the_reference(ext):
+    from resilient_train.sync import DiLoCo
+    from resilient_train.sync.threads import run_thread_ranks
+
+    def train(backend):
+        def fn(rank, comm):
+            model = torch.nn.Linear(40, 30)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g))
+            sync = DiLoCo(model, sync_every=2, comm=comm, codec=get_codec("int4", block_size=16, backend=backend))
+            g = torch.Generator().manual_seed(rank)
+            for _ in range(6):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn(p.shape, generator=g) * 0.1)
+                sync.step()
+            return [p.detach().clone() for p in model.parameters()]
+
+        return run_thread_ranks(fn, 2)
+
+    for a, b in zip(train("cpu"), train("reference")):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
