@@ -3,7 +3,8 @@
 The task: a byte-level GPT-style language model trained on the Python standard library's
 source files (text every machine with Python has), 4 replicas, one process each, gloo on
 127.0.0.1. Every mode sees the same tokens per inner step per replica. Reported per mode:
-validation loss at the same number of tokens, bytes sent per inner step (per rank, as the
+validation loss at the same number of tokens (of the model the run delivers: DDP's model,
+or DiLoCo's global weights G), bytes sent per inner step (per rank, as the
 Communicator counts them), and the *emulated* time to reach DDP's final validation loss
 under the ``wan`` link profile (150 ms, 100 Mbit/s), where
 
@@ -114,6 +115,27 @@ def evaluate(model, val: torch.Tensor, cfg: dict) -> float:
 
 # ------------------------------------------------------------------ one rank
 
+def global_model(model: nn.Module, sync) -> nn.Module:
+    """The model a run would deliver: DDP's model, or a copy holding DiLoCo's global weights G
+    (identical on every replica; for streaming, each fragment at its last sync; for overlap,
+    the last applied outer step). Without overlap or streaming, right after a sync, G equals
+    the local weights."""
+    if sync is None:
+        return model
+    import copy
+
+    out = copy.deepcopy(model)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    dst = dict(out.named_parameters())
+    with torch.no_grad():
+        for k in range(sync.num_fragments):
+            flat, off = sync.global_weights(k), 0
+            for p in sync.fragment_params(k):
+                dst[by_id[id(p)]].copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+    return out
+
+
 def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> dict:
     import torch.distributed as dist
 
@@ -158,7 +180,7 @@ def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> 
         if sync is not None:
             sync.step()
         if step % cfg["eval_every"] == 0 or step in (cfg["steps"], total_steps):
-            vl = evaluate(model, val, cfg) if rank == 0 else float("nan")
+            vl = evaluate(global_model(model, sync), val, cfg) if rank == 0 else float("nan")
             curve.append({"step": step, "tokens": step * world * cfg["batch"] * cfg["ctx"], "val_loss": vl,
                           "emulated_s": clock.now_s, "bytes_sent": comm.bytes_sent})
     out = {"curve": curve, "bytes_sent": comm.bytes_sent, "blocked_s": comm.blocked_s,
@@ -360,7 +382,7 @@ def main() -> None:
            "link_profile": {"name": prof.name, "latency_s": prof.latency_s,
                             "bandwidth_bytes_per_s": prof.bandwidth_bytes_per_s},
            "note": "emulated time = steps x calibrated compute + time blocked on the emulated link (virtual clock); "
-                   "validation loss of rank 0's model on held-out stdlib bytes",
+                   "validation loss on held-out stdlib bytes of DDP's model / DiLoCo's global weights G (rank 0)",
            "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
                        "platform": platform.platform()},
            "table": table, "runs": runs, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
