@@ -28,7 +28,6 @@ import tenacity
 
 from ..errors import (
     ConfigError,
-    StorageError,
     StoreNotFoundError,
     StorePermissionError,
     StoreTransientError,
