@@ -58,11 +58,11 @@ def prepare_client_env() -> None:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str, log_tail: Any = lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            err = log_tail()
             raise RuntimeError(f"{what} exited with code {proc.returncode} before listening: {err}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -97,14 +97,25 @@ class _Server:
         if not self.port:
             self.port = free_port()
         cmd = self.command(self._tmp.name)
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=self._tmp.name)
+        # Output goes to a file, never to a pipe nobody reads: moto logs every request, and a
+        # full pipe (64 KiB) blocks the server mid-request.
+        self._log_path = os.path.join(self._tmp.name, "server.log")
+        self._log = open(self._log_path, "wb")
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self._tmp.name)
         try:
-            _wait_port(self.port, self._proc, self.start_timeout_s, f"{self.kind} emulator")
+            _wait_port(self.port, self._proc, self.start_timeout_s, f"{self.kind} emulator", self._log_tail)
             self._ready()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self._log_path, "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except (OSError, AttributeError):
+            return ""
 
     def _ready(self) -> None:
         """Block until the server answers requests (not only accepts connections)."""
@@ -127,9 +138,10 @@ class _Server:
                     self._proc.wait(timeout=2)  # azurite lingers on keep-alive connections
                 except (subprocess.TimeoutExpired, ProcessLookupError):
                     self.kill()
-            if self._proc.stderr:
-                self._proc.stderr.close()
             self._proc = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
