@@ -42,6 +42,26 @@ def fsync_tree(path: str) -> None:
             os.close(fd)
 
 
+def _two_rank_save(rank, world, total, root, reps):
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    state = rt.TrainState(model=Blob(total), rng=False)
+    times = []
+    for i in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        rt.save(root, state, i + 1)
+        times.append(time.perf_counter() - t0)
+        if rank == 0:
+            shutil.rmtree(os.path.join(root, f"step-{i + 1:010d}"))
+    return statistics.median(times)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=2.0)
@@ -97,6 +117,11 @@ def main() -> int:
     res["save"]["dcp.save+fsync"] = timed(dcp_save, reps, clean("dcp"))
     res["save"]["resilient_train.save (hashed, fsync)"] = timed(lambda: rt.save(path("rt"), state, 1), reps, clean("rt"))
 
+    from resilient_train.testing.ranks import run_ranks
+
+    two = run_ranks(_two_rank_save, 2, total, path("rt2"), reps, timeout_s=1800)
+    res["save"]["resilient_train.save, 2 ranks (hashed, fsync)"] = {"median_s": max(two), "all_s": two, "peak_extra_bytes": None}
+
     # loads (each into the model's existing tensors where the API allows)
     target = Blob(total)
     tsd = {k: v.detach() for k, v in target.state_dict().items()}
@@ -134,6 +159,7 @@ def main() -> int:
         "save_vs_torch_save": ours_s["gb_per_s"] / s["torch.save+fsync"]["gb_per_s"],
         "save_vs_dcp": ours_s["gb_per_s"] / s["dcp.save+fsync"]["gb_per_s"],
         "save_vs_dd_ceiling": ours_s["gb_per_s"] / s["dd_fdatasync_ceiling"]["gb_per_s"],
+        "save_2_ranks_vs_1": s["resilient_train.save, 2 ranks (hashed, fsync)"]["gb_per_s"] / ours_s["gb_per_s"],
         "load_vs_dcp": ours_l["gb_per_s"] / l["dcp.load (no verification)"]["gb_per_s"],
         "load_vs_torch_load": ours_l["gb_per_s"] / l["torch.load (+copy)"]["gb_per_s"],
         "load_vs_safetensors": ours_l["gb_per_s"] / l["safetensors.load_file (+copy)"]["gb_per_s"],
@@ -143,7 +169,8 @@ def main() -> int:
     print(f"state: {nbytes / 1e9:.2f} GB fp32, medians of {reps}")
     for phase, rows in res.items():
         for name, r in rows.items():
-            print(f"  {phase:<5} {name:<45} {r['gb_per_s']:7.2f} GB/s  {r['median_s']:7.3f} s  peak +{r['peak_extra_bytes'] / 1e9:.2f} GB")
+            peak = "n/a" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 1e9:.2f} GB"
+            print(f"  {phase:<5} {name:<50} {r['gb_per_s']:7.2f} GB/s  {r['median_s']:7.3f} s  peak +{peak}")
     for k, v in ratios.items():
         print(f"  {k:<22} {v:5.2f}x")
     print(f"wrote {out}")
