@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plot_timeline(args.out, os.path.join(args.out, "timeline.png"))
         summary["timeline_png"] = os.path.join(args.out, "timeline.png")
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
     except ImportError:
         print("matplotlib is not installed: no timeline.png (pip install matplotlib)")
     print(json.dumps(summary, indent=1, sort_keys=True))
