@@ -36,7 +36,7 @@ from ..storage.transfer import copy_file, file_matches, run_concurrently
 from .collectives import Coordinator
 from .reader import LoadResult, committed_steps, load
 from .state import Snapshot, TrainState, capture
-from .writer import SaveOptions, write_snapshot
+from .writer import SaveOptions, _describe, write_snapshot
 
 __all__ = [
     "CopyReport",
@@ -75,10 +75,6 @@ class ReplicationReport:
     """Providers holding a committed copy, primary first."""
     copies: dict[str, CopyReport] = field(default_factory=dict)
     reason: str = ""
-
-
-def _describe(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {exc}")
 
 
 def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, bytes, Manifest]:
