@@ -3,8 +3,8 @@
     torchrun --nproc-per-node=2 --max-restarts=3 examples/train_elastic.py --ckpt ./ckpts
 
 If a worker dies, torchrun restarts the workers and the script resumes by itself from the last
-committed checkpoint (resharded if the world size changed). Between providers, pass
-``--groups 2 --mode diloco`` and launch a multiple of 2 ranks.
+committed checkpoint (resharded if the world size changed). Several providers are several
+torchrun jobs, one per provider: see examples/provider_train.py.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--batch", type=int, default=8, help="per-rank batch size")
     p.add_argument("--samples", type=int, default=960)
-    p.add_argument("--groups", type=int, default=1, help="replica groups (providers)")
-    p.add_argument("--mode", default="ddp", choices=["ddp", "localsgd", "diloco"])
-    p.add_argument("--sync-every", type=int, default=5)
     p.add_argument("--log-dir", default=None, help="write per-rank JSON lines of (step, sample ids, loss)")
     p.add_argument("--kill-at", type=int, default=None, help="SIGKILL rank --kill-rank at this step on the first attempt")
     p.add_argument("--kill-rank", type=int, default=1)
@@ -48,8 +45,7 @@ def main(argv=None) -> int:
 
     trainer = rt.wrap(  # (1) wrap: joins the job, resumes from the latest checkpoint
         model, opt,
-        rt.TrainerConfig(checkpoint=args.ckpt, every_n_steps=args.every, keep_last=2, replica_groups=args.groups,
-                         sync=rt.SyncConfig(mode=args.mode, sync_every=args.sync_every),
+        rt.TrainerConfig(checkpoint=args.ckpt, every_n_steps=args.every, keep_last=2,
                          event_log=os.path.join(args.log_dir, "events-rank{rank}.jsonl") if args.log_dir else None,
                          timeout_s=60, async_save=not args.sync_save),
         sampler=sampler,

@@ -53,6 +53,8 @@ __all__ = [
     "DistributedError",
     "ReplicaMismatchError",
     "PayloadMismatchError",
+    "SyncVetoError",
+    "DroppedFromJobError",
     "KernelUnavailableError",
     "StoreTransientError",
     "ReplicationError",
@@ -169,6 +171,16 @@ class ReplicaMismatchError(DistributedError):
 
 class PayloadMismatchError(DistributedError):
     """A peer sent a payload of another codec, size or element count than this rank expects."""
+
+
+class SyncVetoError(DistributedError):
+    """Too many synchronisation rounds in a row were vetoed by non-finite pseudo-gradients."""
+
+
+class DroppedFromJobError(DistributedError):
+    """This replica group was dropped from the job (it missed a round's deadline or the others
+    reconfigured without it). The trainer catches it and rejoins as a joiner; it reaches user
+    code only if rejoining is impossible."""
 
 
 class KernelUnavailableError(ResilientTrainError, RuntimeError):

@@ -47,7 +47,7 @@ from .checkpoint import CheckpointManager, TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.reader import latest_step
 from .checkpoint.replicate import load_replicated
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, DroppedFromJobError, StorageError
 from .storage import Store, open_store
 from .storage.providers import Placement
 
@@ -75,6 +75,7 @@ class SyncConfig:
     overlap_steps: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    max_vetoes_in_a_row: int = 3
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -106,6 +107,15 @@ class TrainerConfig:
     timeout_s: float = 300.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     backend: str | None = None
+    group: str | None = None
+    membership: str | None = None
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 10.0
+    round_deadline_s: float = 60.0
+    start_groups: int = 1
+    min_groups: int = 1
+    join_timeout_s: float = 300.0
+    code_version: str = ""
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -120,6 +130,25 @@ class TrainerConfig:
             raise ConfigError(f"replica_groups must be an int >= 1, got {self.replica_groups!r}")
         if self.sync.mode == "ddp" and self.replica_groups > 1:
             raise ConfigError("sync mode 'ddp' averages gradients across all ranks every step, so it needs replica_groups=1; use mode 'diloco' or 'localsgd' between providers")
+        if self.replica_groups > 1:
+            raise ConfigError(f"replica_groups={self.replica_groups}: several providers in one torchrun job are no longer supported (one dead rank restarted everyone); launch one torchrun per provider with TrainerConfig(group='<provider>', membership='tcp://host:port' or 'etcd://...')")
+        if (self.group is None) != (self.membership is None):
+            raise ConfigError("group and membership go together: group='<this provider's name>' and membership='tcp://host:port' (a TCPStore hosted by a long-lived process) or 'etcd://h1:p1,h2:p2,h3:p3'")
+        if self.group is not None:
+            if not isinstance(self.group, str) or not self.group or "/" in self.group:
+                raise ConfigError(f"group must be a non-empty provider name without '/', got {self.group!r}")
+            if self.sync.mode == "ddp":
+                raise ConfigError("with group= (several providers) choose sync mode 'diloco' or 'localsgd': 'ddp' would average gradients across providers every step")
+            if self.sync.overlap_steps:
+                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: a provider lost mid-overlap could not be redone exactly; use overlap_steps=0")
+            if not self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s:
+                raise ConfigError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed 2 * heartbeat_interval_s ({self.heartbeat_interval_s})")
+            if not self.round_deadline_s > 0 or not self.join_timeout_s > 0:
+                raise ConfigError("round_deadline_s and join_timeout_s must be > 0")
+            for name in ("start_groups", "min_groups"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
         if self.sync.mode != "ddp":
             if self.sync.fragments != 1:
                 raise ConfigError("checkpoints need every replica group to hold the same weights at the checkpointed step; streaming (fragments > 1) does not give that yet: use fragments=1 with the trainer")
@@ -201,6 +230,7 @@ class Trainer:
         self._started = False
         self._commits_seen = 0
         self._in_flight_step: int | None = None
+        self.cross: Any = None
 
     # ------------------------------------------------------------------ start
 
@@ -217,11 +247,34 @@ class Trainer:
         if callable(getattr(self.sampler, "set_world", None)):
             self.sampler.set_world(self.rank, self.world_size)
         self._build_groups(timeout)
+        self._build_cross(timeout)
         self._build_sync(timeout)
         self._started = True
         self._resume()
-        self.events.emit("start", rank=self.rank, world_size=self.world_size, group=self.group_index, resumed_from=self.resumed_from, step=self.step_count, mode=cfg.sync.mode)
+        if self.cross is not None:
+            self.sync._handshake_done = True  # the membership fingerprint already compared model and sync config
+            self.cross.join()
+        self.events.emit("start", rank=self.rank, world_size=self.world_size, group=cfg.group if cfg.group is not None else self.group_index, resumed_from=self.resumed_from, step=self.step_count, mode=cfg.sync.mode)
         return self
+
+    def _build_cross(self, timeout: timedelta) -> None:
+        """With ``group=``: this torchrun job is one provider's replica group of a larger job."""
+        cfg = self.config
+        if cfg.group is None:
+            return
+        from .membership import model_fingerprint
+        from .recovery.provider_group import ProviderGroup, open_membership_store
+
+        store = open_membership_store(cfg.membership, cfg.timeout_s) if self.rank == 0 else None
+        sc = cfg.sync
+        fingerprint = model_fingerprint(self.module, f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
+        # the group's other ranks wait on this group while the leader rejoins: bound it by that
+        wait_s = max(cfg.timeout_s, cfg.join_timeout_s + 2 * cfg.round_deadline_s)
+        control = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s)) if self.world_size > 1 else None
+        self.cross = ProviderGroup(cfg.group, store, fingerprint, None, group_rank=self.rank, group_size=self.world_size, control_pg=control,
+                                   heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                                   round_deadline_s=cfg.round_deadline_s, start_groups=cfg.start_groups, min_groups=cfg.min_groups,
+                                   join_timeout_s=cfg.join_timeout_s, events=self.events).start()
 
     def _build_groups(self, timeout: timedelta) -> None:
         groups = self.config.replica_groups
@@ -253,12 +306,28 @@ class Trainer:
             return
         from .sync import DiLoCo, LocalSGD, ProcessGroupCommunicator
 
-        comm = ProcessGroupCommunicator(self._cross)
+        comm = self.cross if self.cross is not None else ProcessGroupCommunicator(self._cross)
+        heal = dict(max_vetoes_in_a_row=sc.max_vetoes_in_a_row, on_local_veto=self._heal_after_veto)
         if sc.mode == "localsgd":
             self.sync = LocalSGD(self.module, None, sync_every=sc.sync_every, comm=comm, fragments=sc.fragments, overlap_steps=sc.overlap_steps, timeout=timeout)
+            self.sync.max_vetoes_in_a_row, self.sync.on_local_veto = heal["max_vetoes_in_a_row"], heal["on_local_veto"]
         else:
             outer = lambda ps: torch.optim.SGD(ps, lr=sc.outer_lr, momentum=sc.outer_momentum, nesterov=sc.outer_momentum > 0)  # noqa: E731
-            self.sync = DiLoCo(self.module, None, outer, sync_every=sc.sync_every, comm=comm, codec=sc.codec, fragments=sc.fragments, overlap_steps=sc.overlap_steps, timeout=timeout)
+            self.sync = DiLoCo(self.module, None, outer, sync_every=sc.sync_every, comm=comm, codec=sc.codec, fragments=sc.fragments, overlap_steps=sc.overlap_steps, timeout=timeout, **heal)
+        if self.cross is not None:
+            from .recovery.provider_group import DiLoCoGlobalState
+
+            self.cross.state = DiLoCoGlobalState(self.sync, lambda: self.step_count, self._set_step)
+
+    def _set_step(self, step: int) -> None:
+        self.step_count = step
+
+    def _heal_after_veto(self) -> None:
+        """This replica's pseudo-gradient was non-finite: its local weights were reset to the
+        global ones; its inner optimizer state (Adam moments...) may hold the poison, so drop it."""
+        self.optimizer.state.clear()
+        self.events.emit("veto_healed", step=self.step_count)
+        log.warning("step %d: this replica's pseudo-gradient was not finite; local weights reset to the global weights and the inner optimizer state cleared", self.step_count)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -267,20 +336,32 @@ class Trainer:
         stateful = {"sync": self.sync} if self.sync is not None else {}
         return TrainState(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, stateful=stateful, extra=self.extra)
 
+    def _checkpoint(self) -> Any:
+        """The configured checkpoint location; with ``group=``, the group's own sub-folder
+        (``.../group-<name>``): each provider's checkpoint holds its own inner state."""
+        ck, g = self.config.checkpoint, self.config.group
+        if g is None:
+            return ck
+        if isinstance(ck, Placement):
+            return ck.with_subpath(f"group-{g}")
+        if isinstance(ck, str):
+            return ck.rstrip("/") + f"/group-{g}"
+        raise ConfigError("with group=, checkpoint must be a URI or a Placement (a Store object cannot be given a per-group sub-folder)")
+
     def _target(self) -> Any:
-        ck = self.config.checkpoint
+        ck = self._checkpoint()
         if isinstance(ck, Placement):
             return ck
         return open_store(ck, self.config.storage_options)
 
     def _sources(self) -> list[Store]:
-        ck = self.config.checkpoint
+        ck = self._checkpoint()
         if isinstance(ck, Placement):
             return [ck.store(n) for n in ck.decide().read_order]
         return [open_store(ck, self.config.storage_options)]
 
     def _resume(self) -> None:
-        ck = self.config.checkpoint
+        ck = self._checkpoint()
         pg = self._ckpt_group
         latest = None
         if self.rank == 0:
@@ -352,13 +433,42 @@ class Trainer:
         self.step_count += 1
         if self.sync is not None:
             rounds = self.sync.rounds
-            self.sync.step()
-            if self.sync.rounds != rounds:
-                self.events.emit("sync", step=self.step_count, rounds=self.sync.rounds, skipped=self.sync.skipped_rounds, bytes_sent=self.sync.comm.bytes_sent)
+            try:
+                self.sync.step()
+                if self.sync.rounds != rounds:
+                    if self.cross is not None:
+                        self.cross.after_round()
+                    self.events.emit("sync", step=self.step_count, rounds=self.sync.rounds, skipped=self.sync.skipped_rounds, bytes_sent=self.sync.comm.bytes_sent,
+                                     **({"epoch": self.cross.view.epoch, "members": list(self.cross.view.members)} if self.cross is not None and self.cross.leader else {}))
+            except DroppedFromJobError as exc:
+                if self.cross is None:
+                    raise
+                self._rejoin(exc)
         if self._ckpt is not None and not self._ckpt.in_flight:
             self._note_commits()
         if self.step_count % self.config.every_n_steps == 0:
             self.save()
+
+    def _rejoin(self, exc: BaseException) -> None:
+        """This group was dropped (it missed a round's deadline): forget the round, rejoin as a
+        joiner and take the live state from a peer."""
+        t0 = time.perf_counter()
+        self.sync.abort_round()
+        before = self.step_count
+        self.events.emit("dropped", step=before, error=str(exc)[:300])
+        log.warning("this group was dropped from the job at step %d (%s); rejoining", before, exc)
+        self.cross.rejoins += 1
+        self.cross.join()
+        self.events.emit("rejoined", step_before=before, step=self.step_count, seconds=round(time.perf_counter() - t0, 4))
+
+    def summary(self) -> dict[str, Any]:
+        """What happened so far, for logs and dashboards (plain JSON types)."""
+        out: dict[str, Any] = {"step": self.step_count, "rank": self.rank, "world_size": self.world_size, "resumed_from": self.resumed_from}
+        if self.sync is not None:
+            out.update(rounds=self.sync.rounds, skipped_rounds=self.sync.skipped_rounds, sync_bytes_sent=self.sync.comm.bytes_sent)
+        if self.cross is not None:
+            out.update(group=self.config.group, epoch=self.cross.view.epoch, members=list(self.cross.view.members), recoveries=list(self.cross.recoveries), rejoins=self.cross.rejoins)
+        return out
 
     def close(self) -> None:
         """Finish the checkpoint in flight (raising its error, if any) and release resources."""
@@ -370,6 +480,8 @@ class Trainer:
                 self._ckpt = None
         if self.sync is not None:
             self.sync.close()
+        if self.cross is not None:
+            self.cross.close()
         self.events.emit("close", step=self.step_count)
 
     def __enter__(self) -> "Trainer":

@@ -1,14 +1,25 @@
-"""The main scenario as a test: three providers, each a replica group with its own storage
-server (Azure and two S3 emulators); one provider's process is SIGKILLed and its storage server
-stopped mid-training. The survivors roll back to the last committed checkpoint using the copies
-held by the other providers, carry on, and readmit the provider when it comes back. The final
-weights equal a fault-free run with the same membership history, bit for bit."""
+"""Provider-level fault tolerance through the drop-in wrapper, with real processes and faults.
+
+Three providers, each its own ``torchrun`` job of 2 ranks (DDP inside, AdamW), DiLoCo int8
+between them through a TCPStore membership store, checkpoints replicated to 2 of 3 providers'
+stores (local folder, Azure emulator, S3 emulator). Provider b's torchrun agent and workers are
+SIGKILLed while the others are inside round R's exchange, and its storage server is stopped:
+a and c redo only round R among themselves and go on; nothing is rolled back. Reference: the
+same run in which b leaves cleanly before round R; the survivors' checkpoints must be equal
+bit for bit. b is relaunched and rejoins with the live state from a peer; at the end every
+provider holds the same weights.
+"""
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -21,58 +32,151 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import provider_loss  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BUCKET = "rt-provider-loss"
+H, EVERY, FAULT_ROUND = 10, 20, 3
 
 
 def _args(out, fault):
-    return argparse.Namespace(out=str(out), steps=160, sync_every=10, every=40, fault=fault, fault_member="b", fault_at=97, rejoin_at=130, detect_timeout=2.0, lr=0.3)
+    return argparse.Namespace(out=str(out), steps=110, ranks=2, sync_every=H, every=EVERY, fault=fault, fault_member="b",
+                              fault_round=FAULT_ROUND, rejoin_after_rounds=2, round_deadline=30.0, step_delay=0.1, keep_last=20)
 
 
 def _scenario(tmp_path, fault):
-    servers = {"b": start_server("azure"), "c": start_server("s3"), "a": start_server("s3")}
+    servers = {"b": start_server("azure"), "c": start_server("s3")}
+    out = tmp_path / fault
+    local = out / "storage-a"
     try:
         for srv in servers.values():
             srv.create_bucket(BUCKET)
-        providers = [
+        # declared order = write order: a (local) and b hold the copies; c takes b's place while b is down
+        providers = [{"name": "a", "uri": str(local), "region": "eu-west", "egress_cost_per_gb": 0.09}] + [
             {"name": n, "uri": servers[n].uri(BUCKET, f"run-{fault}"), "region": r, "egress_cost_per_gb": cost, "storage_options": servers[n].storage_options}
-            for n, r, cost in (("b", "us-east", 0.02), ("c", "eu-north", 0.05), ("a", "eu-west", 0.09))
-        ]
-
-        def down(name):
-            servers[name].stop()
+            for n, r, cost in (("b", "us-east", 0.02), ("c", "eu-north", 0.05))]
 
         def up(name):
             servers[name].start()
             servers[name].create_bucket(BUCKET)
 
-        out = tmp_path / fault
-        summary = provider_loss.run(_args(out, fault), providers, down, up)
+        summary = provider_loss.run(_args(out, fault), providers, lambda n: servers[n].stop(), up)
         return out, summary
     finally:
         for srv in servers.values():
             srv.stop()
 
 
-def test_provider_lost_and_recovered_matches_fault_free_twin(tmp_path):
-    out, summary = _scenario(tmp_path, "kill")
-    # nothing committed was lost: the survivors rolled back exactly to the last commit before the fault
-    assert summary["last_committed_before_fault"] == 80
-    assert summary["rolled_back_to"] == [80] and summary["committed_steps_lost"] == 0
-    # b held the primary copy and its server is down: the checkpoint came from the other providers
-    assert summary["checkpoint_loaded_from"] and all("b" not in d for d in summary["checkpoint_loaded_from"])
-    # b came back, was readmitted at the agreed step and took the live state from a peer
-    rejoin = summary["rejoin"][0]
-    assert rejoin["step"] == 130 and rejoin["state_from"] in ("a", "c") and rejoin["received_bytes"] > 0
-    assert summary["recovery_s_from_fault"] < 60
-    # the model learned
-    assert all(summary["final_val_loss"][m] < summary["first_val_loss"][m] - 0.3 for m in "abc")
+def _ckpt(out, group, step):
+    files = sorted(glob.glob(str(out / "storage-a" / f"group-{group}" / f"step-{step:010d}" / "model*.safetensors")))
+    assert files, f"no checkpoint of group {group} at step {step} in {out}"
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
 
-    twin_out, twin = _scenario(tmp_path, "none")
-    assert twin["rolled_back_to"] == [80]
-    for m in "abc":
-        a, b = load_file(out / f"final-{m}.safetensors"), load_file(twin_out / f"final-{m}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"provider {m} differs from the fault-free run"
-    finals = [load_file(out / f"final-{m}.safetensors") for m in "abc"]
-    assert all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in finals[0])
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
+    out, s = _scenario(tmp_path, "kill")
+    # the survivors continued without restarting and without redoing a step
+    assert s["steps_redone"] == 0
+    assert s["fault_step"] == FAULT_ROUND * H
+    print(f"recovery after the SIGKILL: {s['recovery_s_from_fault']:.3f} s (roll call {s['roll_call_s']:.3f} s)")
+    assert s["recovery_s_from_fault"] < 5.0, s  # goal 0.5 s; generous bound for a loaded 2-core CI machine
+    # b came back and took the live state from a peer (not its own older checkpoint)
+    rejoin = s["rejoin"][0]
+    assert rejoin["state_from"] in ("a", "c") and rejoin["received_bytes"] > 0 and rejoin["step"] > FAULT_ROUND * H
+    # at the end (a synchronised step) every provider holds the global weights
+    finals = [load_file(out / f"final-{g}.safetensors") for g in "abc"]
+    assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
+    assert s["final_val_loss"]["a"] < s["first_val_loss"]["a"] - 0.2
+
+    ref_out, ref = _scenario(tmp_path, "none")
+    assert ref["steps_redone"] == 0
+    # between the fault and b's return, the survivors' state equals the run in which b left cleanly
+    for step in (FAULT_ROUND * H + EVERY - (FAULT_ROUND * H) % EVERY,):
+        for g in "ac":
+            assert _same(_ckpt(out, g, step), _ckpt(ref_out, g, step)), f"group {g} at step {step} differs from the clean-leave run"
+
+
+def _launch(tmp_path, kv_port, group, *extra, ranks=1, steps=60):
+    cmd = [provider_loss.TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", os.path.join(ROOT, "examples", "provider_train.py"),
+           "--group", group, "--membership", f"tcp://127.0.0.1:{kv_port}", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path),
+           "--steps", str(steps), "--sync-every", "10", "--every", "20", "--start-groups", "3", "--keep-last", "10", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    log = open(tmp_path / f"log-{group}.txt", "a")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _events(folder, who):
+    with open(os.path.join(folder, f"events-{who}.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _wait_all(procs, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    try:
+        for g, p in procs.items():
+            assert p.wait(timeout=max(1, deadline - time.monotonic())) == 0, f"provider {g} failed"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_straggler_is_dropped_and_rejoins_without_disturbing_the_others(tmp_path):
+    """b's worker is SIGSTOPped for longer than the round deadline inside round 2: a and c drop
+    it after the deadline and go on; after SIGCONT b learns it was dropped and rejoins."""
+    from resilient_train.membership.kvstore import TCPKVStore
+
+    provider_loss.warm_codec_cache()
+    kv = TCPKVStore.host(0)
+    procs = {g: _launch(tmp_path, kv.port, g, "--round-deadline", "4", "--step-delay", "0.15",
+                        *(("--stop-at-round", "2", "--stop-seconds", "9") if g == "b" else ())) for g in "abc"}
+    _wait_all(procs)
+    a, b = _events(tmp_path, "a-rank0"), _events(tmp_path, "b-rank0")
+    dropped = [e for e in a if e["event"] == "reconfigured"]
+    assert dropped and dropped[0]["members"] == ["a", "c"] and dropped[0]["dropped"] == ["b"]
+    steps_a = [e["step"] for e in a if e["event"] == "sync"]
+    assert steps_a == list(range(10, 61, 10)), "a redid or skipped a round"
+    assert any(e["event"] == "dropped" for e in b) and any(e["event"] == "rejoined" for e in b)
+    back = [e for e in b if e["event"] == "joined" and e.get("received_bytes")]
+    assert back and back[-1]["state_from"] in ("a", "c")
+    finals = [load_file(tmp_path / f"final-{g}.safetensors") for g in "abc"]
+    assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
+
+
+def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
+    """Every provider (2 ranks each, AdamW, DiLoCo int8) SIGKILLed between checkpoints, then
+    relaunched: each resumes from its own last checkpoint and the result equals the
+    uninterrupted run bit for bit."""
+    from resilient_train.membership.kvstore import TCPKVStore
+
+    provider_loss.warm_codec_cache()
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir(), run_dir.mkdir()
+    kv = TCPKVStore.host(0)
+    _wait_all({g: _launch(ref_dir, kv.port, g, ranks=2) for g in "abc"})
+    kv2 = TCPKVStore.host(0)
+    procs = {g: _launch(run_dir, kv2.port, g, ranks=2) for g in "abc"}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        commits = [e for e in _events(run_dir, "a-rank0") if e["event"] == "checkpoint_committed"] if os.path.exists(run_dir / "events-a-rank0.jsonl") else []
+        if any(e["step"] == 40 for e in commits):
+            break
+        time.sleep(0.05)
+    for p in procs.values():
+        os.killpg(p.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", f"provider_train.py.*{run_dir}"], check=False)
+    for p in procs.values():
+        p.wait(timeout=30)
+    kv3 = TCPKVStore.host(0)
+    _wait_all({g: _launch(run_dir, kv3.port, g, ranks=2) for g in "abc"})
+    resumed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "resume"]
+    assert resumed and resumed[-1]["step"] >= 40
+    for g in "abc":
+        assert _same(load_file(ref_dir / f"final-{g}.safetensors"), load_file(run_dir / f"final-{g}.safetensors")), f"group {g} differs"
+    del kv

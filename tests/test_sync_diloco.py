@@ -164,10 +164,10 @@ def test_streaming_fragments_sync_at_staggered_steps():
         assert s0 == [2, 6, 10] and s1 == [4, 8]
         assert changed == {0: [2, 6, 10], 1: [4, 8]}
         assert len(frag0) == 1
-        # each sync moves one fragment (8 floats + the veto slot), not the whole model;
-        # the first sync adds the handshake all-gather (6 int64)
-        assert sizes[2:] == [2 * 1 * 9 * 4 // 2] * 4
-        assert sizes[1] == 9 * 4 + 6 * 8
+        # each sync moves one fragment (8 floats + the veto and replica-count slots), not the
+        # whole model; the first sync adds the handshake all-gather (6 int64)
+        assert sizes[2:] == [2 * 1 * 10 * 4 // 2] * 4
+        assert sizes[1] == 10 * 4 + 6 * 8
 
 
 def test_overlap_applies_the_delayed_update_with_the_documented_mixing_rule():

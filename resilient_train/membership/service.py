@@ -145,6 +145,7 @@ class Membership:
         if self._thread is not None:
             raise ConfigError("Membership.start() called twice")
         self._bg_kv = self._kv.clone()
+        self._refuse_duplicate()
         i = self._bg_kv.add(self._k("registry/n"), 1, timeout=self.store_timeout) - 1
         self._bg_kv.set(self._k(f"registry/{i}"), self.member_id.encode(), timeout=self.store_timeout)
         self._start_epoch = 1 << 62  # views published before this process started never admit it
@@ -155,6 +156,18 @@ class Membership:
         self._thread = threading.Thread(target=self._run, name=f"membership-{self.member_id}", daemon=True)
         self._thread.start()
         return self
+
+    def _refuse_duplicate(self) -> None:
+        """Another live process heartbeating under this member id (the same group name given
+        to two providers) is refused here; a dead predecessor (a restart) is not."""
+        key = self._k(f"hb/{self.member_id}")
+        first = self._bg_kv.get(key, timeout=self.store_timeout)
+        if first is None:
+            return
+        time.sleep(3 * self.heartbeat_interval_s + 0.05)
+        if self._bg_kv.get(key, timeout=self.store_timeout) != first:
+            raise ConfigError(f"member id {self.member_id!r} is already used by a live process of this job: give each "
+                              "provider's replica group its own name (TrainerConfig.group)")
 
     def close(self) -> None:
         """Stop heartbeating (the others drop this member after ``timeout_s``). Idempotent."""
@@ -246,6 +259,79 @@ class Membership:
                      latest.rank_of(self.member_id))
             return self._comm
 
+    def report_failure(self, *, deadline_s: float, silent_after_s: float | None = None,
+                       exclude: tuple[str, ...] = (), poll_s: float = 0.02) -> View:
+        """A collective of the adopted (or latest) epoch failed: run the roll call and return
+        the next view. Called on the training thread of every member that saw the failure.
+
+        Each caller writes ``rollcall/<epoch>/<member>``. Members of the failed epoch that have
+        not answered are waited for while their heartbeat still advances (a live member that
+        has not reached the collective yet), and dropped once it has been still for
+        ``silent_after_s`` (default ``3 * heartbeat_interval_s + 0.05``): a SIGKILLed peer is
+        gone after that, independent of ``timeout_s``. ``exclude`` (e.g. joiners that have not
+        received the state) are never waited for. After ``deadline_s`` everyone who has not
+        answered is dropped (a hung or partitioned member). The lowest member that answered
+        publishes ``view/<epoch+1>`` with the members that answered (``compare_set``: a view
+        published meanwhile by anyone else wins and is returned instead). Raises
+        :class:`MembershipError` when fewer than ``min_members`` answered by the deadline."""
+        silent_after = 3 * self.heartbeat_interval_s + 0.05 if silent_after_s is None else silent_after_s
+        with self._cond:
+            view = self._latest if self._latest.epoch > self._view.epoch else self._view
+        e, kv, me = view.epoch, self._kv, self.member_id
+        if me not in view.members:
+            return view  # already dropped: nothing to vote on
+        kv.set(self._k(f"rollcall/{e}/{me}"), self._token.encode(), timeout=self.store_timeout)
+        t0 = time.monotonic()
+        seen: dict[str, tuple[Any, float]] = {}
+        while True:
+            raw = kv.get(self._k(f"view/{e + 1}"), timeout=self.store_timeout)
+            if raw is not None:
+                return self._adopt_published(raw)
+            now = time.monotonic()
+            answered = [m for m in view.members if m == me or kv.get(self._k(f"rollcall/{e}/{m}"), timeout=self.store_timeout) is not None]
+            waiting = []
+            for m in view.members:
+                if m in answered or m in exclude:
+                    continue
+                hb = kv.get(self._k(f"hb/{m}"), timeout=self.store_timeout)
+                prev = seen.get(m)
+                if prev is None or prev[0] != hb:
+                    seen[m] = (hb, now if prev is not None else t0)
+                if now - seen[m][1] < silent_after:
+                    waiting.append(m)
+            late = now - t0 > deadline_s
+            if not waiting or late:
+                members = tuple(sorted(answered))
+                if len(members) < self.min_members:
+                    if late:
+                        raise MembershipError(f"{me}: after a failed collective in epoch {e} only {list(members)} "
+                                              f"answered the roll call within {deadline_s} s (< min_members="
+                                              f"{self.min_members})")
+                elif members[0] == me:
+                    gone = sorted(set(view.members) - set(members))
+                    why = "still" if not late else f"silent past the {deadline_s:g} s round deadline"
+                    new = View(e + 1, members, view.fingerprint, ())
+                    reason = (f"epoch {e + 1}: dropped {gone} after a failed collective "
+                              f"({'heartbeat ' + why if not late else why}; roll call {now - t0:.2f} s)")
+                    kv.compare_set(self._k(f"view/{e + 1}"), None, encode_view(new, reason), timeout=self.store_timeout)
+                    continue
+            if now - t0 > deadline_s + max(5.0, 2 * self.store_timeout.total_seconds()):
+                raise MembershipError(f"{me}: no view after epoch {e} was published within {deadline_s} s of a "
+                                      f"failed collective (store error: {self.last_error!r})")
+            time.sleep(poll_s)
+
+    def _adopt_published(self, raw: bytes) -> View:
+        """Record a view read on the training thread (as the background thread's scan does)."""
+        view, reason = decode_view(raw)
+        with self._cond:
+            if view.epoch > self._latest.epoch:
+                self._latest, self._latest_reason = view, reason
+                if self.member_id not in view.members:
+                    self._admitted = False
+                self._cond.notify_all()
+                log.info("membership %s saw %s", self.member_id, reason)
+            return self._latest
+
     # ------------------------------------------------------------------ background thread
 
     def _run(self) -> None:
@@ -267,7 +353,12 @@ class Membership:
         self._observe(now)
         self._scan_views()
         self._check_refused()
-        if now - self._observe_from >= self.timeout_s:
+        with self._cond:
+            nobody_yet = not self._latest.members
+        # Observe for timeout_s before deciding, so that members not heard yet are not taken
+        # for dead; before the first view there is nobody to drop: gather the members that
+        # start together for a second (or timeout_s if shorter), then admit them.
+        if now - self._observe_from >= (min(self.timeout_s, 1.0) if nobody_yet else self.timeout_s):
             self._coordinate(now)
 
     def _beat(self) -> None:
@@ -357,7 +448,9 @@ class Membership:
                        timeout=self.store_timeout)
                 self._notified.add((mid, token))
                 log.warning("membership: refused %s: %s", mid, why)
-        if d.view is not latest:
+        if d.view is not latest and kv.get(self._k(f"rollcall/{latest.epoch}/{self.member_id}"),
+                                           timeout=self.store_timeout) is None:
+            # (a member running the roll call of this epoch publishes the next view itself)
             kv.compare_set(self._k(f"view/{d.view.epoch}"), None, encode_view(d.view, d.reason),
                            timeout=self.store_timeout)
             self._scan_views()

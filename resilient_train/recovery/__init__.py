@@ -1,7 +1,8 @@
-"""Recovery when a provider drops out: survivors roll back to the last committed checkpoint
-(read from the providers that still hold a verified copy) and carry on; joiners get the live
-state from a peer."""
+"""Provider-level fault tolerance: what :func:`resilient_train.wrap` runs on when several
+providers (one replica group each, one torchrun each) train together. A group that dies
+mid-round is voted out and the round is redone among the survivors; a group that comes back
+takes the live state from a peer. See :mod:`.provider_group` and docs/membership.md."""
 
-from .elastic import ElasticGroup
+from .provider_group import DiLoCoGlobalState, ProviderGroup, open_membership_store
 
-__all__ = ["ElasticGroup"]
+__all__ = ["ProviderGroup", "DiLoCoGlobalState", "open_membership_store"]

@@ -191,6 +191,7 @@ class Placement:
         self.policy = policy
         self._by_name = {p.name: p for p in providers}
         self._stores: dict[str, Store] = {}
+        self._given_stores = bool(stores)
         for n, st in (stores or {}).items():
             self.provider(n)
             self._stores[n] = st
@@ -209,6 +210,17 @@ class Placement:
 
     def decide(self, health: Mapping[str, bool] | None = None) -> PlacementDecision:
         return place(self.providers, self.policy, health)
+
+    def with_subpath(self, sub: str) -> "Placement":
+        """The same providers and policy, each URI extended by ``/sub`` (e.g. one replica
+        group's own checkpoints). Stores given at construction cannot be re-rooted: ConfigError."""
+        if not sub or sub.startswith("/") or ".." in sub.split("/"):
+            raise ConfigError(f"sub-path {sub!r} must be relative and must not contain '..'")
+        if self._given_stores:
+            raise ConfigError("this Placement was built with explicit stores=; build one per sub-path instead")
+        import dataclasses
+
+        return Placement([dataclasses.replace(p, uri=p.uri.rstrip("/") + "/" + sub) for p in self.providers], self.policy)
 
 
 class HealthBook:

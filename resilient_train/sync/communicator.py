@@ -193,7 +193,6 @@ def allreduce_encoded(comm: Communicator, codec: Codec, payload: Encoded, flag: 
     mine = _header(codec, payload.numel, flag)
     expect = mine.view(torch.int64).tolist()[:4]
     buf = torch.cat([mine.to(body.device), body])
-    n = comm.world_size
     out_device = payload.data.device
 
     def finish(pieces: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[int]]:
@@ -209,6 +208,6 @@ def allreduce_encoded(comm: Communicator, codec: Codec, payload: Encoded, flag: 
         acc = torch.zeros(payload.numel, dtype=torch.float32, device=out_device)
         for p in pieces:
             codec.decode(codec.from_bytes(p[hlen:].to(out_device), payload.numel), out=acc, accumulate=True)
-        return acc.div_(n), flags
+        return acc.div_(len(pieces)), flags  # the replicas that took part (a redone round has fewer)
 
     return comm.allgather(buf).then(finish)

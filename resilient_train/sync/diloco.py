@@ -28,7 +28,10 @@ parameters raise :class:`ReplicaMismatchError`, different configurations
 :class:`PayloadMismatchError`, on every rank. A non-finite pseudo-gradient is never sent (its
 replica sends zeros and a veto flag in the same exchange); the round is skipped on every
 replica: ``G``, the outer optimizer and the residuals stay as they were, ``L_i <- G``, and the
-skip is logged and counted in ``skipped_rounds``. A failed or timed-out exchange raises
+skip is logged and counted in ``skipped_rounds``. The replica whose pseudo-gradient was
+non-finite also calls ``on_local_veto()`` (the trainer clears its inner optimizer state there,
+so a poisoned Adam moment cannot veto every later round), and ``max_vetoes_in_a_row`` (> 0)
+consecutive vetoed rounds raise :class:`SyncVetoError`. A failed or timed-out exchange raises
 :class:`DistributedError`.
 
 ``state_dict()`` returns ``{"meta": <JSON-able dict>, "tensors": {name: Tensor}}`` with the
@@ -48,7 +51,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..compression import Codec, get_codec
-from ..errors import ConfigError, PayloadMismatchError, ReplicaMismatchError, StateMismatchError
+from ..errors import ConfigError, PayloadMismatchError, ReplicaMismatchError, StateMismatchError, SyncVetoError
 from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, _CODEC_IDS,
                            allreduce_encoded)
 
@@ -150,7 +153,8 @@ class DiLoCo:
                  outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None, *,
                  sync_every: int, comm: Communicator | None = None, codec: str | Codec = "none",
                  fragments: int = 1, overlap_steps: int = 0, mix: float = 0.5,
-                 timeout: timedelta = DEFAULT_TIMEOUT):
+                 timeout: timedelta = DEFAULT_TIMEOUT, max_vetoes_in_a_row: int = 0,
+                 on_local_veto: Callable[[], None] | None = None):
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ConfigError(f"sync_every must be an int >= 1 (inner steps between syncs), got {sync_every!r}")
         params = [p for p in model.parameters()]
@@ -182,6 +186,10 @@ class DiLoCo:
         self.rounds = 0
         self.skipped_rounds = 0
         self._handshake_done = False
+        self.local_veto = False
+        self.vetoes_in_a_row = 0
+        self.max_vetoes_in_a_row = max_vetoes_in_a_row
+        self.on_local_veto = on_local_veto
         self._hook = None
         if inner_optimizer is not None:
             self._hook = inner_optimizer.register_step_post_hook(lambda *_: self._step())
@@ -254,13 +262,15 @@ class DiLoCo:
         if not finite:
             delta.zero_()  # never send a non-finite value; the flag vetoes the round everywhere
         saved = frag.residual.clone() if frag.residual is not None else None
-        n = self.comm.world_size
+        self.local_veto = not finite
         if self.codec.name == "none":
-            buf = torch.cat([delta, torch.tensor([0.0 if finite else 1.0], device=delta.device)])
+            # [delta..., veto flag, 1]: the last element sums to the number of replicas that took
+            # part, so a round redone among survivors (an elastic communicator) divides by them.
+            buf = torch.cat([delta, torch.tensor([0.0 if finite else 1.0, 1.0], device=delta.device)])
 
             def finish(b: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-                nbad = int(b[-1].item())
-                return (None, nbad) if nbad else (b[:-1].div_(n), 0)
+                nbad, n = int(b[-2].item()), int(b[-1].item())
+                return (None, nbad) if nbad else (b[:-2].div_(n), 0)
 
             handle = self.comm.allreduce_sum(buf).then(finish)
         else:
@@ -279,13 +289,22 @@ class DiLoCo:
         g = frag.global_
         if mean is None:
             self.skipped_rounds += 1
+            self.vetoes_in_a_row += 1
             log.warning("sync round of fragment %d launched at step %d skipped: non-finite pseudo-gradient "
                         "on %d replica(s); local weights reset to the global weights", frag.index,
                         pending.launched_at, nbad)
             if frag.residual is not None and pending.saved_residual is not None:
                 frag.residual.copy_(pending.saved_residual)
             _write(frag.params, g.detach())
+            if self.local_veto and self.on_local_veto is not None:
+                self.on_local_veto()  # heal: the poisoned replica also drops its inner optimizer state
+            if self.max_vetoes_in_a_row and self.vetoes_in_a_row >= self.max_vetoes_in_a_row:
+                raise SyncVetoError(f"{self.vetoes_in_a_row} synchronisation rounds in a row were vetoed by a "
+                                    f"non-finite pseudo-gradient (last at step {pending.launched_at}, this replica "
+                                    f"{'was' if self.local_veto else 'was not'} the cause): training diverges; "
+                                    "lower the learning rate or check the data")
             return
+        self.vetoes_in_a_row = 0
         g.grad = mean.to(g.device)
         with torch.enable_grad():
             frag.outer.step()
@@ -295,6 +314,16 @@ class DiLoCo:
         else:
             local = _flatten(frag.params).to(g.device)
             _write(frag.params, torch.lerp(local, g.detach(), self.mix))
+
+    def abort_round(self) -> None:
+        """Forget every round in flight as if it had never been launched: error-feedback
+        residuals go back to their values before the launch. Used when this replica was dropped
+        from the job mid-round and will take the live state from a peer."""
+        for frag in self._fragments:
+            if frag.pending is not None:
+                if frag.residual is not None and frag.pending.saved_residual is not None:
+                    frag.residual.copy_(frag.pending.saved_residual)
+                frag.pending = None
 
     # ------------------------------------------------------------------ lifetime
 

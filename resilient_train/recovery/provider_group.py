@@ -1,0 +1,415 @@
+"""One provider's replica group in a multi-provider job: what :func:`resilient_train.wrap` runs
+on when ``TrainerConfig.group`` is set.
+
+Topology: each provider is one replica group, launched by its own ``torchrun`` (N ranks, DDP
+inside). Groups find each other through a membership store (``TrainerConfig.membership``) and
+synchronise with DiLoCo / local SGD between them. Only the group's rank 0 (the *leader*) takes
+part in the membership and in the cross-group collectives; it passes every result to its own
+ranks over a gloo group inside the provider (the *control* group), so every rank of a group
+applies the same outer step.
+
+:class:`ProviderGroup` is a :class:`~resilient_train.sync.communicator.Communicator` for the
+sync engine, with three extra duties:
+
+* **Redo a failed round among the survivors.** A collective that fails (a peer died: its
+  sockets reset at once) or times out (``round_deadline_s``: a hung or partitioned peer) runs
+  the membership roll call (:meth:`Membership.report_failure`): the members that answer form
+  the next view, the others are dropped. The round is then run again over the new view from a
+  copy of the exact input buffer taken before the first try, so the pseudo-gradients (and the
+  error-feedback residuals, updated once at encoding) are untouched by the failed attempt. The
+  result equals a run in which the lost group left cleanly before that round, bit for bit.
+* **Admit joiners at round boundaries.** After every round the leaders vote (one tiny
+  all-reduce) on whether a newer view exists; if so, all of them switch to it after the same
+  round and joiners receive the global state from a live peer (:func:`sync_state`).
+* **Rejoin after being dropped.** A group that learns it was dropped (it missed a round's
+  deadline) raises :class:`DroppedFromJobError` out of the sync engine; the trainer aborts the
+  round and calls :meth:`join` again, which takes the live state from a peer.
+
+What each member holds (and who persists it): the *global* state (DiLoCo's global weights and
+outer optimizer momentum, the step) is replicated across groups and is what joiners receive;
+the *group* state (local weights, inner optimizer state, error-feedback residuals, data
+position) is the group's own and goes to the group's own checkpoint; the *rank* state (RNG)
+goes to the rank's file of that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import timedelta
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import torch
+
+from ..errors import ConfigError, DistributedError, DroppedFromJobError, MembershipError
+from ..membership import Membership, TCPKVStore, sync_state
+from ..membership.decision import View
+from ..sync.communicator import Handle
+
+__all__ = ["ProviderGroup", "open_membership_store"]
+
+log = logging.getLogger(__name__)
+
+# control messages on the group's own gloo group (leader -> the group's other ranks)
+_OK, _DROPPED, _STATE = 0, 1, 2
+
+
+def open_membership_store(url: str, timeout_s: float) -> Any:
+    """A KVStore client for ``url``: ``tcp://host:port`` (a TCPStore hosted by a long-lived
+    process, e.g. the launcher), ``etcd://h1:p1,h2:p2,...`` (etcd v3) or ``memory://`` (tests)."""
+    try:
+        from ..membership.kvstore import open_kvstore  # etcd support, when present
+    except ImportError:
+        open_kvstore = None
+    if open_kvstore is not None:
+        return open_kvstore(url, timeout_s=timeout_s)
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
+        raise ConfigError(f"membership store {url!r}: expected tcp://host:port")
+    return TCPKVStore(parts.hostname, parts.port, connect_timeout=timedelta(seconds=timeout_s))
+
+
+class ProviderGroup:
+    """See the module docstring. Construction does no I/O; :meth:`start` joins the membership
+    (leader only) and must be followed by :meth:`join` on every rank of the group.
+
+    ``state``: an object with ``flat() -> Tensor`` (the global state, one contiguous fp32 tensor
+    of a fixed size), ``meta() -> dict``, ``apply(flat, meta)`` (install a received state) and
+    ``step`` (the trainer's step); the trainer provides it. ``control_pg``: a gloo group of this
+    provider's ranks (``None`` for a one-rank group)."""
+
+    def __init__(self, name: str, store: Any, fingerprint: str, state: Any, *, group_rank: int, group_size: int,
+                 control_pg: Any = None, heartbeat_interval_s: float = 0.1, heartbeat_timeout_s: float = 10.0,
+                 round_deadline_s: float = 60.0, start_groups: int = 1, min_groups: int = 1,
+                 join_timeout_s: float = 300.0, events: Any = None, silent_after_s: float | None = None):
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"group must be a non-empty name without '/', got {name!r}")
+        self.name = name
+        self.state = state
+        self.group_rank = group_rank
+        self.group_size = group_size
+        self.leader = group_rank == 0
+        self._control = control_pg
+        self.round_deadline = timedelta(seconds=round_deadline_s)
+        self.round_deadline_s = float(round_deadline_s)
+        self.start_groups = start_groups
+        self.join_timeout_s = float(join_timeout_s)
+        self.silent_after_s = silent_after_s
+        self.events = events
+        self.membership: Membership | None = None
+        if self.leader:
+            self.membership = Membership(store, name, fingerprint, heartbeat_interval_s=heartbeat_interval_s,
+                                         timeout_s=heartbeat_timeout_s, min_members=min_groups,
+                                         collective_timeout_s=round_deadline_s)
+        self._comm: Any = None
+        self._synced_epoch = -1
+        self.bytes_sent = 0
+        self.rank = 0
+        self.world_size = 1
+        self.recoveries: list[dict[str, Any]] = []
+        self.rejoins = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(event, group=self.name, **fields)
+
+    @property
+    def view(self) -> View:
+        return self.membership.view if self.membership is not None else View(0)
+
+    def _bcast(self, t: torch.Tensor) -> None:
+        if self._control is None:
+            return
+        import torch.distributed as dist
+
+        dist.broadcast(t, src=0, group=self._control)
+
+    def _bcast_code(self, code: int, *ints: int) -> list[int]:
+        buf = torch.tensor([code, *ints, *([0] * (3 - len(ints)))], dtype=torch.int64)
+        self._bcast(buf)
+        return buf.tolist()
+
+    def _bcast_state(self, flat: torch.Tensor, meta: bytes) -> tuple[torch.Tensor, bytes]:
+        """Leader: send ``flat`` and ``meta``; others: receive them (shapes from the header)."""
+        head = torch.tensor([flat.numel(), len(meta)], dtype=torch.int64)
+        self._bcast(head)
+        numel, nmeta = head.tolist()
+        if not self.leader:
+            flat = torch.empty(numel, dtype=torch.float32)
+        self._bcast(flat)
+        mbuf = torch.frombuffer(bytearray(meta), dtype=torch.uint8) if self.leader and nmeta else torch.empty(nmeta, dtype=torch.uint8)
+        if nmeta:
+            self._bcast(mbuf)
+        return flat, bytes(mbuf.numpy().tobytes()) if nmeta else b""
+
+    # ------------------------------------------------------------------ lifetime
+
+    def start(self) -> "ProviderGroup":
+        if self.membership is not None:
+            self.membership.start()
+        return self
+
+    def close(self) -> None:
+        if self.membership is not None:
+            self.membership.close()
+
+    def _adopt(self) -> None:
+        """Build the communicator of the latest view (leader)."""
+        assert self.membership is not None
+        self._comm = self.membership.communicator()
+        view = self.membership.view
+        self.rank, self.world_size = view.rank_of(self.name), len(view.members)
+
+    # ------------------------------------------------------------------ join
+
+    def join(self) -> int:
+        """Collective over the group (every rank): get admitted, then make this group's global
+        state equal to the job's (joiners receive it from a live peer; at a fresh start the
+        member with the highest step serves everyone). Returns the step to continue from."""
+        if self.leader:
+            t0 = time.perf_counter()
+            res = self._leader_join()
+            flat, meta = self._bcast_state(self.state.flat(), self.state.meta_bytes())
+            self._emit("joined", epoch=self.view.epoch, members=list(self.view.members), step=self.state.step,
+                       state_from=res.source if res is not None else None,
+                       received_bytes=res.received_bytes if res is not None else 0, seconds=round(time.perf_counter() - t0, 4))
+        else:
+            flat, meta = self._bcast_state(torch.empty(0), b"")
+            self.state.apply(flat, meta)
+        return self.state.step
+
+    def _leader_join(self) -> Any:
+        m = self.membership
+        assert m is not None
+        deadline = time.monotonic() + self.join_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MembershipError(f"group {self.name}: could not join the job within {self.join_timeout_s} s "
+                                      f"(latest view: epoch {m.latest.epoch} {list(m.latest.members)}; store error: {m.last_error!r})")
+            m.wait_for_admission(left)
+            if len(m.latest.members) < self.start_groups:
+                m.wait_for_change(min(1.0, left)) if m.latest.epoch > m.view.epoch else time.sleep(0.05)
+                continue
+            try:
+                self._adopt()
+                res = self._sync_view()
+                self._vote_loop()  # as the members do after the switch that admitted us
+                return res
+            except (MembershipError, DistributedError) as exc:
+                log.info("group %s: joining epoch %d failed (%s); waiting for the next view", self.name, m.latest.epoch, exc)
+                m.wait_for_change(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def _sync_view(self) -> Any:
+        """sync_state over the adopted view (leader): joiners and lagging members receive."""
+        m = self.membership
+        assert m is not None
+        view = m.view
+        flat = self.state.flat()
+        res = sync_state(self._comm, view, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
+                         fallback=lambda _flat: self.state.step, timeout=self.round_deadline)
+        if self.name in res.receivers:
+            self.state.apply(flat, res.meta)
+        self._synced_epoch = view.epoch
+        return res
+
+    # ------------------------------------------------------------------ the Communicator protocol
+
+    def allreduce_sum(self, buf: torch.Tensor) -> Handle:
+        return Handle(lambda timeout: self._collective("allreduce", buf))
+
+    def allgather(self, buf: torch.Tensor) -> Handle:
+        return Handle(lambda timeout: self._collective("allgather", buf))
+
+    def _collective(self, op: str, buf: torch.Tensor) -> Any:
+        if not self.leader:
+            code = self._bcast_code(_OK)[0]
+            if code == _DROPPED:
+                raise DroppedFromJobError(f"group {self.name} was dropped from the job mid-round")
+            if op == "allreduce":
+                self._bcast(buf)
+                return buf
+            n = self._bcast_code(_OK)[1]
+            out = torch.empty((n, *buf.shape), dtype=buf.dtype)
+            self._bcast(out)
+            return list(out.unbind(0))
+        original = buf.clone()
+        attempt = 0
+        while True:
+            comm = self._comm
+            before = comm.bytes_sent
+            try:
+                if op == "allreduce":
+                    result = comm.allreduce_sum(buf).wait(self.round_deadline)
+                else:
+                    result = comm.allgather(buf).wait(self.round_deadline)
+                self.bytes_sent += comm.bytes_sent - before
+                break
+            except DistributedError as exc:
+                self.bytes_sent += comm.bytes_sent - before
+                attempt += 1
+                try:
+                    self._recover(exc, attempt)
+                except DroppedFromJobError:
+                    self._bcast_code(_DROPPED)
+                    raise
+                buf.copy_(original)
+        self._bcast_code(_OK)
+        if op == "allreduce":
+            self._bcast(buf)
+            return result
+        self._bcast_code(_OK, len(result))
+        self._bcast(torch.stack(result))
+        return result
+
+    def _recover(self, exc: BaseException, attempt: int) -> None:
+        """A cross-group collective failed (leader): roll call, adopt the next view."""
+        m = self.membership
+        assert m is not None
+        t0 = time.perf_counter()
+        failed = m.view
+        self._emit("round_failed", epoch=failed.epoch, members=list(failed.members), attempt=attempt,
+                   error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.warning("group %s: cross-group round failed in epoch %d (%s); roll call", self.name, failed.epoch, exc)
+        while True:
+            unsynced = tuple(j for j in m.latest.joiners if self._synced_epoch < m.latest.epoch)
+            try:
+                view = m.report_failure(deadline_s=self.round_deadline_s, silent_after_s=self.silent_after_s,
+                                        exclude=unsynced)
+            except MembershipError as again:
+                raise DroppedFromJobError(f"group {self.name}: no new view after a failed round: {again}") from exc
+            if self.name not in view.members:
+                raise DroppedFromJobError(f"group {self.name} was dropped from the job in epoch {view.epoch} "
+                                          f"(missed the round deadline of {self.round_deadline_s:g} s)") from exc
+            try:
+                self._adopt()
+                break
+            except MembershipError as again:
+                log.warning("group %s: epoch %d could not connect (%s); roll call again", self.name, view.epoch, again)
+        seconds = time.perf_counter() - t0
+        rec = {"epoch": view.epoch, "members": list(view.members), "dropped": sorted(set(failed.members) - set(view.members)),
+               "seconds": round(seconds, 4), "step": self.state.step, "steps_redone": 0}
+        self.recoveries.append(rec)
+        self._emit("reconfigured", **rec)
+        log.warning("group %s: continuing in epoch %d with %s after %.2f s; the round is redone among them",
+                    self.name, view.epoch, list(view.members), seconds)
+
+    # ------------------------------------------------------------------ round boundaries
+
+    def after_round(self) -> None:
+        """Collective over the group, after every completed round: the leaders vote on switching
+        to a newer view (joiners, or members dropped by heartbeat); joiners receive the state."""
+        if not self.leader:
+            code = self._bcast_code(_OK)[0]
+            if code == _STATE:
+                flat, meta = self._bcast_state(torch.empty(0), b"")
+                self.state.apply(flat, meta)
+            elif code == _DROPPED:
+                raise DroppedFromJobError(f"group {self.name} was dropped from the job at a round boundary")
+            return
+        try:
+            received = self._vote_loop()
+        except DroppedFromJobError:
+            self._bcast_code(_DROPPED)
+            raise
+        if received:
+            self._bcast_code(_STATE)
+            self._bcast_state(self.state.flat(), self.state.meta_bytes())
+        else:
+            self._bcast_code(_OK)
+
+    def _vote_loop(self) -> bool:
+        """Leaders: vote until nobody sees a newer view; switch (and share the state with
+        joiners) after each positive vote. Returns True if this member received the state."""
+        m = self.membership
+        assert m is not None
+        received = False
+        while True:
+            vote = torch.tensor([1.0 if m.check() else 0.0])
+            comm = self._comm
+            before = comm.bytes_sent
+            try:
+                comm.allreduce_sum(vote).wait(self.round_deadline)
+                self.bytes_sent += comm.bytes_sent - before
+            except DistributedError as exc:
+                self._recover(exc, 1)
+                continue
+            if vote.item() == 0:
+                break
+            old = m.view
+            m.wait_for_change(self.round_deadline_s)
+            if self.name not in m.latest.members:
+                raise DroppedFromJobError(f"group {self.name} is not in epoch {m.latest.epoch} {list(m.latest.members)}")
+            try:
+                self._adopt()
+                res = self._sync_view()
+            except (MembershipError, DistributedError) as exc:
+                self._recover(exc, 1)
+                continue
+            received = received or self.name in res.receivers
+            self._emit("membership", epoch=m.view.epoch, members=list(m.view.members), joiners=list(m.view.joiners),
+                       previous=list(old.members), step=self.state.step, state_from=res.source,
+                       sent_bytes=res.sent_bytes, received_bytes=res.received_bytes)
+        return received
+
+
+class DiLoCoGlobalState:
+    """The replicated part of a DiLoCo engine as one flat tensor for :func:`sync_state`: every
+    fragment's global weights and outer SGD momentum (zeros plus a flag while it does not exist
+    yet), and the trainer's step in the meta. ``apply`` installs a received state and sets the
+    local weights to the global ones."""
+
+    def __init__(self, diloco: Any, get_step: Callable[[], int], set_step: Callable[[int], None]):
+        self.diloco = diloco
+        self._get_step = get_step
+        self._set_step = set_step
+
+    @property
+    def step(self) -> int:
+        return self._get_step()
+
+    def _frag_state(self, frag: Any) -> dict:
+        return frag.outer.state.get(frag.global_, {})
+
+    def flat(self) -> torch.Tensor:
+        parts = []
+        for frag in self.diloco._fragments:
+            parts.append(frag.global_.detach().reshape(-1))
+            buf = self._frag_state(frag).get("momentum_buffer")
+            parts.append(buf.reshape(-1) if buf is not None else torch.zeros(frag.numel))
+        return torch.cat([p.to(torch.float32) for p in parts]).contiguous()
+
+    def meta_bytes(self) -> bytes:
+        d = self.diloco
+        return json.dumps({"step": self.step, "sync_step": d.step_count, "rounds": d.rounds, "skipped": d.skipped_rounds,
+                           "momentum": [self._frag_state(f).get("momentum_buffer") is not None for f in d._fragments]},
+                          sort_keys=True).encode()
+
+    @torch.no_grad()
+    def apply(self, flat: torch.Tensor, meta: bytes) -> None:
+        from ..sync.diloco import _write
+
+        info = json.loads(meta)
+        d = self.diloco
+        d.abort_round()
+        off = 0
+        for frag, has_mom in zip(d._fragments, info["momentum"]):
+            n = frag.numel
+            frag.global_.data.copy_(flat[off:off + n].view_as(frag.global_))
+            off += n
+            st = frag.outer.state.setdefault(frag.global_, {})
+            if has_mom:
+                st["momentum_buffer"] = flat[off:off + n].clone().view_as(frag.global_)
+            else:
+                st.pop("momentum_buffer", None)
+            off += n
+            _write(frag.params, frag.global_.detach())
+        d.step_count = int(info["sync_step"])
+        d.rounds = int(info["rounds"])
+        d.skipped_rounds = int(info["skipped"])
+        d._handshake_done = True
+        self._set_step(int(info["step"]))
