@@ -65,8 +65,17 @@ def _open_tcp(url: str, parts: urllib.parse.SplitResult, timeout: timedelta) -> 
             if mode != "auto":
                 raise
     kv = TCPKVStore(host, port, connect_timeout=timeout)
-    kv.get(_PROBE_KEY, timeout=timeout)  # connects (MembershipStoreError within `timeout`)
+    _probe(kv, url, timeout, "start the process that hosts the TCPStore first (or add ?host=1 to host it "
+                             "here), and check host and port")
     return kv
+
+
+def _probe(kv: KVStore, url: str, timeout: timedelta, fix: str) -> None:
+    """One read, so that a store that cannot answer fails at start, within ``timeout``."""
+    try:
+        kv.get(_PROBE_KEY, timeout=timeout)
+    except MembershipStoreError as exc:
+        raise MembershipStoreError(f"membership store {url} did not answer within {timeout}: {fix}. ({exc})") from exc
 
 
 def open_kvstore(url: str, *, timeout_s: float = 10.0, request_timeout_s: float = 1.0) -> KVStore:
@@ -104,7 +113,8 @@ def open_kvstore(url: str, *, timeout_s: float = 10.0, request_timeout_s: float 
         raise ConfigError(f"membership URL {url!r}: {exc}") from None
     prefix = path.strip("/")
     kv = EtcdKVStore(endpoints, prefix=prefix + "/" if prefix else "", request_timeout_s=request_timeout_s)
-    kv.get(_PROBE_KEY, timeout=timeout)
+    _probe(kv, url, timeout, "check that etcd (v3.4 or later) listens on those client URLs over plain HTTP "
+                             "and that a majority of its members is up")
     return kv
 
 
