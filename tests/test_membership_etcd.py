@@ -195,7 +195,7 @@ def test_add_counts_once_when_its_answer_is_lost(etcd_cluster):
 HB_S, TIMEOUT_S = 0.2, 4.0
 
 
-def _member(url: str, prefix: str, mid: str, events: Any) -> None:
+def _member(url: str, prefix: str, mid: str, events: Any, request_timeout_s: float = 1.0) -> None:
     """A replica group's leader doing membership only: admitted, one all-reduce over the
     epoch's gloo group (rendezvous over etcd), then report every view it sees."""
     import torch
@@ -203,7 +203,7 @@ def _member(url: str, prefix: str, mid: str, events: Any) -> None:
     from resilient_train.membership import Membership, open_kvstore
 
     try:
-        kv = open_kvstore(url, timeout_s=10)
+        kv = open_kvstore(url, timeout_s=10, request_timeout_s=request_timeout_s)
         m = Membership(kv, mid, "fp-etcd", heartbeat_interval_s=HB_S, timeout_s=TIMEOUT_S,
                        collective_timeout_s=10, store_timeout_s=5, prefix=prefix).start()
         m.wait_for_admission(60)
@@ -258,6 +258,50 @@ class _HeartbeatWatch(threading.Thread):
         return max((b - a for a, b in zip(ts, ts[1:])), default=float("inf"))
 
 
+class _Members:
+    """Member processes (forkserver: torch imported once) and the events they report."""
+
+    def __init__(self, url: str, prefix: str, request_timeouts: dict[str, float], urls: dict[str, str] | None = None):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["resilient_train.membership", "tests.test_membership_etcd"])
+        self.events = ctx.Queue()
+        self.log: list[tuple] = []
+        urls = {**{mid: url for mid in request_timeouts}, **(urls or {})}
+        self.procs = {mid: ctx.Process(target=_member, args=(urls[mid], prefix, mid, self.events,
+                                                              request_timeouts.get(mid, 1.0)), daemon=True)
+                      for mid in urls}
+        for p in self.procs.values():
+            p.start()
+
+    def wait_for(self, pred, timeout_s: float, what: str) -> tuple:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for e in self.log:
+                if pred(e):
+                    return e
+            try:
+                e = self.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.log.append(e)
+            if e[0] == "error":
+                pytest.fail(f"member {e[1]} failed: {e[3]}")
+        pytest.fail(f"timed out after {timeout_s} s waiting for {what}; events: {self.log[-10:]}")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.log.append(self.events.get(timeout=0.2))
+            except queue.Empty:
+                return
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+        for p in self.procs.values():
+            p.join(10)
+
+
 def _views(kv: EtcdKVStore, prefix: str) -> list[dict]:
     out, e = [], 1
     while (raw := kv.get(f"{prefix}/view/{e}", timeout=TO)) is not None:
@@ -272,30 +316,10 @@ def test_membership_over_etcd_survives_an_etcd_member_loss_and_drops_a_killed_me
     order = [leader] + [i for i in range(3) if i != leader]  # every client starts on the leader
     url = etcd_cluster.url_of(order)
     prefix = "rt-membership-" + uuid.uuid4().hex[:6]
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["resilient_train.membership", "tests.test_membership_etcd"])
-    events = ctx.Queue()
-    procs = {mid: ctx.Process(target=_member, args=(url, prefix, mid, events), daemon=True) for mid in "abc"}
-    for p in procs.values():
-        p.start()
+    run = _Members(url, prefix, {mid: 1.0 for mid in "abc"})
     kv = EtcdKVStore([etcd_cluster.endpoints[i] for i in order])
     watch = _HeartbeatWatch(kv.clone(), prefix, list("abc"))
-    log: list[tuple] = []
-
-    def wait_for(pred, timeout_s: float, what: str) -> tuple:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for e in log:
-                if pred(e):
-                    return e
-            try:
-                e = events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            log.append(e)
-            if e[0] == "error":
-                pytest.fail(f"member {e[1]} failed: {e[3]}")
-        pytest.fail(f"timed out after {timeout_s} s waiting for {what}; events: {log[-10:]}")
+    wait_for, log, procs = run.wait_for, run.log, run.procs
 
     try:
         for mid in "abc":  # all three in one view, whose gloo group (rendezvous over etcd) all-reduced
@@ -313,7 +337,8 @@ def test_membership_over_etcd_survives_an_etcd_member_loss_and_drops_a_killed_me
         steady = {mid: watch.max_gap(mid, t_kill - 2.0, t_kill) for mid in "abc"}
         print(f"longest heartbeat gap seen: steady {steady}; around the kill of etcd's leader {gaps}")
         assert views_after[-1]["epoch"] == epoch and views_after[-1]["members"] == list("abc"), views_after[-1]
-        assert not [e for e in log if e[0] == "view" and e[2] > epoch]
+        run.drain()
+        assert not [e for e in log if e[0] == "view" and e[2] > epoch], log
         # no pause beyond the failover: one beat (0.2 s) + one request timeout on a member that has
         # lost its leader (1 s, then the next endpoint) + headroom for a loaded machine; the
         # membership timeout (4 s) is far
@@ -328,9 +353,99 @@ def test_membership_over_etcd_survives_an_etcd_member_loss_and_drops_a_killed_me
         assert _views(kv, prefix)[-1]["members"] == ["a", "b"]
     finally:
         watch.stop.set()
-        for p in procs.values():
-            p.kill()
-        for p in procs.values():
-            p.join(10)
+        run.kill_all()
         if not etcd_cluster.running(leader):
             etcd_cluster.restart(leader)
+
+
+class _GateProxy:
+    """127.0.0.1 TCP proxy to one port that holds every byte while ``open`` is clear (a stalled
+    link: connections stay up, nothing moves) and forwards them once it is set."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.open = threading.Event()
+        self.open.set()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+                up.settimeout(None)
+            except OSError:
+                conn.close()
+                continue
+            for src, dst in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                self.open.wait()
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_an_etcd_outage_longer_than_the_timeout_drops_nobody(etcd_cluster):
+    """etcd loses its majority for longer than the membership timeout, then comes back; b's
+    link to etcd stays stalled 2 s longer than a's, so b's first heartbeat after the outage
+    lands 2 s after a's first look. a must not take b's silence during the outage, which a
+    shared, for b's death (a re-observes for timeout_s once the store answers again)."""
+    prefix = "rt-membership-" + uuid.uuid4().hex[:6]
+    gates = [_GateProxy(p) for p in etcd_cluster.client_ports]
+    b_url = "etcd://" + ",".join(f"127.0.0.1:{g.port}" for g in gates)
+    run = _Members(etcd_cluster.url, prefix, {"a": 1.0}, urls={"b": b_url})
+    kv = EtcdKVStore(etcd_cluster.endpoints)
+    lost: list[int] = []
+    try:
+        for mid in "ab":
+            run.wait_for(lambda e, mid=mid: e[0] == "view" and e[1] == mid and e[3] == ["a", "b"], 60,
+                         f"{mid} in a view of a, b")
+        epoch = _views(kv, prefix)[-1]["epoch"]
+        time.sleep(1.0)
+        lost = [i for i in range(3) if i != etcd_cluster.leader()][:2]
+        for g in gates:
+            g.open.clear()
+        for i in lost:
+            etcd_cluster.kill(i)
+        time.sleep(TIMEOUT_S + 1.0)
+        for i in lost:
+            etcd_cluster.restart(i, wait=False)
+        etcd_cluster.wait_healthy(lost)
+        lost = []
+        time.sleep(2.0)
+        for g in gates:
+            g.open.set()
+        time.sleep(TIMEOUT_S + 2.0)
+        views = _views(kv, prefix)
+        assert views[-1]["epoch"] == epoch, f"a view changed after the store came back: {views[-1]}"
+        for mid in "ab":
+            run.wait_for(lambda e, mid=mid: e[0] == "store_error" and e[1] == mid, 5, f"{mid} seeing the outage")
+    finally:
+        run.kill_all()
+        for g in gates:
+            g.open.set()
+            g.close()
+        for i in lost:
+            etcd_cluster.restart(i, wait=False)
+        if lost:
+            etcd_cluster.wait_healthy(lost)

@@ -419,13 +419,16 @@ class EtcdCluster:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
-    def restart(self, i: int) -> None:
-        """Start member ``i`` again on its data dir and ports; waits until it is healthy."""
+    def restart(self, i: int, *, wait: bool = True) -> None:
+        """Start member ``i`` again on its data dir and ports; with ``wait``, until it is healthy
+        (a member of a cluster without a majority is not: restart the others with ``wait=False``
+        first, then :meth:`wait_healthy`)."""
         self.kill(i)
         if self._logs[i] is not None:
             self._logs[i].close()
         self._spawn(i, "existing")
-        self.wait_healthy([i])
+        if wait:
+            self.wait_healthy([i])
 
     def stop(self) -> None:
         for i, proc in enumerate(self._procs):
