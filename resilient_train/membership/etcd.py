@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import ConfigError, MembershipStoreError
 
@@ -224,8 +224,8 @@ class EtcdKVStore:
                     try:
                         value = int(_unb64(cur.get("value")) or b"0")
                     except ValueError:
-                        raise MembershipStoreError(f"etcd add {key!r}: the key holds {_unb64(cur.get('value'))[:40]!r}, "
-                                                   f"not a counter") from None
+                        held = _unb64(cur.get("value"))[:40]
+                        raise MembershipStoreError(f"etcd add {key!r}: the key holds {held!r}, not a counter") from None
                 new = value + amount
                 if amount == 0:
                     return new

@@ -273,7 +273,8 @@ SERVERS = {"s3": MotoS3Server, "azure": AzuriteServer, "gcs": FakeGcsServer}
 
 
 def _etcd_binary() -> str:
-    found = shutil.which("etcd") or next((p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if os.path.exists(p)), None)
+    found = shutil.which("etcd") or next((p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd")
+                                          if os.path.exists(p)), None)
     if found is None:
         raise EmulatorUnavailable("etcd not found on PATH: run `make setup` (installs Debian's etcd-server "
                                   "with apt-get) or `sudo apt-get install -y etcd-server`")
