@@ -115,6 +115,30 @@ def test_calls_fail_over_when_the_leader_dies(etcd_cluster):
     assert kv.get("k", timeout=TO) == b"after"
 
 
+def test_calls_fail_over_when_a_member_hangs(etcd_cluster):
+    """SIGSTOP the member the handle talks to (a follower): the next call waits one
+    ``request_timeout_s`` on it, then the next member answers."""
+    leader = etcd_cluster.leader()
+    follower = (leader + 1) % 3
+    order = [follower] + [i for i in range(3) if i != follower]
+    kv = EtcdKVStore([etcd_cluster.endpoints[i] for i in order], prefix=_prefix(), request_timeout_s=0.5)
+    kv.set("k", b"before", timeout=TO)
+    etcd_cluster.pause(follower)
+    try:
+        t0 = time.monotonic()
+        assert kv.get("k", timeout=TO) == b"before"
+        first_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        kv.set("k", b"after", timeout=TO)
+        assert kv.add("n", 2, timeout=TO) == 2
+        rest_s = time.monotonic() - t1
+        print(f"first call after SIGSTOP of its member: {first_s:.3f} s; next two: {rest_s:.3f} s")
+        assert 0.45 < first_s < 2.0 and rest_s < 1.0 and kv.failovers == 1
+    finally:
+        etcd_cluster.resume(follower)
+    etcd_cluster.wait_healthy([follower])
+
+
 class _LossyProxy:
     """127.0.0.1 TCP proxy to one etcd member that forwards each request and, for the first
     ``drop`` requests whose body contains ``needle``, closes the client's connection instead of

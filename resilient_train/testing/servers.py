@@ -286,8 +286,8 @@ class EtcdCluster:
     temporary folder, each member's log in ``<tmp>/<name>.log``).
 
     ``start()`` waits (at most ``start_timeout_s``) until every member answers ``/health``
-    (a leader is elected). ``kill(i)`` SIGKILLs member ``i``; ``restart(i)`` starts it again on
-    its data and ports; ``stop()`` ends all and removes the data. ``url`` is the
+    (a leader is elected). ``kill(i)`` SIGKILLs member ``i``; ``pause(i)``/``resume(i)`` SIGSTOP
+    and SIGCONT it (a hang); ``restart(i)`` starts it again on its data and ports; ``stop()`` ends all and removes the data. ``url`` is the
     ``etcd://h:p,...`` membership URL; ``leader()`` the index of the current leader.
     Raft timings are short (``heartbeat_ms``/``election_ms``) so a lost leader is replaced fast."""
 
@@ -419,6 +419,18 @@ class EtcdCluster:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+    def pause(self, i: int) -> None:
+        """SIGSTOP member ``i``: a hang (its sockets stay open, nothing answers)."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        """SIGCONT member ``i`` after :meth:`pause`."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)
 
     def restart(self, i: int, *, wait: bool = True) -> None:
         """Start member ``i`` again on its data dir and ports; with ``wait``, until it is healthy
