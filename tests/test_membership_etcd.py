@@ -133,7 +133,7 @@ def test_calls_fail_over_when_a_member_hangs(etcd_cluster):
         assert kv.add("n", 2, timeout=TO) == 2
         rest_s = time.monotonic() - t1
         print(f"first call after SIGSTOP of its member: {first_s:.3f} s; next two: {rest_s:.3f} s")
-        assert 0.45 < first_s < 2.0 and rest_s < 1.0 and kv.failovers == 1
+        assert 0.45 < first_s < 2.0 and rest_s < 1.0 and kv.failovers >= 1
     finally:
         etcd_cluster.resume(follower)
     etcd_cluster.wait_healthy([follower])
@@ -364,9 +364,9 @@ def test_membership_over_etcd_survives_an_etcd_member_loss_and_drops_a_killed_me
         run.drain()
         assert not [e for e in log if e[0] == "view" and e[2] > epoch], log
         # no pause beyond the failover: one beat (0.2 s) + one request timeout on a member that has
-        # lost its leader (1 s, then the next endpoint) + headroom for a loaded machine; the
-        # membership timeout (4 s) is far
-        assert max(gaps.values()) < HB_S + 1.0 + 1.0, gaps
+        # lost its leader (1 s, then the next endpoint) + headroom for a loaded machine (1.3 s);
+        # the membership timeout (4 s) is far
+        assert max(gaps.values()) < HB_S + 1.0 + 1.3, gaps
         etcd_cluster.restart(leader)
 
         t0 = time.monotonic()
