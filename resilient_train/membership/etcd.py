@@ -118,8 +118,10 @@ class EtcdKVStore:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
                 self._conn.connect()
-            elif self._conn.sock is not None:
-                self._conn.sock.settimeout(timeout_s)
+            else:
+                self._conn.timeout = timeout_s  # used if http.client reconnects
+                if self._conn.sock is not None:
+                    self._conn.sock.settimeout(timeout_s)
             self._conn.request("POST", self.api_path + path, body, {"Content-Type": "application/json"})
             resp = self._conn.getresponse()
             raw = resp.read()
