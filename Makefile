@@ -6,12 +6,17 @@ TORCH_REQUIREMENT ?= torch==2.13.0
 EXTRAS ?= dev,s3,gcs,azure
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup etcd demo test bench clean
 
 # The Azure Blob emulator (azurite) for the storage tests, from npm, pinned by tools/package-lock.json.
 TOOLS_STAMP := tools/node_modules/.installed
 
-setup: $(VENV)/.installed $(TOOLS_STAMP)
+setup: $(VENV)/.installed $(TOOLS_STAMP) etcd
+
+# etcd for the membership store tests (Debian's etcd-server via apt-get, only when `etcd` is missing;
+# as root, or with passwordless sudo; otherwise it says what to run). Its service is not left running.
+etcd:
+	@bash tools/install-etcd.sh
 
 $(TOOLS_STAMP): tools/package.json tools/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \

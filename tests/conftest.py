@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files. Storage: local servers of S3, Azure Blob and GCS.
+"""Fixtures shared by the test files. Storage: local servers of S3, Azure Blob and GCS;
+membership: a 3-member etcd cluster (``etcd_cluster``).
 
 Each server starts once per session on 127.0.0.1 on a free port and stops at the end;
 ``make_store(kind)`` returns an empty Store under a fresh prefix. A server whose program is
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from resilient_train.testing.servers import SERVERS, EmulatorUnavailable, prepare_client_env
+from resilient_train.testing.servers import SERVERS, EmulatorUnavailable, EtcdCluster, prepare_client_env
 
 prepare_client_env()  # before any cloud client is imported (gcsfs hangs on emulators otherwise)
 
@@ -29,6 +30,20 @@ def start_server(kind: str):
         if os.environ.get("CI"):
             pytest.fail(f"{kind} emulator unavailable under CI: {exc}", pytrace=False)
         pytest.skip(f"{kind} emulator unavailable (outside CI): {exc}")
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A real 3-member etcd cluster on 127.0.0.1 for the session. Tests that kill a member
+    restart it before they end (``restart(i)``); use a fresh key prefix per test."""
+    try:
+        cluster = EtcdCluster(3).start()
+    except EmulatorUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"etcd unavailable under CI: {exc}", pytrace=False)
+        pytest.skip(f"etcd unavailable (outside CI): {exc}")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import timedelta
 
 import pytest
 import torch
 
 from resilient_train.errors import ConfigError, MembershipStoreError
-from resilient_train.membership import KVStore, MemoryKVStore, TCPKVStore, torch_store_for
+from resilient_train.membership import EtcdKVStore, KVStore, MemoryKVStore, TCPKVStore, torch_store_for
 from resilient_train.sync.communicator import ProcessGroupCommunicator
 from resilient_train.sync.threads import make_gloo_group
 
@@ -18,9 +19,18 @@ pytestmark = pytest.mark.timeout(60)
 TO = timedelta(seconds=5)
 
 
-@pytest.fixture(params=["memory", "tcp"])
+def _make_kv(request, kind: str) -> KVStore:
+    if kind == "memory":
+        return MemoryKVStore()
+    if kind == "tcp":
+        return TCPKVStore.host()
+    cluster = request.getfixturevalue("etcd_cluster")  # a real 3-member etcd; fresh keys per test
+    return EtcdKVStore(cluster.endpoints, prefix=f"t-{uuid.uuid4().hex[:8]}/")
+
+
+@pytest.fixture(params=["memory", "tcp", "etcd"])
 def kv(request) -> KVStore:
-    return MemoryKVStore() if request.param == "memory" else TCPKVStore.host()
+    return _make_kv(request, request.param)
 
 
 def test_contract(kv):
@@ -68,9 +78,10 @@ def test_unreachable_tcp_store_raises_membership_store_error():
         TCPKVStore("127.0.0.1", 0)
 
 
-def test_gloo_group_rendezvous_on_a_plain_kvstore():
-    """What an etcd-backed store gets: gloo over the Python adapter (no native torch Store)."""
-    kv = MemoryKVStore()
+@pytest.mark.parametrize("kind", ["memory", "etcd"])
+def test_gloo_group_rendezvous_on_a_plain_kvstore(request, kind):
+    """gloo over the Python adapter (no native torch Store): in memory, and over a real etcd."""
+    kv = _make_kv(request, kind)
     out: dict = {}
 
     def rank(r: int) -> None:
@@ -89,4 +100,5 @@ def test_gloo_group_rendezvous_on_a_plain_kvstore():
     for r in range(3):
         assert isinstance(out.get(r), torch.Tensor), out.get(r)
         assert torch.equal(out[r], torch.full((5,), 6.0))
-    assert kv._data and all(k.startswith("rt/epoch-3/") for k in kv._data)  # all under the prefix
+    if kind == "memory":
+        assert kv._data and all(k.startswith("rt/epoch-3/") for k in kv._data)  # all under the prefix

@@ -13,10 +13,12 @@ Implementations:
   e.g. the launcher; ``TCPKVStore.host(port=0)`` starts one in this process). Its
   :meth:`torch_store` is the native store, so gloo rendezvous runs in C++.
 * :class:`MemoryKVStore`: a dict behind a lock, for unit tests and thread ranks.
-* Anything else (etcd, Consul, Redis...) plugs in by implementing the four calls plus
-  ``clone()``; :class:`KVTorchStore` then turns it into a ``torch.distributed.Store`` for the
-  epoch's gloo rendezvous (docs/membership.md sketches an etcd one). Every implementation runs
-  the same contract test (``tests/test_membership_kvstore.py``).
+* :class:`~.etcd.EtcdKVStore` (``membership/etcd.py``): an etcd v3 cluster, failing over
+  between its members.
+* Anything else (Consul, Redis...) plugs in by implementing the four calls plus ``clone()``;
+  :class:`KVTorchStore` then turns it into a ``torch.distributed.Store`` for the epoch's gloo
+  rendezvous (as for etcd). Every implementation runs the same contract test
+  (``tests/test_membership_kvstore.py``). :func:`~.urls.open_kvstore` opens one from a URL.
 """
 
 from __future__ import annotations

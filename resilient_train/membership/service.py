@@ -37,7 +37,9 @@ lowest joiner when no member survives). A thread decides only after observing fo
 
 Failure behaviour: nothing on the training path blocks without a timeout. Store errors in the
 background thread are logged and retried on the next beat (``last_error`` keeps the latest); a
-member that cannot heartbeat for ``timeout_s`` is dropped by the others and must rejoin.
+member that cannot heartbeat for ``timeout_s`` is dropped by the others and must rejoin. After
+the store did not answer a member for more than ``timeout_s / 2``, that member observes for
+``timeout_s`` again before it decides (an outage of the store silences every heartbeat alike).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class Membership:
         self._seq = 0
         self._start_epoch = 0
         self._observe_from = 0.0
+        self._last_ok = 0.0  # when the background thread last read the store successfully
+        self._store_failed = False  # a store call failed since then
         # adopted epoch (training thread)
         self._view = View(0)
         self._comm: ProcessGroupCommunicator | None = None
@@ -151,7 +155,7 @@ class Membership:
         self._start_epoch = 1 << 62  # views published before this process started never admit it
         self._scan_views()
         self._start_epoch = self._latest.epoch
-        self._observe_from = time.monotonic()
+        self._observe_from = self._last_ok = time.monotonic()
         self._beat()
         self._thread = threading.Thread(target=self._run, name=f"membership-{self.member_id}", daemon=True)
         self._thread.start()
@@ -340,6 +344,7 @@ class Membership:
                 self._tick()
             except MembershipStoreError as exc:
                 self.last_error = exc
+                self._store_failed = True
                 log.warning("membership %s: store call failed, retrying next beat: %s", self.member_id, exc)
             except Exception as exc:  # noqa: BLE001 - keep heartbeating; the error is kept and logged
                 self.last_error = exc
@@ -348,9 +353,19 @@ class Membership:
             self._cond.notify_all()
 
     def _tick(self) -> None:
+        started = time.monotonic()
         self._beat()
         now = time.monotonic()
+        store_was_out = self._store_failed or now - started > self.timeout_s / 2
+        if store_was_out and now - self._last_ok > self.timeout_s / 2:
+            # The store did not answer this member for a while (etcd without a majority, say):
+            # everyone's heartbeats may have been stuck alike, so observe afresh for timeout_s
+            # before deciding, instead of dropping members whose next beat is still in flight.
+            log.info("membership %s: store back after %.1f s; observing for %g s before deciding",
+                     self.member_id, now - self._last_ok, self.timeout_s)
+            self._observe_from = now
         self._observe(now)
+        self._last_ok, self._store_failed = now, False
         self._scan_views()
         self._check_refused()
         with self._cond:
