@@ -39,12 +39,11 @@ import logging
 import time
 from datetime import timedelta
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import torch
 
 from ..errors import ConfigError, DistributedError, DroppedFromJobError, MembershipError
-from ..membership import Membership, TCPKVStore, sync_state
+from ..membership import Membership, sync_state
 from ..membership.decision import View
 from ..sync.communicator import Handle
 
@@ -58,17 +57,12 @@ _OK, _DROPPED, _STATE = 0, 1, 2
 
 def open_membership_store(url: str, timeout_s: float) -> Any:
     """A KVStore client for ``url``: ``tcp://host:port`` (a TCPStore hosted by a long-lived
-    process, e.g. the launcher), ``etcd://h1:p1,h2:p2,...`` (etcd v3) or ``memory://`` (tests)."""
-    try:
-        from ..membership.kvstore import open_kvstore  # etcd support, when present
-    except ImportError:
-        open_kvstore = None
-    if open_kvstore is not None:
-        return open_kvstore(url, timeout_s=timeout_s)
-    parts = urlsplit(url)
-    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
-        raise ConfigError(f"membership store {url!r}: expected tcp://host:port")
-    return TCPKVStore(parts.hostname, parts.port, connect_timeout=timedelta(seconds=timeout_s))
+    process, e.g. the launcher; ``?host=auto`` hosts it here if nobody does),
+    ``etcd://h1:p1,h2:p2,...`` (etcd v3, no single point of failure) or ``memory://name``
+    (tests). Unreachable stores raise within ``timeout_s``; see :func:`~..membership.urls.open_kvstore`."""
+    from ..membership.urls import open_kvstore
+
+    return open_kvstore(url, timeout_s=timeout_s)
 
 
 class ProviderGroup:
