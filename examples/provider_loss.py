@@ -135,8 +135,9 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         if args.fault == "kill":
             storage_up(b)
             orch("storage_up", provider=b)
-        launch(b)
-        orch("relaunched", provider=b)
+        if getattr(args, "relaunch", True):
+            launch(b)
+            orch("relaunched", provider=b)
         for n, p in procs.items():
             code = p.wait(timeout=900)
             if code != 0:
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         "survivor_epochs": sorted({r["epoch"] for r in recovered}),
         "rejoin": [{k: e[k] for k in ("step", "epoch", "members", "state_from", "received_bytes", "seconds")} for e in rejoin[-1:]],
         "rejoin_s_after_relaunch": round(rejoin[-1]["t"] - [e for e in evs if e["event"] == "relaunched"][-1]["t"], 3) if rejoin else None,
+        "rejoin_wait_s": round(rejoin[-1]["seconds"], 3) if rejoin else None,
         "checkpoint_commits": sorted({(e.get("group") or e["who"][0], e["step"]) for e in leaders if e["event"] == "checkpoint_committed"}),
         "final_val_loss": {e["member"]: e["val_loss"] for e in leaders if e["event"] == "done"},
         "first_val_loss": first_loss,

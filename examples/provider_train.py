@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import resilient_train as rt  # noqa: E402
 from resilient_train.storage.providers import Placement, Provider, ReplicationPolicy  # noqa: E402
+from resilient_train.storage.retry import RetryPolicy  # noqa: E402
 
 VOCAB, CONTEXT = 128, 16
 PROVIDERS = ("a", "b", "c")
@@ -84,7 +85,10 @@ def val_loss(model: torch.nn.Module, val: torch.Tensor, n: int = 256) -> float:
 def placement(spec: str) -> Placement:
     with open(spec) as f:
         items = json.load(f)
-    providers = [Provider(p["name"], p["uri"], p["region"], egress_cost_per_gb=p.get("egress_cost_per_gb", 0.0), storage_options=p.get("storage_options", {})) for p in items]
+    # a short retry budget: a provider whose storage is down is given up on (and skipped by the
+    # circuit breaker) after 3 s, in the background saver, not after the default 60 s
+    retry = RetryPolicy(max_attempts=3, max_total_s=3.0, call_timeout_s=30.0)
+    providers = [Provider(p["name"], p["uri"], p["region"], egress_cost_per_gb=p.get("egress_cost_per_gb", 0.0), storage_options=p.get("storage_options", {}), retry=retry) for p in items]
     return Placement(providers, ReplicationPolicy(copies=min(2, len(providers))))
 
 
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = placement(args.providers) if args.providers else args.ckpt
     os.makedirs(args.out, exist_ok=True)
     trainer = rt.wrap(model, opt, rt.TrainerConfig(
-        checkpoint=ckpt, every_n_steps=args.every, keep_last=args.keep_last, async_save=False,
+        checkpoint=ckpt, every_n_steps=args.every, keep_last=args.keep_last,
         sync=rt.SyncConfig(mode="diloco", sync_every=args.sync_every, codec=args.codec),
         group=args.group, membership=args.membership, start_groups=args.start_groups, round_deadline_s=args.round_deadline, join_timeout_s=args.join_timeout,
         event_log=os.path.join(args.out, f"events-{args.group}-rank{{rank}}.jsonl"), timeout_s=120))
