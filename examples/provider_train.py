@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--leave-before-round", type=int, default=None)
     p.add_argument("--stop-at-round", type=int, default=None, help="SIGSTOP this provider's leader inside round R (a straggler)")
     p.add_argument("--stop-seconds", type=float, default=10.0)
+    p.add_argument("--kill-rank-at-step", type=int, default=None, help="SIGKILL this group's last rank at step S (first torchrun attempt only)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -176,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             arm_fault(trainer, args.kill_at_round, args.group, "kill")
         if args.stop_at_round is not None and s == args.stop_at_round * H - 1 and trainer.rank == 0:
             arm_fault(trainer, args.stop_at_round, args.group, "stop", args.stop_seconds)
+        if (args.kill_rank_at_step == s and trainer.rank == trainer.world_size - 1
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            trainer.events.emit("fault", kind="kill-rank", step=s, member=args.group, rank=trainer.rank)
+            os.kill(os.getpid(), signal.SIGKILL)
         ctx, target = batch(text, s, args.group, trainer.rank)
         loss = torch.nn.functional.cross_entropy(trainer.model(ctx), target)
         opt.zero_grad()

@@ -237,7 +237,9 @@ class Trainer:
     def start(self) -> "Trainer":
         cfg = self.config
         timeout = timedelta(seconds=cfg.timeout_s)
-        distributed_needed = cfg.replica_groups > 1 or cfg.sync.mode != "ddp"
+        # with group= a one-rank provider needs no process group of its own (the cross-provider
+        # groups come from the membership); without it, a sync mode needs torchrun's ranks
+        distributed_needed = cfg.group is None and (cfg.replica_groups > 1 or cfg.sync.mode != "ddp")
         if distributed_needed and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
             raise ConfigError(f"sync mode {cfg.sync.mode!r} with {cfg.replica_groups} replica group(s) needs several ranks: launch with torchrun (WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT are not set)")
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)

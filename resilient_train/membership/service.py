@@ -67,6 +67,13 @@ def encode_view(view: View, reason: str = "") -> bytes:
                        "joiners": list(view.joiners), "reason": reason}, sort_keys=True).encode()
 
 
+def _intent(hb: bytes | None) -> str | None:
+    try:
+        return str(json.loads(hb)["intent"]) if hb else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def decode_view(raw: bytes) -> tuple[View, str]:
     d = json.loads(raw)
     return View(int(d["epoch"]), tuple(d["members"]), str(d["fingerprint"]), tuple(d["joiners"])), str(d["reason"])
@@ -301,6 +308,8 @@ class Membership:
                 prev = seen.get(m)
                 if prev is None or prev[0] != hb:
                     seen[m] = (hb, now if prev is not None else t0)
+                if _intent(hb) == "join":
+                    continue  # a new process under that id (a restart): it rejoins, it is not in this round
                 if now - seen[m][1] < silent_after:
                     waiting.append(m)
             late = now - t0 > deadline_s
