@@ -361,6 +361,20 @@ def _check_index(index: Any, manifest: Manifest, where: str) -> None:
             raise StateFileError(f"{where}: maps {name!r} to {fname!r}, which does not hold it per the manifest")
 
 
+def _check_state_tree(obj: Any, manifest: Manifest, where: str) -> None:
+    """A state / rank-state file: an object whose trees decode (tags well-formed, every
+    ``__tensor__`` reference stored in the checkpoint, optimizer tree well-shaped)."""
+    if not isinstance(obj, dict):
+        raise StateFileError(f"{where}: top level must be a JSON object")
+    if "optimizer" in obj and not _optimizer_tree_ok(obj["optimizer"]):
+        raise StateFileError(f"{where}: 'optimizer' must hold 'param_groups' (objects with a 'params' list of names) and 'state' (an object of objects)")
+    keys = {t.key: None for t in manifest.tensors}
+    try:
+        decode(obj, keys)  # type: ignore[arg-type]
+    except StateFileError as exc:
+        raise StateFileError(f"{where}: {exc}") from None
+
+
 def _manifest_problems(manifest: Manifest) -> list[str]:
     """What a committed manifest must list that this one does not (files named at fault)."""
     names = {f.path for f in manifest.files}
@@ -399,8 +413,8 @@ def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Map
                     obj = chunks.json(rec.path)
                     if rec.path == HF_INDEX_NAME:
                         _check_index(obj, manifest, rec.path)
-                    elif not isinstance(obj, dict):
-                        raise StateFileError(f"{rec.path}: top level must be a JSON object")
+                    else:
+                        _check_state_tree(obj, manifest, rec.path)
                 n = len(chunks.ranges(rec.path))
                 for first in range(0, n, threads):  # a window of chunks at a time, hashed in parallel
                     window = [(rec.path, i) for i in range(first, min(n, first + threads))]
