@@ -305,7 +305,7 @@ def test_damaged_checkpoint_raises_typed_error_and_leaves_state_untouched(pristi
     _apply(folder, mutation)
     fresh = _state(seed=3)
     exc = _load_checked(root, fresh)
-    if exc is None:  # a damage that changes nothing the load uses (e.g. JSON whitespace)
+    if exc is None and not mutation[-1]:  # a damage that changes nothing the load uses (e.g. JSON whitespace)
         for k, v in pristine[1].items():
             assert torch.equal(v, fresh.model.state_dict()[k]), f"{k} loaded wrong without an error"
     # ckpt verify agrees: a checkpoint that fails to load never verifies clean

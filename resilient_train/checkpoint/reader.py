@@ -956,20 +956,30 @@ def _prepare_apply(state: TrainState, shared: dict[str, Any], plan: "_LoadPlan",
     return out
 
 
+def _copy_state(sd: Any) -> Any:
+    """A copy of a state dict deep enough that a later load_state_dict cannot change it
+    (containers copied, tensors kept: loads replace tensors, they do not write into them)."""
+    if isinstance(sd, dict):
+        return {k: _copy_state(v) for k, v in sd.items()}
+    if isinstance(sd, list):
+        return [_copy_state(v) for v in sd]
+    return sd
+
+
 def _apply_objects(state: TrainState, p: _Prepared) -> None:
     """Optimizer, scheduler, sampler, stateful objects and RNG: all or none. If one refuses its
     state, the ones already set get their previous state back and StateFileError is raised."""
     done: list[tuple[Any, Any]] = []
     old_rng = rng_state() if p.rng is not None else None
     try:
+        # Each object's previous state is kept before it is set, so that one that fails
+        # half-way through its own load_state_dict is restored too.
         if p.optimizer is not None and state.optimizer is not None:
-            before = state.optimizer.state_dict()
+            done.append((state.optimizer, _copy_state(state.optimizer.state_dict())))
             state.optimizer.load_state_dict(p.optimizer)
-            done.append((state.optimizer, before))
         for obj, value in p.objects:
-            before = obj.state_dict()
+            done.append((obj, _copy_state(obj.state_dict())))
             obj.load_state_dict(value)
-            done.append((obj, before))
         if p.rng is not None:
             set_rng_state(p.rng)
     except Exception as exc:  # noqa: BLE001 - rolled back, then raised typed
