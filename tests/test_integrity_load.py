@@ -104,7 +104,7 @@ def _rehash(folder, names=None):
         files = m["files"]
         cb = m.get("hash", {}).get("chunk_bytes")
         assert isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files)
-    except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, RecursionError):
         return  # the manifest itself is the damage
     for f in files:
         if names is not None and f["path"] not in names:
