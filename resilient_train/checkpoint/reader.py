@@ -80,7 +80,10 @@ DEFAULT_STAGING_BUDGET_BYTES = 4 * 1024**3
 """Bytes a load may hold in CPU buffers so that a failure leaves the live state untouched."""
 
 DEFAULT_IO_THREADS = 8
-"""Concurrent chunk fetches per rank (I/O and hashing both release the GIL)."""
+"""Concurrent ranged reads per rank (I/O and hashing both release the GIL)."""
+
+MAX_RUN_BYTES = 64 * 1024**2
+"""Largest single ranged read: consecutive chunks of one file are fetched together up to this."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class _Chunks:
         self.manifest = manifest
         self.folder = step_dirname(manifest.step)
         self.pool = pool
-        self.cache: dict[tuple[str, int], bytes] = {}
+        self.cache: dict[tuple[str, int], Any] = {}  # bytes, or memoryviews into one ranged read
         self.bytes_fetched = 0
         self.served: dict[str, dict[int, int]] = {}
         self._ranges: dict[str, list[tuple[int, int, str]]] = {}
@@ -233,7 +236,7 @@ class _Chunks:
         exc_type = next((k for k in kinds if issubclass(k, CorruptCheckpointError)), CorruptCheckpointError)
         raise exc_type(f"no replica has a valid copy of {self.folder}/{file}: " + "; ".join(reasons))
 
-    def get(self, file: str, idx: int) -> bytes:
+    def get(self, file: str, idx: int) -> Any:
         """The verified chunk, fetched now unless cached (concurrent callers share one fetch)."""
         key = (file, idx)
         while True:
@@ -260,9 +263,57 @@ class _Chunks:
                 self._inflight.pop(key, None)
             ev.set()
 
+    def _fetch_run(self, file: str, idxs: list[int]) -> None:
+        """Fetch consecutive chunks ``idxs`` of ``file`` with one ranged read from the first
+        replica and verify each from that buffer; a chunk that fails (or a read that fails) is
+        fetched alone through :meth:`get`, which tries every replica in order."""
+        r = self.ranges(file)
+        start, end = r[idxs[0]][0], r[idxs[-1]][1]
+        last = end == self.manifest.file(file).size_bytes
+        data: Any = None
+        try:
+            data = self.sources[0].read_bytes(f"{self.folder}/{file}", start, end + 1 if last else end)
+            with self._lock:
+                self.bytes_fetched += len(data)
+        except (StorageError, OSError):
+            data = None  # get() below records why, per chunk and per replica
+        mv = memoryview(data) if data is not None else None
+        for idx in idxs:
+            c0, c1, digest = r[idx]
+            good = (
+                mv is not None
+                and len(mv) >= c1 - start
+                and not (last and idx == idxs[-1] and len(mv) != end - start)
+                and _sha256_hex(mv[c0 - start:c1 - start]) == digest
+            )
+            if good:
+                with self._lock:
+                    self.cache.setdefault((file, idx), mv[c0 - start:c1 - start])  # type: ignore[index]
+                    by_src = self.served.setdefault(file, {})
+                    by_src[0] = by_src.get(0, 0) + 1
+            else:
+                self.get(file, idx)
+
     def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
-        """Fetch and verify ``keys`` concurrently; raise the first failure after all finished."""
-        futs = [self.pool.submit(self.get, f, i) for f, i in keys if (f, i) not in self.cache]
+        """Fetch and verify ``keys`` concurrently; raise the first failure after all finished.
+
+        Consecutive chunks of a file are fetched as one ranged read (fewer requests on object
+        stores), in runs small enough that every worker thread has one, each chunk hashed from
+        that buffer."""
+        missing = sorted({k for k in keys if k not in self.cache})
+        total = sum(self.ranges(f)[i][1] - self.ranges(f)[i][0] for f, i in missing)
+        cap = max(1, min(MAX_RUN_BYTES, -(-total // max(1, self.pool._max_workers))))
+        runs: list[tuple[str, list[int]]] = []
+        run_bytes = 0
+        for f, i in missing:
+            n = self.ranges(f)[i][1] - self.ranges(f)[i][0]
+            if runs and runs[-1][0] == f and runs[-1][1][-1] == i - 1 and run_bytes + n <= cap:
+                runs[-1][1].append(i)
+                run_bytes += n
+            else:
+                runs.append((f, [i]))
+                run_bytes = n
+        futs = [self.pool.submit(self._fetch_run, f, idxs) for f, idxs in runs]
         first: BaseException | None = None
         for fut in futs:
             try:

@@ -184,9 +184,6 @@ def _hashable(k: Any) -> Any:
     return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
 
 
-_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"bare {name} is not JSON (non-finite numbers are stored as {{\"__float__\": ...}})")
 
@@ -208,25 +205,29 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_strict(data: bytes, *, where: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH, error: type = StateFileError) -> Any:
-    """Parse persisted JSON strictly: UTF-8, at most ``max_bytes`` and ``max_depth`` deep (both
-    checked before parsing), no duplicate keys, no bare ``NaN``/``Infinity``. Any failure raises
+    """Parse persisted JSON strictly: UTF-8, at most ``max_bytes`` (checked before parsing) and
+    ``max_depth`` deep, no duplicate keys, no bare ``NaN``/``Infinity``, no number that overflows
+    to infinity. Any failure raises
     ``error`` (a CheckpointError subclass) naming ``where``; never ValueError or RecursionError."""
     if len(data) > max_bytes:
         raise error(f"{where}: {len(data)} bytes exceeds the {max_bytes}-byte limit for this JSON file")
-    depth = 0
-    for m in _JSON_TOKENS.finditer(data):
-        c = m.group()
-        if c in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                raise error(f"{where}: JSON nested deeper than {max_depth} levels")
-        elif c in (b"]", b"}"):
-            depth -= 1
     try:
         text = bytes(data).decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # The C parser guards its own recursion (RecursionError, caught here); the depth limit
+        # is then checked without recursion, so later walks over the tree stay shallow.
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise error(f"{where}: JSON nested deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise error(f"{where} is not valid JSON (strict: UTF-8, no duplicate keys, no NaN or Infinity): {exc}") from None
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth > max_depth:
+                raise error(f"{where}: JSON nested deeper than {max_depth} levels")
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return obj
 
 
 def dumps_canonical(obj: Any) -> bytes:
