@@ -298,7 +298,7 @@ def _apply(folder, mutation):
 
 
 @pytest.mark.timeout(240)
-@settings(max_examples=int(os.environ.get("RT_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("RT_FUZZ_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(mutation=MUTATIONS)
 def test_damaged_checkpoint_raises_typed_error_and_leaves_state_untouched(pristine, tmp_path_factory, mutation):
     root, folder = _fresh_copy(pristine, tmp_path_factory.mktemp("case"))
@@ -308,7 +308,10 @@ def test_damaged_checkpoint_raises_typed_error_and_leaves_state_untouched(pristi
     if exc is None and not mutation[-1]:  # a damage that changes nothing the load uses (e.g. JSON whitespace)
         for k, v in pristine[1].items():
             assert torch.equal(v, fresh.model.state_dict()[k]), f"{k} loaded wrong without an error"
-    # ckpt verify agrees: a checkpoint that fails to load never verifies clean
+    # ckpt verify agrees: damage to the bytes never verifies clean (re-hashed edits can be
+    # well-formed files whose values only the live objects refuse: verify cannot know those)
+    if mutation[-1]:
+        return
     try:
         _, problems = verify_checkpoint(str(root), 1)
     except errors.ResilientTrainError:

@@ -731,6 +731,24 @@ def _needed_files(manifest: Manifest, targets: list["_Target"]) -> set[str]:
     return files
 
 
+def _wholly_needed(manifest: Manifest, targets: list["_Target"]) -> set[str]:
+    """Files every stored piece of which some target reads whole."""
+    by_key = _records_by_key(manifest)
+    read_whole: set[tuple[str, str]] = set()
+    partial: set[str] = set()
+    for t in targets:
+        ops, _ = plan_reads(by_key[t.key], t.offsets, tuple(t.dest.shape))
+        for op in ops:
+            if op.is_whole_piece:
+                read_whole.add((op.record.file, op.record.name))
+            else:
+                partial.add(op.record.file)
+    in_file: dict[str, set[str]] = {}
+    for rec in manifest.tensors:
+        in_file.setdefault(rec.file, set()).add(rec.name)
+    return {f for f, names in in_file.items() if f not in partial and all((f, n) in read_whole for n in names)}
+
+
 def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord, manifest: Manifest) -> tuple[int | None, str | None, str | None]:
     """Compatibility shim for callers of the older two-pass reader: checks the header only
     (the bytes themselves are hashed when :func:`read_tensors` reads them)."""
@@ -863,6 +881,12 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         try:
             plan = _build_targets(state, manifest, shared, strict)
             files = sorted(_needed_files(manifest, plan.targets))
+            # Files this rank needs whole (the usual case) are fetched in one concurrent round
+            # with their headers, within the budget; the others header first, then the ranges.
+            whole = _wholly_needed(manifest, plan.targets)
+            whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
+            if whole and whole_bytes <= budget:
+                chunks.prefetch([(f, i) for f in sorted(whole) for i in range(len(chunks.ranges(f)))])
             headers = dict(zip(files, pool.map(chunks.header, files)))
             rank_tree = _read_rank_state(chunks, manifest, coord) if state.rng else None
             prepared = _prepare_apply(state, shared, plan, rank_tree)
