@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
 import threading
 import time
@@ -164,6 +165,19 @@ def _sha256_hex(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_HASH_POOL: ThreadPoolExecutor | None = None
+_HASH_POOL_LOCK = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """One process-wide pool, a thread per core, for hashing the chunks of a ranged read."""
+    global _HASH_POOL
+    with _HASH_POOL_LOCK:
+        if _HASH_POOL is None:
+            _HASH_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rt-hash")
+        return _HASH_POOL
+
+
 class _Chunks:
     """Verified chunks of the files of one step, fetched once from the first replica whose copy
     hashes right (per chunk), cached until dropped. Thread-safe.
@@ -278,14 +292,18 @@ class _Chunks:
         except (StorageError, OSError):
             data = None  # get() below records why, per chunk and per replica
         mv = memoryview(data) if data is not None else None
-        for idx in idxs:
+
+        def digest_of(idx: int) -> str | None:
+            c0, c1, _ = r[idx]
+            if mv is None or len(mv) < c1 - start or (last and idx == idxs[-1] and len(mv) != end - start):
+                return None
+            return _sha256_hex(mv[c0 - start:c1 - start])
+
+        # The chunks of one read hash in parallel on every core (hashlib releases the GIL).
+        digests = list(_hash_pool().map(digest_of, idxs)) if len(idxs) > 1 else [digest_of(idxs[0])]
+        for idx, got in zip(idxs, digests):
             c0, c1, digest = r[idx]
-            good = (
-                mv is not None
-                and len(mv) >= c1 - start
-                and not (last and idx == idxs[-1] and len(mv) != end - start)
-                and _sha256_hex(mv[c0 - start:c1 - start]) == digest
-            )
+            good = got == digest
             if good:
                 with self._lock:
                     self.cache.setdefault((file, idx), mv[c0 - start:c1 - start])  # type: ignore[index]
@@ -297,12 +315,11 @@ class _Chunks:
     def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
         """Fetch and verify ``keys`` concurrently; raise the first failure after all finished.
 
-        Consecutive chunks of a file are fetched as one ranged read (fewer requests on object
-        stores), in runs small enough that every worker thread has one, each chunk hashed from
-        that buffer."""
+        Consecutive chunks of a file are fetched as one ranged read of up to
+        :data:`MAX_RUN_BYTES` (few, large requests on object stores, as a plain ``cat`` makes),
+        each chunk hashed from that buffer, in parallel."""
         missing = sorted({k for k in keys if k not in self.cache})
-        total = sum(self.ranges(f)[i][1] - self.ranges(f)[i][0] for f, i in missing)
-        cap = max(1, min(MAX_RUN_BYTES, -(-total // max(1, self.pool._max_workers))))
+        cap = MAX_RUN_BYTES
         runs: list[tuple[str, list[int]]] = []
         run_bytes = 0
         for f, i in missing:
@@ -910,8 +927,9 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     staged = len(batches) <= 1
 
     def place(batch: list[_Op]) -> None:
+        # Ops write disjoint regions, and the copies release the GIL: run them concurrently.
+        list(pool.map(lambda o: _place(chunks, o), batch))
         for o in batch:
-            _place(chunks, o)
             for i in chunks.covering(o.file, o.begin, o.end):
                 refs[(o.file, i)] -= 1
                 if refs[(o.file, i)] == 0:
