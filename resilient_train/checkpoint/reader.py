@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -948,7 +948,17 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         # Non-live targets (optimizer, scheduler, ... tensors) first, then the objects that may
         # still refuse their state (rolled back if one does), then the live tensors.
         place([o for o in ops if not o.target.live])
-        _apply_objects(state, prepared)
+        undo: Callable[[], None] | None = None
+        try:
+            undo = _apply_objects(state, prepared)
+        except _TYPED as exc:
+            err = exc
+        try:
+            _agree_or_raise(coord, err)  # no rank changes its live tensors unless all objects took their state
+        except ResilientTrainError:
+            if undo is not None:
+                undo()
+            raise
         place(live)
         _apply_rest(state, prepared)
     else:
@@ -1059,11 +1069,22 @@ def _copy_state(sd: Any) -> Any:
     return sd
 
 
-def _apply_objects(state: TrainState, p: _Prepared) -> None:
+def _apply_objects(state: TrainState, p: _Prepared) -> Callable[[], None]:
     """Optimizer, scheduler, sampler, stateful objects and RNG: all or none. If one refuses its
-    state, the ones already set get their previous state back and StateFileError is raised."""
+    state, the ones already set get their previous state back and StateFileError is raised.
+    Returns a function that restores the previous states (for a failure on another rank)."""
     done: list[tuple[Any, Any]] = []
     old_rng = rng_state() if p.rng is not None else None
+
+    def undo() -> None:
+        for obj, before in reversed(done):
+            try:
+                obj.load_state_dict(before)
+            except Exception as exc:  # noqa: BLE001 - logged; the caller raises the cause
+                log.error("could not restore the previous state of %s: %s", type(obj).__name__, exc)
+        if old_rng is not None:
+            set_rng_state(old_rng)
+
     try:
         # Each object's previous state is kept before it is set, so that one that fails
         # half-way through its own load_state_dict is restored too.
@@ -1076,14 +1097,9 @@ def _apply_objects(state: TrainState, p: _Prepared) -> None:
         if p.rng is not None:
             set_rng_state(p.rng)
     except Exception as exc:  # noqa: BLE001 - rolled back, then raised typed
-        for obj, before in reversed(done):
-            try:
-                obj.load_state_dict(before)
-            except Exception as undo:  # noqa: BLE001
-                log.error("could not restore the previous state of %s: %s", type(obj).__name__, undo)
-        if old_rng is not None:
-            set_rng_state(old_rng)
+        undo()
         raise StateFileError(redact(f"the checkpoint's state was refused ({type(exc).__name__}: {exc}); the previous state was restored")) from exc
+    return undo
 
 
 def _apply_rest(state: TrainState, p: _Prepared) -> None:
