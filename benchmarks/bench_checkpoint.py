@@ -2,6 +2,11 @@
 physical ceilings (memcpy into preallocated memory; dd with fdatasync), in one run.
 
     python benchmarks/bench_checkpoint.py --size-gib 2 --reps 3 [--dir /path/on/disk]
+    python benchmarks/bench_checkpoint.py --load-only --size-gib 0.25 --reps 5
+
+``--load-only``: verified load alone, interleaved (dcp.load, rt.load staged, rt.load streamed,
+dcp.load, ...), beside the hash ceiling (cores x one core's SHA-256 rate, measured in the same
+run) and peak memory. Results: benchmarks/results/checkpoint_load.json.
 
 Every save is durable (fsync) and resilient-train additionally hashes every byte on save and
 re-verifies every byte on load. Medians of --reps runs; page cache is warm (noted in the JSON).
@@ -62,13 +67,102 @@ def _two_rank_save(rank, world, total, root, reps):
     return statistics.median(times)
 
 
+def sha256_rate_one_core(nbytes: int = 256 * 1024**2) -> float:
+    """Bytes/s one core hashes with SHA-256 (best of 3, 8 MiB updates as the reader does)."""
+    import hashlib
+    import time
+
+    buf = memoryview(os.urandom(nbytes))
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(0, nbytes, 8 * 1024**2):
+            hashlib.sha256(buf[i:i + 8 * 1024**2]).digest()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def load_only(args) -> int:
+    """Interleaved verified loads: A = dcp.load, B = rt.load (staged), C = rt.load (streamed)."""
+    import statistics
+    import time
+
+    import torch.distributed.checkpoint as dcp
+    from common import peak_rss
+
+    total = int(args.size_gib * 1024**3)
+    torch.manual_seed(0)
+    model = Blob(total)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    nbytes = sum(v.numel() * 4 for v in sd.values())
+    base = tempfile.mkdtemp(dir=args.dir, prefix="rt-bench-")
+    try:
+        rt.save(os.path.join(base, "rt"), rt.TrainState(model=model, rng=False), 1)
+        dcp.save(sd, checkpoint_id=os.path.join(base, "dcp"))
+        target = Blob(total)
+        tsd = {k: v.detach() for k, v in target.state_dict().items()}
+        tstate = rt.TrainState(model=target, rng=False)
+        methods = {
+            "dcp.load (no verification)": lambda: dcp.load(tsd, checkpoint_id=os.path.join(base, "dcp")),
+            "rt.load staged (every byte verified, state untouched on failure)": lambda: rt.load(os.path.join(base, "rt"), tstate),
+            "rt.load streamed (staging_budget_bytes=0)": lambda: rt.load(os.path.join(base, "rt"), tstate, staging_budget_bytes=0),
+        }
+        for fn in methods.values():  # warm the page cache and imports
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        peaks: dict[str, int] = {k: 0 for k in methods}
+        for _ in range(args.reps):
+            for name, fn in methods.items():  # interleaved: A B C A B C ...
+                for t in tsd.values():
+                    t.zero_()
+                with peak_rss() as mem:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+                peaks[name] = max(peaks[name], mem["peak_extra_bytes"])
+                assert all(torch.equal(tsd[k], sd[k]) for k in sd), name
+        per_core = sha256_rate_one_core()
+        cores = os.cpu_count() or 1
+        res = {
+            name: {"median_s": statistics.median(t), "all_s": t, "gb_per_s": nbytes / statistics.median(t) / 1e9, "peak_extra_bytes": peaks[name]}
+            for name, t in times.items()
+        }
+        dcp_rate = res["dcp.load (no verification)"]["gb_per_s"]
+        staged = res["rt.load staged (every byte verified, state untouched on failure)"]["gb_per_s"]
+        streamed = res["rt.load streamed (staging_budget_bytes=0)"]["gb_per_s"]
+        ceiling = cores * per_core / 1e9
+        ratios = {
+            "staged_vs_dcp": staged / dcp_rate,
+            "streamed_vs_dcp": streamed / dcp_rate,
+            "staged_vs_hash_ceiling": staged / ceiling,
+            "streamed_vs_hash_ceiling": streamed / ceiling,
+        }
+        out = write_result(args.out if args.out != "checkpoint" else "checkpoint_load", {
+            "state_bytes": nbytes, "reps": args.reps, "page_cache": "warm", "order": "interleaved",
+            "sha256_one_core_gb_per_s": per_core / 1e9, "cores": cores, "hash_ceiling_gb_per_s": ceiling,
+            "load_average_1m_at_end": os.getloadavg()[0], "results": res, "ratios": ratios,
+        })
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"state: {nbytes / 1e9:.2f} GB fp32, medians of {args.reps}, interleaved; hash ceiling {cores} x {per_core / 1e9:.2f} = {ceiling:.2f} GB/s")
+    for name, r in res.items():
+        print(f"  {name:<66} {r['gb_per_s']:6.2f} GB/s  {r['median_s']:7.3f} s  peak +{r['peak_extra_bytes'] / 1e9:.2f} GB")
+    for k, v in ratios.items():
+        print(f"  {k:<26} {v:5.2f}x")
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=2.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder)")
     p.add_argument("--out", default="checkpoint")
+    p.add_argument("--load-only", action="store_true", help="only the interleaved verified-load comparison")
     args = p.parse_args()
+    if args.load_only:
+        return load_only(args)
 
     total = int(args.size_gib * 1024**3)
     torch.manual_seed(0)

@@ -12,6 +12,13 @@ For each server (S3 via moto, Azure via azurite, optionally GCS via fake-gcs-ser
   last) vs a hand copy by the same clients: ``fs_src.cat(paths)`` then ``fs_dst.pipe(...)``.
 
     python benchmarks/bench_storage.py --size-mib 128 --runs 3
+    python benchmarks/bench_storage.py --load-only --size-mib 64 --runs 5 --servers s3,azure,gcs
+
+``--load-only``: ``resilient_train.load`` (every byte hashed from the buffer it is placed
+from, fetched once as concurrent ranged reads) vs a plain concurrent ``fs.cat`` of the same
+files with the same client, interleaved (A B A B ...); one extra load goes through a counting
+TCP proxy to count the bytes the server actually sent (one download per byte).
+Results: benchmarks/results/storage_load.json.
 """
 
 from __future__ import annotations
@@ -66,6 +73,137 @@ def summary(times: list[float], nbytes: int) -> dict:
     return {"median_s": m, "mb_per_s": nbytes / 1e6 / m, "runs_s": times}
 
 
+class CountingProxy:
+    """A TCP proxy in front of a server that counts the bytes the server sends back."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target = target_port
+        self.served = 0
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, count: bool) -> None:
+        import socket
+
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if count:
+                    with self._lock:
+                        self.served += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _proxied_options(kind: str, srv, port: int) -> dict:
+    opts = dict(srv.storage_options)
+    here = f"127.0.0.1:{srv.port}"
+    for k, v in list(opts.items()):
+        if isinstance(v, str) and here in v:
+            opts[k] = v.replace(here, f"127.0.0.1:{port}")
+    return opts
+
+
+def load_only(args) -> None:
+    """Interleaved: A = rt.load, B = plain concurrent fs.cat of the same files; plus one
+    counted rt.load through a proxy (bytes the server sent vs bytes in the checkpoint)."""
+    kinds = [k for k in args.servers.split(",") if k]
+    opts = SaveOptions(max_file_bytes=args.file_mib * 2**20, io_threads=args.threads)
+    state = make_state(args.size_mib)
+    fresh = make_state(args.size_mib, seed=1)
+    results: dict = {}
+    for k in kinds:
+        try:
+            srv = SERVERS[k]().start()
+        except Exception as exc:  # noqa: BLE001 - an emulator missing here is reported, not fatal
+            results[k] = {"skipped": f"{type(exc).__name__}: {exc}"}
+            continue
+        try:
+            srv.create_bucket("bench")
+            store = open_store(srv.uri("bench", "rt"), srv.storage_options, name=k)
+            save(store, state, 1, options=opts)
+            fs, root = fs_of(store)
+            paths = [f"{root}/{step_dirname(1)}/{n}" for n in store.list(step_dirname(1))]
+            nbytes = sum(fs.size(p) for p in paths)
+            load(store, fresh, 1)  # warm up clients and the server
+            fs.cat(paths)
+            rt_t, cat_t = [], []
+            for _ in range(args.runs):
+                rt_t.append(timed(lambda: load(store, fresh, 1)))
+                cat_t.append(timed(lambda: fs.cat(paths)))
+            assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), fresh.model.parameters()))
+            proxy = CountingProxy(srv.port)
+            try:
+                counted = open_store(srv.uri("bench", "rt"), _proxied_options(k, srv, proxy.port), name=k)
+                res = load(counted, fresh, 1)
+                served = proxy.served
+            finally:
+                proxy.close()
+            results[k] = {
+                "rt load (hash what you use)": summary(rt_t, nbytes),
+                "plain concurrent fs.cat": summary(cat_t, nbytes),
+                "ratio rt / fs.cat (speed)": statistics.median(cat_t) / statistics.median(rt_t),
+                "checkpoint_bytes": nbytes,
+                "rt_bytes_fetched_by_client": res.bytes_fetched,
+                "bytes_served_by_server_incl_http_headers_manifest_listings": served,
+                "served / checkpoint bytes": served / nbytes,
+            }
+        finally:
+            srv.stop()
+    out = {
+        "benchmark": "bench_storage --load-only",
+        "order": "interleaved (rt, cat, rt, cat, ...)",
+        "size_mib": args.size_mib,
+        "runs": args.runs,
+        "unit": "seconds (median of runs) and MB/s; ratio = fs.cat time / rt time (1.0 = as fast as the plain client)",
+        "machine": machine_info(),
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "results": results,
+    }
+    path = args.out if args.out != os.path.join(RESULTS, "storage_emulators.json") else os.path.join(RESULTS, "storage_load.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    for k, v in results.items():
+        for name, s in v.items():
+            if isinstance(s, dict):
+                print(f"{k:<6} {name:<40} {s['median_s']:>8.3f} s {s['mb_per_s']:>8.1f} MB/s")
+            else:
+                print(f"{k:<6} {name:<40} {s}")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=128)
@@ -74,7 +212,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--servers", default="s3,azure", help="comma list of s3, azure, gcs")
     ap.add_argument("--out", default=os.path.join(RESULTS, "storage_emulators.json"))
+    ap.add_argument("--load-only", action="store_true", help="only the interleaved load comparison, with bytes served counted")
     args = ap.parse_args()
+    if args.load_only:
+        return load_only(args)
     kinds = [k for k in args.servers.split(",") if k]
     opts = SaveOptions(max_file_bytes=args.file_mib * 2**20, io_threads=args.threads)
     state = make_state(args.size_mib)

@@ -14,6 +14,7 @@ Tree::
     |   +-- StoreNotFoundError                  the object does not exist (permanent)
     |   +-- StorePermissionError                access denied / missing credentials (permanent)
     |   +-- StoreUnavailableError               endpoint down after retries (transient, exhausted)
+    |   +-- UnsafeFileError                     a path is a symlink, FIFO or device, not a regular file inside the root
     +-- CheckpointError                         anything about a checkpoint on storage
     |   +-- CheckpointNotFoundError             no committed checkpoint where one was expected
     |   +-- ManifestError                       manifest.json missing fields, malformed, bad names
@@ -23,6 +24,8 @@ Tree::
     |   |   +-- HashMismatchError               a file's SHA-256 differs from the manifest
     |   |   +-- TruncatedFileError              a file is shorter/longer than the manifest says
     |   |   +-- SafetensorsHeaderError          header oversized, not JSON, or lies about offsets
+    |   |   +-- StateFileError                  a JSON state file is oversized, not strict JSON, or malformed
+    |   +-- PartialLoadError                    a load failed after live tensors were overwritten
     |   +-- StateMismatchError                  checkpoint does not fit the model/optimizer
     |   +-- CheckpointWriteError                a save failed (on one or several ranks)
     +-- DistributedError                        a collective failed on one or more ranks
@@ -48,6 +51,9 @@ __all__ = [
     "HashMismatchError",
     "TruncatedFileError",
     "SafetensorsHeaderError",
+    "StateFileError",
+    "UnsafeFileError",
+    "PartialLoadError",
     "StateMismatchError",
     "CheckpointWriteError",
     "DistributedError",
@@ -97,6 +103,11 @@ class StoreUnavailableError(StorageError, ConnectionError):
     """The endpoint kept failing with transient errors until the retry budget ran out."""
 
 
+class UnsafeFileError(StorageError):
+    """A path under a local store is not a regular file reached without symlinks (a symlink on
+    any component, a FIFO, a device, a socket), so it is not read. Permanent: never retried."""
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -134,6 +145,22 @@ class TruncatedFileError(CorruptCheckpointError):
 
 class SafetensorsHeaderError(CorruptCheckpointError):
     """A safetensors header is oversized, not JSON, or describes impossible offsets."""
+
+
+class StateFileError(CorruptCheckpointError):
+    """A JSON file of a checkpoint (state, rank state, index, manifest contents) is oversized,
+    nested too deep, has duplicate keys or bare NaN/Infinity, or does not follow its schema."""
+
+
+class PartialLoadError(CheckpointError):
+    """A load failed after some live tensors had already been overwritten (the load needed more
+    than the staging budget, so verified chunks were copied as they arrived). The training state
+    is a mix of the old state and the checkpoint: load another checkpoint before training on.
+    ``cause`` is the error that stopped the load."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        self.cause = cause
+        super().__init__(message)
 
 
 class StateMismatchError(CheckpointError):

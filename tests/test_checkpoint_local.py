@@ -177,7 +177,7 @@ def _rewrite_manifest(folder, mutate):
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda m: m.update(format_version=2), errors.UnsupportedFormatVersionError, "version 2"),
+        (lambda m: m.update(format_version=3), errors.UnsupportedFormatVersionError, "version 3"),
         (lambda m: m["files"][0].update(path="../../etc/passwd"), errors.UnsafePathError, "leave"),
         (lambda m: m["files"][0].update(path="/abs/file.safetensors"), errors.UnsafePathError, "leave"),
         (lambda m: m["tensors"][0].update(file="../x.safetensors"), errors.UnsafePathError, "leave"),
@@ -221,6 +221,9 @@ def _patch_header(folder, fname, header_bytes: bytes):
             if f["path"] == fname:
                 f["size_bytes"] = len(new)
                 f["sha256"] = hashlib.sha256(new).hexdigest()
+                if "chunk_sha256" in f:  # format v2: the per-chunk digests too
+                    cb = m["hash"]["chunk_bytes"]
+                    f["chunk_sha256"] = [hashlib.sha256(new[i:i + cb]).hexdigest() for i in range(0, max(len(new), 1), cb)]
 
     _rewrite_manifest(folder, fix)
 

@@ -16,7 +16,7 @@ from resilient_train.checkpoint.planner import PieceMeta, plan_reads, plan_save
 from resilient_train.format import Manifest, TensorRecord, decode_json_state, encode_json_state, parse_step_dirname, step_dirname
 
 # Changing any of these bytes changes format version 1: bump FORMAT_VERSION and keep a reader.
-PINNED = {
+PINNED_V1 = {
     'manifest.json' : b'{\n "files": [\n  {\n   "path": "model-00001-of-00001.safetensors",\n   "sha256": "10fdc69197f627a61f8cf82563a86867ebaf50f1dca290fbeb0fb75f6b6519ff",\n   "size_bytes": 172\n  },\n  {\n   "path": "model.safetensors.index.json",\n   "sha256": "b5b757ed16e4862ebdf4a380c21a9c505f763ad14552f69875714df85f9e445f",\n   "size_bytes": 155\n  },\n  {\n   "path": "rank-00000.json",\n   "sha256": "d389bfc79f7f089f4101f3b3326e102fcc5563750b41af61f01ff4885c4384b0",\n   "size_bytes": 33\n  },\n  {\n   "path": "state.json",\n   "sha256": "bb7d0864b5358203174338b18193ce12c178a05bf0f119770691dd29ee5d604a",\n   "size_bytes": 49\n  }\n ],\n "format": "resilient-train-checkpoint",\n "format_version": 1,\n "step": 7,\n "tensors": [\n  {\n   "dtype": "F32",\n   "file": "model-00001-of-00001.safetensors",\n   "global_shape": [\n    1\n   ],\n   "key": "model/bias",\n   "name": "bias",\n   "offsets": [\n    0\n   ],\n   "shape": [\n    1\n   ]\n  },\n  {\n   "dtype": "F32",\n   "file": "model-00001-of-00001.safetensors",\n   "global_shape": [\n    1,\n    2\n   ],\n   "key": "model/weight",\n   "name": "weight",\n   "offsets": [\n    0,\n    0\n   ],\n   "shape": [\n    1,\n    2\n   ]\n  }\n ],\n "world": {\n  "world_size": 1\n }\n}\n' ,
     'model-00001-of-00001.safetensors' : b'\x98\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},"bias":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"weight":{"dtype":"F32","shape":[1,2],"data_offsets":[4,12]}}   \x00\x00\x00?\x00\x00\x80?\x00\x00\x00\xc0' ,
     'model.safetensors.index.json' : b'{\n "metadata": {\n  "total_size": 12\n },\n "weight_map": {\n  "bias": "model-00001-of-00001.safetensors",\n  "weight": "model-00001-of-00001.safetensors"\n }\n}\n' ,
@@ -25,18 +25,45 @@ PINNED = {
 }
 
 
-def test_exact_bytes_of_a_tiny_checkpoint(tmp_path):
+# Format version 2 (the default): the same data files; the manifest adds per-chunk digests
+# ("chunk_sha256", one per 8 MiB here) and the "hash" block with the chunk size.
+PINNED_V2 = {**PINNED_V1, "manifest.json": b'{\n "files": [\n  {\n   "chunk_sha256": [\n    "10fdc69197f627a61f8cf82563a86867ebaf50f1dca290fbeb0fb75f6b6519ff"\n   ],\n   "path": "model-00001-of-00001.safetensors",\n   "sha256": "10fdc69197f627a61f8cf82563a86867ebaf50f1dca290fbeb0fb75f6b6519ff",\n   "size_bytes": 172\n  },\n  {\n   "chunk_sha256": [\n    "b5b757ed16e4862ebdf4a380c21a9c505f763ad14552f69875714df85f9e445f"\n   ],\n   "path": "model.safetensors.index.json",\n   "sha256": "b5b757ed16e4862ebdf4a380c21a9c505f763ad14552f69875714df85f9e445f",\n   "size_bytes": 155\n  },\n  {\n   "chunk_sha256": [\n    "d389bfc79f7f089f4101f3b3326e102fcc5563750b41af61f01ff4885c4384b0"\n   ],\n   "path": "rank-00000.json",\n   "sha256": "d389bfc79f7f089f4101f3b3326e102fcc5563750b41af61f01ff4885c4384b0",\n   "size_bytes": 33\n  },\n  {\n   "chunk_sha256": [\n    "bb7d0864b5358203174338b18193ce12c178a05bf0f119770691dd29ee5d604a"\n   ],\n   "path": "state.json",\n   "sha256": "bb7d0864b5358203174338b18193ce12c178a05bf0f119770691dd29ee5d604a",\n   "size_bytes": 49\n  }\n ],\n "format": "resilient-train-checkpoint",\n "format_version": 2,\n "hash": {\n  "algorithm": "sha256",\n  "chunk_bytes": 8388608\n },\n "step": 7,\n "tensors": [\n  {\n   "dtype": "F32",\n   "file": "model-00001-of-00001.safetensors",\n   "global_shape": [\n    1\n   ],\n   "key": "model/bias",\n   "name": "bias",\n   "offsets": [\n    0\n   ],\n   "shape": [\n    1\n   ]\n  },\n  {\n   "dtype": "F32",\n   "file": "model-00001-of-00001.safetensors",\n   "global_shape": [\n    1,\n    2\n   ],\n   "key": "model/weight",\n   "name": "weight",\n   "offsets": [\n    0,\n    0\n   ],\n   "shape": [\n    1,\n    2\n   ]\n  }\n ],\n "world": {\n  "world_size": 1\n }\n}\n'}
+
+
+def _tiny_model() -> torch.nn.Module:
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, -2.0]]))
         model.bias.fill_(0.5)
-    rt.save(str(tmp_path), rt.TrainState(model=model, rng=False, extra={"lr": 0.1, "name": "tiny"}), 7)
+    return model
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_exact_bytes_of_a_tiny_checkpoint(tmp_path, version):
+    pinned = {1: PINNED_V1, 2: PINNED_V2}[version]
+    state = rt.TrainState(model=_tiny_model(), rng=False, extra={"lr": 0.1, "name": "tiny"})
+    rt.save(str(tmp_path), state, 7, options=rt.checkpoint.SaveOptions(format_version=version))
     folder = tmp_path / "step-0000000007"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(PINNED)
-    for name, data in PINNED.items():
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pinned)
+    for name, data in pinned.items():
         assert (folder / name).read_bytes() == data, name
-    manifest = Manifest.from_bytes(PINNED["manifest.json"])
-    assert manifest.to_bytes() == PINNED["manifest.json"]
+    manifest = Manifest.from_bytes(pinned["manifest.json"])
+    assert manifest.format_version == version
+    assert manifest.to_bytes() == pinned["manifest.json"]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_pinned_checkpoint_of_each_version_loads(tmp_path, version):
+    pinned = {1: PINNED_V1, 2: PINNED_V2}[version]
+    folder = tmp_path / "step-0000000007"
+    folder.mkdir()
+    for name, data in pinned.items():
+        (folder / name).write_bytes(data)
+    model = torch.nn.Linear(2, 1)
+    state = rt.TrainState(model=model, rng=False, extra={})
+    rt.load(str(tmp_path), state)
+    assert model.weight.tolist() == [[1.0, -2.0]] and model.bias.tolist() == [0.5]
+    assert state.extra == {"lr": 0.1, "name": "tiny"}
 
 
 def test_step_folder_names():

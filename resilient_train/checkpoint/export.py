@@ -7,12 +7,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError
 from ..format.jsontree import dumps_canonical
 from ..format.names import HF_INDEX_NAME, step_dirname
 from ..format.safetensors_io import write_file
 from ..storage import Store, open_store
-from .reader import _needed_files, _verify_with_fallback, _whole_target, _records_by_key, latest_step, open_sources, read_manifest, read_tensors
+from .reader import _records_by_key, _whole_target, latest_step, open_sources, read_manifest, read_tensors
 
 __all__ = ["read_model_tensors", "export_hf"]
 
@@ -28,14 +28,8 @@ def read_model_tensors(uri: Any, step: int | None = None, *, storage_options: Ma
             raise CheckpointNotFoundError(f"no committed checkpoint under {sources[0].uri}")
     manifest = read_manifest(sources[0], step)
     targets = [_whole_target(key, recs) for key, recs in sorted(_records_by_key(manifest).items()) if key.startswith("model/")]
-    folder = step_dirname(step)
-    source_of = {}
-    for fname in sorted(_needed_files(manifest, targets)):
-        src, why, _ = _verify_with_fallback(sources, folder, manifest.file(fname), manifest)
-        if src is None:
-            raise CorruptCheckpointError(f"{fname}: {why}")
-        source_of[fname] = src
-    read_tensors(sources, manifest, targets, source_of, io_threads)
+    # Every byte is hashed from the buffer it is copied from (one pass, chunk by chunk).
+    read_tensors(sources, manifest, targets, io_threads=io_threads)
     return step, {t.key.removeprefix("model/"): t.dest for t in targets}
 
 

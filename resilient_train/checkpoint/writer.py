@@ -30,9 +30,9 @@ import torch
 
 from ..errors import CheckpointError, CheckpointWriteError, ResilientTrainError
 from ..format.jsontree import dumps_canonical
-from ..format.manifest import FileRecord, Manifest, TensorRecord
-from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, rank_state_filename, step_dirname
-from ..format.safetensors_io import write_file
+from ..format.manifest import DEFAULT_HASH_CHUNK_BYTES, MAX_HASH_CHUNK_BYTES, MIN_HASH_CHUNK_BYTES, FileRecord, Manifest, TensorRecord
+from ..format.names import FORMAT_VERSION, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename, step_dirname
+from ..format.safetensors_io import FileHasher, write_file_hashed
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
 from .planner import DEFAULT_MAX_FILE_BYTES, FilePlan, SavePlan, plan_save
@@ -45,12 +45,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SaveOptions:
-    """Tuning knobs of a save. ``io_threads``: files written concurrently per rank."""
+    """Tuning knobs of a save. ``io_threads``: files written concurrently per rank.
+    ``format_version``: 2 (default, per-chunk digests of ``hash_chunk_bytes``) or 1 (whole-file
+    digests only, for readers older than format 2)."""
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     io_threads: int = max(1, min(8, os.cpu_count() or 1))
+    format_version: int = FORMAT_VERSION
+    hash_chunk_bytes: int = DEFAULT_HASH_CHUNK_BYTES
+
+    @property
+    def _chunk_bytes(self) -> int | None:
+        return self.hash_chunk_bytes if self.format_version >= 2 else None
 
     def __post_init__(self) -> None:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"format_version must be one of {READABLE_FORMAT_VERSIONS}, got {self.format_version}")
+        if not MIN_HASH_CHUNK_BYTES <= self.hash_chunk_bytes <= MAX_HASH_CHUNK_BYTES:
+            raise ValueError(f"hash_chunk_bytes must be in [{MIN_HASH_CHUNK_BYTES}, {MAX_HASH_CHUNK_BYTES}], got {self.hash_chunk_bytes}")
         if self.max_file_bytes <= 0:
             raise ValueError(f"max_file_bytes must be positive, got {self.max_file_bytes}")
         if self.io_threads < 1:
@@ -95,19 +107,20 @@ def _prepare(store: Store, folder: str) -> None:
         store.delete(folder, recursive=True)
 
 
-def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None) -> FileRecord:
+def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, chunk_bytes: int | None = None) -> FileRecord:
     cpu_items = [(n, t if t.device.type == "cpu" else t.to("cpu")) for n, t in items]
+    hasher = FileHasher(chunk_bytes)
     with store.open_write(path) as f:
-        size, sha = write_file(f, cpu_items, metadata)
-    return FileRecord(path.rsplit("/", 1)[-1], size, sha)
+        write_file_hashed(f, cpu_items, metadata, hasher)
+    return FileRecord(path.rsplit("/", 1)[-1], *hasher.digests())
 
 
-def _write_json(store: Store, path: str, obj: Any) -> FileRecord:
-    import hashlib
-
+def _write_json(store: Store, path: str, obj: Any, chunk_bytes: int | None = None) -> FileRecord:
     data = dumps_canonical(obj)
     store.write_bytes(path, data)
-    return FileRecord(path.rsplit("/", 1)[-1], len(data), hashlib.sha256(data).hexdigest())
+    hasher = FileHasher(chunk_bytes)
+    hasher.update(data)
+    return FileRecord(path.rsplit("/", 1)[-1], *hasher.digests())
 
 
 def _hf_index(plan: SavePlan) -> dict[str, Any]:
@@ -177,7 +190,10 @@ def write_snapshot(
         err = _describe(exc)
     _agree(coord, err, f"write of {folder} to {store.uri}")
     all_records = [r for rank_records in coord.all_gather(records) for r in rank_records]
-    manifest = Manifest(step=step, world_size=coord.world_size, files=tuple(all_records), tensors=tuple(_tensor_records(plan)))
+    manifest = Manifest(
+        step=step, world_size=coord.world_size, files=tuple(all_records), tensors=tuple(_tensor_records(plan)),
+        format_version=opts.format_version, chunk_bytes=opts._chunk_bytes,
+    )
 
     err = None
     if coord.rank == 0:
@@ -205,11 +221,11 @@ def _write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan,
     records: list[FileRecord] = []
     if jobs:
         with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool:
-            futures = [pool.submit(_write_one, store, path, items, meta) for path, items, meta in jobs]
+            futures = [pool.submit(_write_one, store, path, items, meta, opts._chunk_bytes) for path, items, meta in jobs]
             records = [fut.result() for fut in futures]
     if coord.rank == 0:
-        records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared))
+        records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared, opts._chunk_bytes))
         if any(f.group == "model" for f in plan.files):
-            records.append(_write_json(store, f"{folder}/{HF_INDEX_NAME}", _hf_index(plan)))
-    records.append(_write_json(store, f"{folder}/{rank_state_filename(coord.rank)}", snap.rank_state))
+            records.append(_write_json(store, f"{folder}/{HF_INDEX_NAME}", _hf_index(plan), opts._chunk_bytes))
+    records.append(_write_json(store, f"{folder}/{rank_state_filename(coord.rank)}", snap.rank_state, opts._chunk_bytes))
     return records

@@ -1,4 +1,8 @@
-"""The manifest: the commit record of a checkpoint (format version 1).
+"""The manifest: the commit record of a checkpoint (format version 2; version 1 is read too).
+
+Version 2 adds, for every file, the SHA-256 of each ``chunk_bytes``-sized chunk
+(``chunk_sha256``), so any byte range verifies on its own: a reader hashes exactly the chunks
+it fetches, in parallel, from the buffer it then uses. Version 1 has the whole-file digest only.
 
 ``manifest.json`` is written last, after every file it lists is durable. Its bytes are
 canonical (see :func:`~resilient_train.format.jsontree.dumps_canonical`) and pinned by tests.
@@ -8,19 +12,29 @@ refused before any tensor is touched.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ManifestError, UnsafePathError, UnsupportedFormatVersionError
-from .jsontree import dumps_canonical
-from .names import FORMAT_NAME, FORMAT_VERSION
+from .jsontree import dumps_canonical, loads_strict
+from .names import FORMAT_NAME, FORMAT_VERSION, HASH_ALGORITHM, READABLE_FORMAT_VERSIONS
 from .safetensors_io import ITEMSIZE
 
-__all__ = ["FileRecord", "TensorRecord", "Manifest", "check_filename", "MAX_MANIFEST_BYTES"]
+__all__ = ["FileRecord", "TensorRecord", "Manifest", "check_filename", "chunk_count", "MAX_MANIFEST_BYTES", "DEFAULT_HASH_CHUNK_BYTES"]
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+DEFAULT_HASH_CHUNK_BYTES = 8 * 1024 * 1024
+"""Chunk size of the per-chunk digests written by default (see docs/format.md for the measurement)."""
+
+MIN_HASH_CHUNK_BYTES = 4096
+MAX_HASH_CHUNK_BYTES = 1024 * 1024 * 1024
+
+
+def chunk_count(size_bytes: int, chunk_bytes: int) -> int:
+    """Chunks of a file of ``size_bytes``: ``ceil(size / chunk_bytes)``, and 1 for an empty file."""
+    return max(1, -(-size_bytes // chunk_bytes))
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -37,12 +51,18 @@ def check_filename(name: Any) -> str:
 
 @dataclass(frozen=True)
 class FileRecord:
+    """One file: size, whole-file SHA-256 and (format v2) the SHA-256 of every chunk."""
+
     path: str
     size_bytes: int
     sha256: str
+    chunk_sha256: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
+        out: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
+        if self.chunk_sha256 is not None:
+            out["chunk_sha256"] = list(self.chunk_sha256)
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,8 @@ class Manifest:
     files: tuple[FileRecord, ...]
     tensors: tuple[TensorRecord, ...]
     format_version: int = FORMAT_VERSION
+    chunk_bytes: int | None = None
+    """Format v2: size of the chunks whose digests ``FileRecord.chunk_sha256`` holds."""
     _by_path: dict[str, FileRecord] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,8 +132,16 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size_bytes for f in self.files)
 
+    def chunks(self, rec: FileRecord) -> list[tuple[int, int, str]]:
+        """``(start, end, sha256)`` of every independently verifiable range of ``rec``: the
+        chunks of format v2, or the whole file as one range in format v1."""
+        if rec.chunk_sha256 is None or self.chunk_bytes is None:
+            return [(0, rec.size_bytes, rec.sha256)]
+        cb = self.chunk_bytes
+        return [(i * cb, min(rec.size_bytes, (i + 1) * cb), d) for i, d in enumerate(rec.chunk_sha256)]
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "files": [f.to_json() for f in self.files],
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -119,6 +149,9 @@ class Manifest:
             "tensors": [t.to_json() for t in self.tensors],
             "world": {"world_size": self.world_size},
         }
+        if self.format_version >= 2:
+            out["hash"] = {"algorithm": HASH_ALGORITHM, "chunk_bytes": self.chunk_bytes}
+        return out
 
     def to_bytes(self) -> bytes:
         return dumps_canonical(self.to_json())
@@ -126,12 +159,7 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "manifest.json") -> "Manifest":
         """Parse and validate. Raises ManifestError (or a subclass) naming ``where``."""
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{where}: {len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{where} is not valid JSON ({exc}); the checkpoint was not committed correctly") from None
+        obj = loads_strict(data, where=where, max_bytes=MAX_MANIFEST_BYTES, error=ManifestError)
         return cls.from_json(obj, where=where)
 
     @classmethod
@@ -146,11 +174,21 @@ class Manifest:
         version = obj.get("format_version")
         if type(version) is not int:
             raise fail("'format_version' must be an integer")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise UnsupportedFormatVersionError(
-                f"{where}: format version {version} is not supported by this library (it reads version {FORMAT_VERSION}); "
-                "upgrade resilient-train to read it"
+                f"{where}: format version {version} is not supported by this library (it reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade resilient-train to read it"
             )
+        chunk_bytes = None
+        if version >= 2:
+            h = obj.get("hash")
+            if not isinstance(h, dict) or set(h) != {"algorithm", "chunk_bytes"}:
+                raise fail("'hash' must be an object with exactly 'algorithm' and 'chunk_bytes'")
+            if h["algorithm"] != HASH_ALGORITHM:
+                raise UnsupportedFormatVersionError(f"{where}: hash algorithm {h['algorithm']!r} is not supported (this library reads {HASH_ALGORITHM!r})")
+            chunk_bytes = h["chunk_bytes"]
+            if type(chunk_bytes) is not int or not MIN_HASH_CHUNK_BYTES <= chunk_bytes <= MAX_HASH_CHUNK_BYTES:
+                raise fail(f"'hash.chunk_bytes' must be an integer in [{MIN_HASH_CHUNK_BYTES}, {MAX_HASH_CHUNK_BYTES}]")
         step = obj.get("step")
         if type(step) is not int or step < 0:
             raise fail("'step' must be a non-negative integer")
@@ -174,9 +212,25 @@ class Manifest:
                 raise fail(f"file {path!r}: 'size_bytes' must be a non-negative integer")
             if not isinstance(sha, str) or not _SHA256.match(sha):
                 raise fail(f"file {path!r}: 'sha256' must be 64 lowercase hex digits")
-            files.append(FileRecord(path, size, sha))
+            chunk_sha = None
+            if chunk_bytes is not None:
+                raw = f.get("chunk_sha256")
+                want = chunk_count(size, chunk_bytes)
+                if not isinstance(raw, list) or len(raw) != want or not all(isinstance(d, str) and _SHA256.match(d) for d in raw):
+                    raise fail(f"file {path!r}: 'chunk_sha256' must list {want} digests of 64 lowercase hex digits")
+                chunk_sha = tuple(raw)
+                extra_keys = set(f) - {"path", "sha256", "size_bytes", "chunk_sha256"}
+            else:
+                extra_keys = set(f) - {"path", "sha256", "size_bytes"}
+            if extra_keys:
+                raise fail(f"file {path!r}: unknown fields {sorted(extra_keys)}")
+            files.append(FileRecord(path, size, sha, chunk_sha))
         tensors = []
         pieces: dict[tuple[str, str], str] = {}
+        sizes = {f.path: f.size_bytes for f in files}
+        first_of_key: dict[str, TensorRecord] = {}
+        key_bytes: dict[str, int] = {}
+        file_bytes: dict[str, int] = {}
         for i, t in enumerate(tensors_raw):
             if not isinstance(t, dict):
                 raise fail(f"tensors[{i}] must be an object")
@@ -199,5 +253,20 @@ class Manifest:
             if (fname, name) in pieces:
                 raise fail(f"name {name!r} appears twice in file {fname!r}")
             pieces[(fname, name)] = key
-            tensors.append(TensorRecord(key, fname, name, dtype, tuple(shape), tuple(gshape), tuple(offs)))
-        return cls(step=step, world_size=world["world_size"], files=tuple(files), tensors=tuple(tensors), format_version=version)
+            rec = TensorRecord(key, fname, name, dtype, tuple(shape), tuple(gshape), tuple(offs))
+            # Bounded by the bytes that hold it: no allocation sized by a lying manifest.
+            file_bytes[fname] = file_bytes.get(fname, 0) + rec.nbytes
+            if file_bytes[fname] > sizes[fname]:
+                raise fail(f"tensors of {fname!r} need more than its {sizes[fname]} bytes (at tensor {key!r})")
+            first = first_of_key.setdefault(key, rec)
+            if first.dtype != rec.dtype or first.global_shape != rec.global_shape:
+                raise fail(f"tensor {key!r}: pieces disagree about dtype or global shape")
+            key_bytes[key] = key_bytes.get(key, 0) + rec.nbytes
+            tensors.append(rec)
+        for key, first in first_of_key.items():
+            whole = ITEMSIZE[first.dtype]
+            for g in first.global_shape:
+                whole *= g
+            if whole > key_bytes[key]:
+                raise fail(f"tensor {key!r}: global shape {list(first.global_shape)} holds more than its stored pieces")
+        return cls(step=step, world_size=world["world_size"], files=tuple(files), tensors=tuple(tensors), format_version=version, chunk_bytes=chunk_bytes)

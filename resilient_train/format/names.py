@@ -1,4 +1,4 @@
-"""Names that are part of the on-disk format, version 1. Changing any of them changes the format."""
+"""Names that are part of the on-disk format (version 2; version 1 stays readable). Changing any of them changes the format."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
+    "HASH_ALGORITHM",
     "MANIFEST_NAME",
     "STATE_NAME",
     "HF_INDEX_NAME",
@@ -18,7 +20,13 @@ __all__ = [
 ]
 
 FORMAT_NAME = "resilient-train-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written by default. Version 2 adds per-chunk SHA-256 digests of every file."""
+
+READABLE_FORMAT_VERSIONS = (1, 2)
+
+HASH_ALGORITHM = "sha256"
+"""The only digest algorithm written and accepted (``hash.algorithm`` in a v2 manifest)."""
 
 MANIFEST_NAME = "manifest.json"
 """The commit marker: a step folder is a checkpoint only once this file exists."""

@@ -16,6 +16,7 @@ from typing import BinaryIO, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import SafetensorsHeaderError
+from .jsontree import loads_strict
 
 __all__ = [
     "DTYPE_TO_ST",
@@ -25,6 +26,7 @@ __all__ = [
     "build_header",
     "tensor_bytes",
     "write_file",
+    "FileHasher",
     "parse_header",
     "CHUNK_BYTES",
 ]
@@ -101,26 +103,68 @@ def build_header(entries: Sequence[tuple[str, torch.dtype, Sequence[int]]], meta
     return struct.pack("<Q", len(body)) + body, slots
 
 
+class FileHasher:
+    """SHA-256 of a byte stream, whole and (with ``chunk_bytes``) per fixed-size chunk, fed in
+    any pieces. ``digests()`` returns ``(size_bytes, whole_sha256, chunk_sha256s or None)``."""
+
+    def __init__(self, chunk_bytes: int | None = None):
+        self.size = 0
+        self._whole = hashlib.sha256()
+        self._chunk_bytes = chunk_bytes
+        self._chunk = hashlib.sha256() if chunk_bytes else None
+        self._in_chunk = 0
+        self._chunks: list[str] = []
+
+    def update(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        self._whole.update(mv)
+        self.size += len(mv)
+        if self._chunk is None:
+            return
+        cb = self._chunk_bytes
+        while len(mv):
+            n = min(len(mv), cb - self._in_chunk)  # type: ignore[operator]
+            self._chunk.update(mv[:n])
+            self._in_chunk += n
+            mv = mv[n:]
+            if self._in_chunk == cb:
+                self._chunks.append(self._chunk.hexdigest())
+                self._chunk = hashlib.sha256()
+                self._in_chunk = 0
+
+    def digests(self) -> tuple[int, str, tuple[str, ...] | None]:
+        if self._chunk is None:
+            return self.size, self._whole.hexdigest(), None
+        chunks = list(self._chunks)
+        if self._in_chunk or not chunks:
+            chunks.append(self._chunk.hexdigest())
+        return self.size, self._whole.hexdigest(), tuple(chunks)
+
+
 def write_file(f: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
     """Write one safetensors file to ``f``; return ``(size_bytes, sha256_hex)``.
 
     Hashing happens chunk by chunk while writing (hashlib releases the GIL on large buffers, so
     several files written from several threads use several cores). Tensors must be on the CPU.
     """
+    hasher = FileHasher()
+    write_file_hashed(f, tensors, metadata, hasher)
+    size, sha, _ = hasher.digests()
+    return size, sha
+
+
+def write_file_hashed(f: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, hasher: FileHasher) -> None:
+    """Write one safetensors file to ``f``, feeding every byte written to ``hasher``."""
     items = list(tensors)
     head, _ = build_header([(n, t.dtype, tuple(t.shape)) for n, t in items], metadata)
-    h = hashlib.sha256()
-    h.update(head)
+    hasher.update(head)
     _write_all(f, head)
-    size = len(head)
     for _, t in items:
         mv = tensor_bytes(t)
         for start in range(0, len(mv), CHUNK_BYTES):
             chunk = mv[start:start + CHUNK_BYTES]
-            h.update(chunk)
+            hasher.update(chunk)
             _write_all(f, chunk)
-        size += len(mv)
-    return size, h.hexdigest()
 
 
 def _write_all(f: BinaryIO, data) -> None:
@@ -152,10 +196,7 @@ def parse_header(prefix: bytes, file_size: int, *, where: str = "", max_header_b
         raise SafetensorsHeaderError(f"safetensors header{loc} claims {n} bytes but the file has only {file_size}")
     if len(prefix) < 8 + n:
         raise ValueError("need more header bytes", 8 + n)
-    try:
-        header = json.loads(prefix[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsHeaderError(f"safetensors header{loc} is not valid JSON: {exc}") from None
+    header = loads_strict(bytes(prefix[8:8 + n]), where=f"safetensors header{loc}", max_bytes=max_header_bytes, error=SafetensorsHeaderError)
     if not isinstance(header, dict):
         raise SafetensorsHeaderError(f"safetensors header{loc} is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -164,6 +205,8 @@ def parse_header(prefix: bytes, file_size: int, *, where: str = "", max_header_b
     data_len = file_size - 8 - n
     slots: dict[str, TensorSlot] = {}
     for name, info in header.items():
+        if not name:
+            raise SafetensorsHeaderError(f"safetensors header{loc}: empty tensor name")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise SafetensorsHeaderError(f"tensor {name!r}{loc}: entry must have exactly dtype, shape, data_offsets")
         st, shape, offs = info["dtype"], info["shape"], info["data_offsets"]

@@ -1,14 +1,21 @@
-"""A Store on the local filesystem: plain ``open``, fsync for durability, no fsspec layer."""
+"""A Store on the local filesystem: plain ``open``, fsync for durability, no fsspec layer.
+
+Reads only regular files reached without symlinks below the root: every path component is
+opened with ``O_NOFOLLOW`` relative to its parent's descriptor, the file itself non-blocking
+(a FIFO cannot hang the open), and anything that is not a regular file is refused with
+:class:`~resilient_train.errors.UnsafeFileError`. Ranged reads never read past ``end``.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator
 
-from ..errors import StorageError, StoreNotFoundError, StorePermissionError
+from ..errors import StorageError, StoreNotFoundError, StorePermissionError, UnsafeFileError
 from .base import check_relpath
 
 __all__ = ["LocalStore"]
@@ -69,26 +76,74 @@ class LocalStore:
                 except OSError:
                     pass
 
-    @contextmanager
-    def open_read(self, path: str) -> Iterator[BinaryIO]:
-        full = self._abs(path)
+    def _open_fd(self, path: str, *, directory: bool = False) -> int:
+        """A descriptor of ``path`` opened without following any symlink below the root.
+        Raises UnsafeFileError for a symlink, FIFO, device or socket (or a folder when a file
+        is asked for), StoreNotFoundError when it does not exist."""
+        rel = check_relpath(path, allow_empty=directory)
+        parts = rel.split("/") if rel else []
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        dir_flags = os.O_RDONLY | os.O_DIRECTORY | cloexec
         try:
-            f = open(full, "rb", buffering=0)
+            fd = os.open(self._root, dir_flags)
         except OSError as exc:
             raise self._wrap(exc, path) from exc
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                flags = (os.O_RDONLY | os.O_NONBLOCK | cloexec) if last and not directory else dir_flags
+                try:
+                    nfd = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EMLINK):
+                        try:
+                            st = os.lstat(part, dir_fd=fd)
+                        except OSError:
+                            st = None
+                        if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                            raise UnsafeFileError(f"{'/'.join(parts[:i + 1])!r} under {self._root} is {kind}; refusing to read it", provider=self.name, path=path) from None
+                    raise self._wrap(exc, path) from exc
+                os.close(fd)
+                fd = nfd
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+                raise UnsafeFileError(f"{path!r} under {self._root} is not a regular {'folder' if directory else 'file'}; refusing to read it", provider=self.name, path=path)
+            if not directory:
+                os.set_blocking(fd, True)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @contextmanager
+    def open_read(self, path: str) -> Iterator[BinaryIO]:
+        f = open(self._open_fd(path), "rb", buffering=0)
         with f:
             yield f  # type: ignore[misc]
 
     def read_bytes(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        with self.open_read(path) as f:
-            try:
-                if start:
-                    f.seek(start)
-                if end is None:
-                    return f.read()
-                return f.read(max(0, end - (start or 0)))
-            except OSError as exc:
-                raise self._wrap(exc, path) from exc
+        """Bytes ``[start, end)`` of ``path`` (fewer at the end of the file); never reads past
+        ``end``. Without ``end`` the whole file is read, bounded by its size when opened."""
+        fd = self._open_fd(path)
+        try:
+            pos = start or 0
+            if end is None:
+                end = os.fstat(fd).st_size
+            want = max(0, end - pos)
+            parts = []
+            while want > 0:
+                chunk = os.pread(fd, want, pos)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                pos += len(chunk)
+                want -= len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except OSError as exc:
+            raise self._wrap(exc, path) from exc
+        finally:
+            os.close(fd)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         with self.open_write(path) as f:
@@ -98,21 +153,27 @@ class LocalStore:
         return os.path.exists(self._abs(path, allow_empty=True))
 
     def size(self, path: str) -> int:
+        fd = self._open_fd(path)
         try:
-            return os.stat(self._abs(path)).st_size
-        except OSError as exc:
-            raise self._wrap(exc, path) from exc
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def list(self, path: str = "") -> list[str]:
-        full = self._abs(path, allow_empty=True)
         try:
-            return sorted(os.listdir(full))
-        except FileNotFoundError:
+            fd = self._open_fd(path, directory=True)
+        except (StoreNotFoundError, UnsafeFileError):
             return []
-        except NotADirectoryError:
-            return []
+        except StorageError as exc:
+            if isinstance(exc.__cause__, NotADirectoryError):
+                return []
+            raise
+        try:
+            return sorted(os.listdir(fd))
         except OSError as exc:
             raise self._wrap(exc, path) from exc
+        finally:
+            os.close(fd)
 
     def delete(self, path: str, recursive: bool = False) -> None:
         full = self._abs(path)
