@@ -333,6 +333,13 @@ class Membership:
                                       f"failed collective (store error: {self.last_error!r})")
             time.sleep(poll_s)
 
+    def set_flag(self, name: str) -> None:
+        """Set a job-wide flag in the store (e.g. "started": the job has taken its first step)."""
+        self._kv.set(self._k(f"flag/{name}"), b"1", timeout=self.store_timeout)
+
+    def flag(self, name: str) -> bool:
+        return self._kv.get(self._k(f"flag/{name}"), timeout=self.store_timeout) is not None
+
     def _adopt_published(self, raw: bytes) -> View:
         """Record a view read on the training thread (as the background thread's scan does)."""
         view, reason = decode_view(raw)

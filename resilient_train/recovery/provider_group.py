@@ -186,13 +186,16 @@ class ProviderGroup:
                 raise MembershipError(f"group {self.name}: could not join the job within {self.join_timeout_s} s "
                                       f"(latest view: epoch {m.latest.epoch} {list(m.latest.members)}; store error: {m.last_error!r})")
             m.wait_for_admission(left)
-            if len(m.latest.members) < self.start_groups:
-                m.wait_for_change(min(1.0, left)) if m.latest.epoch > m.view.epoch else time.sleep(0.05)
+            # start_groups holds back the job's first step only; a joiner of a running job
+            # (the flag below is set) joins whatever view admitted it
+            if len(m.latest.members) < self.start_groups and not m.flag("started"):
+                time.sleep(0.05)
                 continue
             try:
                 self._adopt()
                 res = self._sync_view()
                 self._vote_loop()  # as the members do after the switch that admitted us
+                m.set_flag("started")
                 return res
             except (MembershipError, DistributedError) as exc:
                 log.info("group %s: joining epoch %d failed (%s); waiting for the next view", self.name, m.latest.epoch, exc)
