@@ -14,6 +14,7 @@ Tree::
     |   +-- StoreNotFoundError                  the object does not exist (permanent)
     |   +-- StorePermissionError                access denied / missing credentials (permanent)
     |   +-- StoreUnavailableError               endpoint down after retries (transient, exhausted)
+    |   +-- StoreConflictError                  a create-only write found the object already there
     +-- CheckpointError                         anything about a checkpoint on storage
     |   +-- CheckpointNotFoundError             no committed checkpoint where one was expected
     |   +-- ManifestError                       manifest.json missing fields, malformed, bad names
@@ -25,6 +26,8 @@ Tree::
     |   |   +-- SafetensorsHeaderError          header oversized, not JSON, or lies about offsets
     |   +-- StateMismatchError                  checkpoint does not fit the model/optimizer
     |   +-- CheckpointWriteError                a save failed (on one or several ranks)
+    |   |   +-- CommitConflictError             another writer committed the same step first
+    |   +-- SignatureError                      manifest unsigned, wrongly signed or modified
     +-- DistributedError                        a collective failed on one or more ranks
 """
 
@@ -59,6 +62,9 @@ __all__ = [
     "MembershipError",
     "MembershipStoreError",
     "MembershipRefusedError",
+    "StoreConflictError",
+    "CommitConflictError",
+    "SignatureError",
 ]
 
 
@@ -93,6 +99,11 @@ class StorePermissionError(StorageError, PermissionError):
 
 class StoreUnavailableError(StorageError, ConnectionError):
     """The endpoint kept failing with transient errors until the retry budget ran out."""
+
+
+class StoreConflictError(StorageError, FileExistsError):
+    """A create-only write (:meth:`Store.write_bytes_exclusive`) found the object already there.
+    Permanent: never retried."""
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -147,6 +158,16 @@ class CheckpointWriteError(CheckpointError):
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failures.items()))
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+class CommitConflictError(CheckpointWriteError):
+    """Another writer committed this step first (the manifest is written create-only, so of two
+    writers of one step exactly one commits). The checkpoint that is there is the other one's."""
+
+
+class SignatureError(CheckpointError):
+    """A verification key is configured and the manifest is unsigned, signed by an unknown key,
+    or its signature does not match its bytes (it was modified). Never carries key material."""
 
 
 class DistributedError(ResilientTrainError):
