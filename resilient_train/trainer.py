@@ -308,7 +308,7 @@ class Trainer:
         def skipped(step: int, reason: str) -> None:
             self.events.emit("resume_fallback", step=step, reason=reason)
 
-        result = load_newest_verifiable(lambda: steps_newest_first(self._sources(), keys=keys), load_step, process_group=pg, on_skip=skipped)
+        result = load_newest_verifiable(lambda: steps_newest_first(self._sources()), load_step, process_group=pg, on_skip=skipped)
         if result is None:
             self.events.emit("no_checkpoint")
             return

@@ -99,7 +99,7 @@ class CheckpointManager:
             result = load(self.store, state, step, process_group=self.process_group, verify_keys=self.verify_keys)
         else:
             result = load_newest_verifiable(
-                lambda: list(reversed(committed_steps(self.store, keys=self.verify_keys))),
+                lambda: list(reversed(committed_steps(self.store))),
                 lambda s: load(self.store, state, s, process_group=self.process_group, verify_keys=self.verify_keys),
                 process_group=self.process_group,
                 on_skip=lambda s, why: self.skipped.append((s, why)),
