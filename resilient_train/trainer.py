@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
-from .checkpoint.discovery import load_newest_verifiable, steps_newest_first
+from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
 from .checkpoint.writer import SaveOptions
 from .format.signing import as_keyring
 from .checkpoint.replicate import load_replicated
@@ -292,7 +292,8 @@ class Trainer:
 
     def _resume(self) -> None:
         """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
-        a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event); an
+        a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event) and
+        uncommitted, since training will save that step again; an
         unreachable provider is skipped while another answers; when none answers, StorageError."""
         ck = self.config.checkpoint
         pg = self._ckpt_group
@@ -307,6 +308,12 @@ class Trainer:
 
         def skipped(step: int, reason: str) -> None:
             self.events.emit("resume_fallback", step=step, reason=reason)
+            if self.rank == 0:  # training goes on from an older step and will save this one again
+                for store in self._sources():
+                    try:
+                        uncommit(store, step, reason)
+                    except (StorageError, OSError) as exc:
+                        log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
 
         result = load_newest_verifiable(lambda: steps_newest_first(self._sources()), load_step, process_group=pg, on_skip=skipped)
         if result is None:

@@ -89,17 +89,22 @@ def test_sign_verify_refuse_and_rotate(tmp_path):
     with pytest.raises(SignatureError, match="does not match the manifest"):
         load(root, make_train_state(seed=5), 2, verify_keys=pub)
 
-    # Newest is unsigned, step 2 is modified: the manager falls back to the newest verifiable (1).
+    # Newest is unsigned, step 2 is modified: the manager falls back to the newest verifiable (1)
+    # and uncommits the two it skipped (their manifests are kept aside).
     mgr = CheckpointManager(root, every_n_steps=1, verify_keys=both)
     res = mgr.restore(make_train_state(seed=5))
     assert res is not None and res.step == 1 and [s for s, _ in mgr.skipped] == [3, 2]
-    assert mgr.latest_step() == 1
+    assert mgr.latest_step() == 1 and mgr.steps() == [1]
+    assert store.exists(f"{step_dirname(3)}/rejected-manifest.json")
 
-    # `ckpt sign` signs the unsigned step 3 in place; the manifest itself is unchanged.
-    before = store.read_bytes(f"{step_dirname(3)}/{MANIFEST_NAME}")
-    assert cli(["ckpt", "sign", f"{root}/{step_dirname(3)}", "--key", str(tmp_path / "priv.pem")]) == 0
-    assert store.read_bytes(f"{step_dirname(3)}/{MANIFEST_NAME}") == before
-    assert load(root, make_train_state(seed=5), verify_keys=pub).step == 3
+    # `ckpt sign` signs an unsigned checkpoint in place; the manifest itself is unchanged.
+    save(root, state, 4)
+    before = store.read_bytes(f"{step_dirname(4)}/{MANIFEST_NAME}")
+    with pytest.raises(SignatureError):
+        load(root, make_train_state(seed=5), 4, verify_keys=pub)
+    assert cli(["ckpt", "sign", f"{root}/{step_dirname(4)}", "--key", str(tmp_path / "priv.pem")]) == 0
+    assert store.read_bytes(f"{step_dirname(4)}/{MANIFEST_NAME}") == before
+    assert load(root, make_train_state(seed=5), verify_keys=pub).step == 4
 
 
 def test_cli_verify_names_the_file_at_fault(tmp_path, capsys):

@@ -5,16 +5,22 @@ Rules (``docs/format.md``, "Which checkpoint is the latest"):
 * A step folder is committed when its ``manifest.json`` exists **and parses**; a torn or empty
   manifest (a crash while committing on a store without atomic writes) counts as uncommitted:
   it is ignored here and a new save of that step replaces it.
-* Commits are found by reading manifests, never by ``exists``/``size``: fsspec clients answer
-  those from a listing cache that may predate another client's commit. Listings go through
-  :meth:`Store.list`, which drops the client's listing cache first.
+* Commits are found by listing each step folder and reading its manifest, never by
+  ``exists``/``size`` alone: fsspec clients answer those (and s3fs even sizes a whole-object
+  read) from a listing cache that may predate another client's commit. :meth:`Store.list`
+  drops the client's cached listing of that folder and lists it afresh, which also renews the
+  cache every later read of the folder consults.
 * With verification keys, a manifest whose signature does not verify is not a candidate.
 * A store that cannot be reached is an error (:class:`StoreUnavailableError` once its retry
   budget is spent), never "no checkpoint". Over several providers, the unreachable ones are
   skipped with a warning as long as one answers; only when none answers is the error raised.
 * :func:`load_newest_verifiable` walks the candidates newest first and falls back past a
   checkpoint that fails verification (corrupt, unsigned, torn, missing), warning and calling
-  ``on_skip`` for each one skipped.
+  ``on_skip`` for each one skipped. Training then goes on from the older step and will save
+  the skipped steps again, so the manager and ``wrap`` :func:`uncommit` each skipped one: its
+  manifest is kept aside as ``rejected-manifest.json`` (for inspection) and ``manifest.json``
+  removed, which makes the folder an uncommitted leftover that the next save of that step
+  (or retention) clears.
 """
 
 from __future__ import annotations
@@ -44,12 +50,35 @@ __all__ = [
     "find_latest",
     "load_newest_verifiable",
     "FALLBACK_ERRORS",
+    "REJECTED_MANIFEST_NAME",
+    "uncommit",
 ]
 
 log = logging.getLogger(__name__)
 
 FALLBACK_ERRORS: tuple[type[BaseException], ...] = (CorruptCheckpointError, ManifestError, SignatureError, CheckpointNotFoundError)
 """A checkpoint that fails with one of these is skipped for the next older one."""
+
+
+REJECTED_MANIFEST_NAME = "rejected-manifest.json"
+"""Where :func:`uncommit` keeps the manifest of a checkpoint that failed verification."""
+
+
+def uncommit(store: Store, step: int, reason: str) -> bool:
+    """Turn committed checkpoint ``step`` that failed verification into an uncommitted folder
+    (see module doc). Returns False when there was no manifest. Storage errors propagate."""
+    from .signatures import SIGNATURE_NAME
+
+    folder = step_dirname(step)
+    try:
+        data = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
+    except FileNotFoundError:
+        return False
+    store.write_bytes(f"{folder}/{REJECTED_MANIFEST_NAME}", data)
+    store.delete(f"{folder}/{MANIFEST_NAME}")
+    store.delete(f"{folder}/{SIGNATURE_NAME}")
+    log.warning("uncommitted checkpoint step %d under %s (its manifest is kept as %s): %s", step, store.uri, REJECTED_MANIFEST_NAME, reason)
+    return True
 
 
 def step_folders(store: Store) -> list[int]:
@@ -66,6 +95,8 @@ def _manifest(store: Store, step: int, keys: Any) -> Manifest | None:
     """The manifest of ``step`` if committed (and signed, with ``keys``); None otherwise."""
     from .reader import read_manifest
 
+    if MANIFEST_NAME not in store.list(step_dirname(step)):  # fresh listing: renews the client's cache
+        return None
     try:
         return read_manifest(store, step, keys=keys)
     except CheckpointNotFoundError:
@@ -77,14 +108,15 @@ def _manifest(store: Store, step: int, keys: Any) -> Manifest | None:
 
 def committed_steps(store: Store, *, validate: bool = True, keys: Any = None) -> list[int]:
     """Committed steps under ``store``, ascending (see module doc). ``validate=False`` only
-    checks that the manifest is non-empty, without parsing it."""
+    checks that the manifest is non-empty, without parsing it (it is still read: sizes may
+    come from a stale cache)."""
     out = []
     for step in step_folders(store):
         if validate or keys is not None:
             ok = _manifest(store, step, keys) is not None
         else:
             try:
-                ok = bool(store.read_bytes(f"{step_dirname(step)}/{MANIFEST_NAME}", 0, 1))
+                ok = MANIFEST_NAME in store.list(step_dirname(step)) and bool(store.read_bytes(f"{step_dirname(step)}/{MANIFEST_NAME}"))
             except FileNotFoundError:
                 ok = False
         if ok:

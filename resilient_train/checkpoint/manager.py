@@ -9,7 +9,7 @@ from ..errors import CheckpointError, ConfigError, StorageError
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
-from .discovery import committed_steps, latest_step, load_newest_verifiable
+from .discovery import committed_steps, latest_step, load_newest_verifiable, uncommit
 from .reader import LoadResult, load, read_manifest
 from .state import TrainState
 from .writer import SaveOptions, SaveResult, save
@@ -92,8 +92,9 @@ class CheckpointManager:
         there is no committed checkpoint yet.
 
         Without ``step``, a newest checkpoint that fails verification (corrupt, torn, unsigned)
-        is skipped with a warning (recorded in :attr:`skipped`) and the next older one is
-        loaded. An unreachable store raises StorageError; it is never taken for "no checkpoint".
+        is skipped with a warning (recorded in :attr:`skipped`) and uncommitted (rank 0; see
+        :func:`~resilient_train.checkpoint.discovery.uncommit`: its step will be saved again),
+        and the next older one is loaded. An unreachable store raises StorageError; it is never taken for "no checkpoint".
         """
         if step is not None:
             result = load(self.store, state, step, process_group=self.process_group, verify_keys=self.verify_keys)
@@ -102,12 +103,20 @@ class CheckpointManager:
                 lambda: list(reversed(committed_steps(self.store))),
                 lambda s: load(self.store, state, s, process_group=self.process_group, verify_keys=self.verify_keys),
                 process_group=self.process_group,
-                on_skip=lambda s, why: self.skipped.append((s, why)),
+                on_skip=self._skipped,
             )
             if result is None:
                 return None
         self.last_saved_step = result.step
         return result
+
+    def _skipped(self, step: int, reason: str) -> None:
+        self.skipped.append((step, reason))
+        if Coordinator(self.process_group).rank == 0:
+            try:
+                uncommit(self.store, step, reason)
+            except StorageError as exc:
+                log.warning("could not uncommit step %d under %s: %s", step, self.store.uri, redact(str(exc)))
 
     def steps(self) -> list[int]:
         return committed_steps(self.store)

@@ -14,16 +14,21 @@ from ..format.names import MANIFEST_NAME, step_dirname
 from ..format.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, KeyRing, SigningKey, as_keyring
 from ..storage import Store, open_store
 
-__all__ = ["read_signature", "check_signature", "write_signature", "sign_checkpoint"]
+__all__ = ["SIGNATURE_NAME", "read_signature", "check_signature", "write_signature", "sign_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 
 def read_signature(store: Store, folder: str) -> bytes | None:
-    """The bytes of ``folder/manifest.sig`` (at most MAX_SIGNATURE_BYTES + 1 are read), or
-    None if there is none. A store that cannot be reached raises its StorageError."""
+    """The bytes of ``folder/manifest.sig``, or None if there is none. One larger than
+    MAX_SIGNATURE_BYTES is refused before it is read (SignatureError). A store that cannot be
+    reached raises its StorageError."""
+    path = f"{folder}/{SIGNATURE_NAME}"
     try:
-        return store.read_bytes(f"{folder}/{SIGNATURE_NAME}", 0, MAX_SIGNATURE_BYTES + 1)
+        # size first, not a ranged read: S3 answers a range on an empty object with 416
+        if store.size(path) > MAX_SIGNATURE_BYTES:
+            raise SignatureError(f"{store.uri}/{path} is larger than {MAX_SIGNATURE_BYTES} bytes; it is not a signature")
+        return store.read_bytes(path)
     except FileNotFoundError:
         return None
 

@@ -2,9 +2,10 @@
 
 Every rank calls :func:`save` (or :func:`write_snapshot`) with the same step. Phases:
 
-1. **prepare** (rank 0): refuse a step that is already committed; clear leftovers of an
-   earlier, uncommitted attempt at the same step (a torn or empty ``manifest.json`` left by a
-   crash counts as uncommitted and is removed with them).
+1. **prepare** (rank 0): refuse a step that is already committed. A torn or empty
+   ``manifest.json`` left by a crash counts as uncommitted and is removed; other files of an
+   earlier, uncommitted attempt are overwritten (never deleted: they might be a concurrent
+   writer's).
 2. **plan** (all ranks): gather what each rank holds, run the pure planner; identical result
    everywhere. Replicated tensors are spread across ranks, shards stay with their owners.
 3. **write** (all ranks, in parallel, several files per rank on a thread pool): each file is
@@ -98,22 +99,27 @@ def save(
 
 
 def _prepare(store: Store, folder: str) -> None:
+    """Refuse a committed step; make a torn manifest (a crash while committing) uncommitted.
+
+    Files of an earlier, uncommitted attempt are not deleted here: the new files overwrite the
+    ones of the same name, readers only ever open what the manifest lists, and retention
+    removes whole folders. Deleting them could destroy the files of a concurrent writer of the
+    same step; the create-only commit decides between such writers instead.
+    """
+    names = store.list(folder)  # a fresh listing: also renews a client's stale listing cache
+    if MANIFEST_NAME not in names:
+        return
     try:
         data = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
     except FileNotFoundError:
-        data = None
-    if data is not None:
-        try:
-            Manifest.from_bytes(data, where=f"{store.uri}/{folder}/{MANIFEST_NAME}")
-        except ManifestError as exc:
-            # Torn or empty (a crash while committing): uncommitted, so the folder is redone.
-            log.warning("replacing the uncommitted %s/%s: %s", store.uri, folder, redact(str(exc))[:200])
-            store.delete(f"{folder}/{MANIFEST_NAME}")
-        else:
-            raise CheckpointError(f"step folder {folder} under {store.uri} is already committed; refusing to overwrite it")
-    if store.list(folder):
-        log.info("removing leftovers of an uncommitted save in %s/%s", store.uri, folder)
-        store.delete(folder, recursive=True)
+        return
+    try:
+        Manifest.from_bytes(data, where=f"{store.uri}/{folder}/{MANIFEST_NAME}")
+    except ManifestError as exc:
+        log.warning("replacing the uncommitted %s/%s (torn manifest): %s", store.uri, folder, redact(str(exc))[:200])
+        store.delete(f"{folder}/{MANIFEST_NAME}")
+        return
+    raise CheckpointError(f"step folder {folder} under {store.uri} is already committed; refusing to overwrite it")
 
 
 def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None) -> FileRecord:
