@@ -217,3 +217,35 @@ def _pub_file(tmp_path, key: SigningKey) -> str:
     p = tmp_path / "pub-mig.pem"
     p.write_bytes(key.public_pem())
     return str(p)
+
+
+def test_wrap_signs_and_resumes_only_from_signed_checkpoints(tmp_path):
+    import torch
+
+    import resilient_train as rt
+
+    key = SigningKey.hmac_sha256(SECRET)
+    ck = tmp_path / "ck"
+
+    def run(steps: int, **kw):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = rt.wrap(model, opt, checkpoint=str(ck), every_n_steps=5, async_save=False, event_log=str(tmp_path / "ev.jsonl"), **kw)
+        while trainer.step_count < steps:
+            model(torch.ones(3, 4)).sum().backward()
+            trainer.step()
+            opt.zero_grad()
+        trainer.close()
+        return trainer
+
+    run(5, signing_key=key, verify_keys=key)
+    assert (ck / step_dirname(5) / SIGNATURE_NAME).exists()
+    forged = run(10)  # a writer without the key: resumes 5 (no verification) and saves an unsigned step 10
+    assert forged.resumed_from == 5 and not (ck / step_dirname(10) / SIGNATURE_NAME).exists()
+    third = run(12, signing_key=key, verify_keys=key)
+    assert third.resumed_from == 5
+    ev = [json.loads(line) for line in open(tmp_path / "ev.jsonl")]
+    fb = [e for e in ev if e["event"] == "resume_fallback"]
+    assert [e["step"] for e in fb] == [10] and "SignatureError" in fb[0]["reason"]
+    assert (ck / step_dirname(10) / SIGNATURE_NAME).exists()  # step 10 was saved again, signed

@@ -45,7 +45,7 @@ from ..errors import (
 )
 from ..format.jsontree import decode
 from ..format.manifest import FileRecord, Manifest, TensorRecord
-from ..format.names import MANIFEST_NAME, STATE_NAME, parse_step_dirname, rank_state_filename, step_dirname
+from ..format.names import MANIFEST_NAME, STATE_NAME, rank_state_filename, step_dirname
 from ..format.safetensors_io import CHUNK_BYTES, ST_TO_DTYPE, TensorSlot, parse_header
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
