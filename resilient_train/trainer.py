@@ -306,9 +306,9 @@ class Trainer:
                 return load_replicated(ck, state, step, process_group=pg, verify_keys=keys)
             return load(self._sources(), state, step, process_group=pg, verify_keys=keys)
 
-        def skipped(step: int, reason: str) -> None:
+        def skipped(step: int, reason: str, definite: bool) -> None:
             self.events.emit("resume_fallback", step=step, reason=reason)
-            if self.rank == 0:  # training goes on from an older step and will save this one again
+            if definite and self.rank == 0:  # training goes on from an older step and will save this one again
                 for store in self._sources():
                     try:
                         uncommit(store, step, reason)

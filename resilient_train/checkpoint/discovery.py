@@ -17,7 +17,8 @@ Rules (``docs/format.md``, "Which checkpoint is the latest"):
 * :func:`load_newest_verifiable` walks the candidates newest first and falls back past a
   checkpoint that fails verification (corrupt, unsigned, torn, missing), warning and calling
   ``on_skip`` for each one skipped. Training then goes on from the older step and will save
-  the skipped steps again, so the manager and ``wrap`` :func:`uncommit` each skipped one: its
+  the skipped steps again, so the manager and ``wrap`` :func:`uncommit` each one skipped for a
+  definite verdict on its bytes (:data:`DEFINITE_ERRORS`): its
   manifest is kept aside as ``rejected-manifest.json`` (for inspection) and ``manifest.json``
   removed, which makes the folder an uncommitted leftover that the next save of that step
   (or retention) clears.
@@ -32,10 +33,14 @@ from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    HashMismatchError,
     ManifestError,
+    SafetensorsHeaderError,
     SignatureError,
     StorageError,
     StoreUnavailableError,
+    TruncatedFileError,
+    UnsupportedFormatVersionError,
 )
 from ..format.manifest import Manifest
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
@@ -50,6 +55,7 @@ __all__ = [
     "find_latest",
     "load_newest_verifiable",
     "FALLBACK_ERRORS",
+    "DEFINITE_ERRORS",
     "REJECTED_MANIFEST_NAME",
     "uncommit",
 ]
@@ -57,7 +63,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FALLBACK_ERRORS: tuple[type[BaseException], ...] = (CorruptCheckpointError, ManifestError, SignatureError, CheckpointNotFoundError)
-"""A checkpoint that fails with one of these is skipped for the next older one."""
+"""A checkpoint that fails with one of these is skipped for the next older one (except
+UnsupportedFormatVersionError: a newer library wrote it; upgrading is the fix, not skipping it)."""
+
+DEFINITE_ERRORS: tuple[type[BaseException], ...] = (HashMismatchError, TruncatedFileError, SafetensorsHeaderError, ManifestError, SignatureError)
+"""Verdicts about the checkpoint's bytes themselves. Only a checkpoint skipped for one of these
+is uncommitted; a plain CorruptCheckpointError may also stand for a store that failed while
+every replica was tried, so such a checkpoint is skipped but left committed."""
 
 
 REJECTED_MANIFEST_NAME = "rejected-manifest.json"
@@ -178,6 +190,10 @@ def find_latest(sources: Sequence[Store], *, keys: Any = None) -> tuple[int, Man
 def _verdict(exc: BaseException | None) -> str:
     if exc is None:
         return "ok"
+    if isinstance(exc, UnsupportedFormatVersionError):
+        return "error"
+    if isinstance(exc, DEFINITE_ERRORS):
+        return "definite"
     if isinstance(exc, FALLBACK_ERRORS):
         return "fallback"
     return "error"
@@ -188,14 +204,15 @@ def load_newest_verifiable(
     load_step: Callable[[int], Any],
     *,
     process_group: Any = None,
-    on_skip: Callable[[int, str], None] | None = None,
+    on_skip: Callable[[int, str, bool], None] | None = None,
 ) -> Any:
     """Load the newest checkpoint that verifies. Collective: every rank calls it.
 
     ``find_steps`` (run on rank 0 only) returns candidate steps newest first and raises
     StorageError when no store can be reached; ``load_step(step)`` is the collective load. A
     candidate that fails on any rank with one of :data:`FALLBACK_ERRORS` is skipped on every
-    rank (a warning, then ``on_skip(step, reason)``) and the next older one is tried. Returns
+    rank (a warning, then ``on_skip(step, reason, definite)``, ``definite`` when the failure is
+    one of :data:`DEFINITE_ERRORS`) and the next older one is tried. Returns
     the load's result, or None when there is no committed checkpoint at all. Raises
     CorruptCheckpointError when there are candidates and none loads; any other error (an
     unreachable store, a checkpoint that does not fit the state) is raised as is.
@@ -225,12 +242,13 @@ def load_newest_verifiable(
         verdicts = coord.all_gather((_verdict(exc), None if exc is None else redact(f"{type(exc).__name__}: {exc}")[:500]))
         if all(v == "ok" for v, _ in verdicts):
             return result
-        if any(v == "fallback" for v, _ in verdicts):
-            reason = next(m for v, m in verdicts if v == "fallback")
+        if any(v in ("fallback", "definite") for v, _ in verdicts):
+            reason = next(m for v, m in verdicts if v in ("fallback", "definite"))
+            definite = all(v == "definite" for v, _ in verdicts if v in ("fallback", "definite"))
             log.warning("checkpoint step %d cannot be used (%s); falling back to the next older one", step, reason)
             skipped.append(f"step {step}: {reason}")
             if on_skip is not None:
-                on_skip(step, reason)
+                on_skip(step, reason, definite)
             continue
         if exc is not None:
             raise exc

@@ -92,9 +92,10 @@ class CheckpointManager:
         there is no committed checkpoint yet.
 
         Without ``step``, a newest checkpoint that fails verification (corrupt, torn, unsigned)
-        is skipped with a warning (recorded in :attr:`skipped`) and uncommitted (rank 0; see
-        :func:`~resilient_train.checkpoint.discovery.uncommit`: its step will be saved again),
-        and the next older one is loaded. An unreachable store raises StorageError; it is never taken for "no checkpoint".
+        is skipped with a warning (recorded in :attr:`skipped`) and the next older one is
+        loaded. One skipped for a definite verdict on its bytes is also uncommitted (rank 0;
+        see :func:`~resilient_train.checkpoint.discovery.uncommit`), since its step will be
+        saved again. An unreachable store raises StorageError; it is never "no checkpoint".
         """
         if step is not None:
             result = load(self.store, state, step, process_group=self.process_group, verify_keys=self.verify_keys)
@@ -110,9 +111,9 @@ class CheckpointManager:
         self.last_saved_step = result.step
         return result
 
-    def _skipped(self, step: int, reason: str) -> None:
+    def _skipped(self, step: int, reason: str, definite: bool) -> None:
         self.skipped.append((step, reason))
-        if Coordinator(self.process_group).rank == 0:
+        if definite and Coordinator(self.process_group).rank == 0:
             try:
                 uncommit(self.store, step, reason)
             except StorageError as exc:
