@@ -113,7 +113,7 @@ def _dead_s3(name: str):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there: connections are refused
-    opts = {"key": "x", "secret": "y", "endpoint_url": f"http://127.0.0.1:{port}", "client_kwargs": {"region_name": "us-east-1"}}
+    opts = {"key": "x", "secret": "y", "endpoint_url": f"http://127.0.0.1:{port}", "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
     return open_store("s3://rt-tests/dead", opts, name=name, retry=FAST)
 
 
