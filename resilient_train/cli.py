@@ -126,19 +126,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_keys(args: argparse.Namespace) -> Any:
+    from .format.signing import load_verify_keys
+
+    paths = getattr(args, "verify_key", None) or []
+    return load_verify_keys(paths) if paths else None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .checkpoint import verify_checkpoint
+    from .checkpoint.audit import audit_checkpoint
 
     root, step = split_step_url(args.url)
     store = open_store(root, _options(args))
-    step = _resolve_step(store, step)
-    manifest, problems = verify_checkpoint(store, step)
-    if problems:
-        print(f"FAILED: {len(problems)} of {len(manifest.files)} files of {store.uri}/{step_dirname(step)} do not match the manifest:", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
+    keys = _verify_keys(args)
+    if step is None:
+        from .checkpoint import latest_step
+
+        # the newest committed step, signed or not: an unsigned newest one must fail here
+        step = latest_step(store)
+        if step is None:
+            from .errors import CheckpointNotFoundError
+
+            raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
+    report = audit_checkpoint(store, step, verify_keys=keys)
+    where = f"{store.uri}/{step_dirname(step)}"
+    if report.problems:
+        files = sorted({f for f, _ in report.problems})
+        print(f"FAILED: {where}: {len(report.problems)} problem(s) in {', '.join(files)}:", file=sys.stderr)
+        for f, msg in report.problems:
+            print(f"  {f}: {redact(msg)}", file=sys.stderr)
         return 1
-    print(f"OK: {len(manifest.files)} files, {_human(manifest.total_bytes)} of {store.uri}/{step_dirname(step)} match their SHA-256")
+    m = report.manifest
+    assert m is not None
+    signed = f"; manifest signed by key {report.signed_by}" if report.signed_by else ""
+    print(f"OK: {len(m.files)} files, {_human(m.total_bytes)} of {where} match their SHA-256 and the manifest{signed}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .checkpoint.signatures import sign_checkpoint
+    from .format.signing import load_signing_key
+
+    key = load_signing_key(args.key, args.key_id)
+    root, step = split_step_url(args.url)
+    step, key_id = sign_checkpoint(root, step, key, storage_options=_options(args))
+    print(f"signed {redact(root)}/{step_dirname(step)} with key {key_id}")
     return 0
 
 
@@ -156,7 +188,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     reports = migrate(
         args.src, args.dst, args.step, all_steps=args.all, src_options=_options(args), dst_options=_options(args, "dst_storage_options"),
-        io_threads=args.threads, progress=not args.no_progress,
+        io_threads=args.threads, progress=not args.no_progress, verify_keys=_verify_keys(args),
     )
     for r in reports:
         state = "already committed there" if r.already_committed else f"{r.files_copied} files copied ({_human(r.bytes_copied)}, {r.mb_per_s:.1f} MB/s), {r.files_skipped} already there"
@@ -200,7 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     url_cmd("ls", "list checkpoints under a URL", "List every step folder under URL with its status (committed, uncommitted, invalid manifest), file count, size and the world size that saved it.", cmd_ls, "checkpoint root, e.g. ./ckpts or s3://bucket/run")
     sp = url_cmd("inspect", "show tensors, layout and state of one checkpoint", "Show the files, tensors (dtype, global shape, whole or sharded), and the non-tensor state (optimizer hyper-parameters, scheduler, sampler, extras) of one checkpoint. Without /step-N the latest committed step is shown.", cmd_inspect, "URL or URL/step-NNNNNNNNNN")
     sp.add_argument("--json", action="store_true", help="print the manifest and state as JSON")
-    url_cmd("verify", "re-hash every file of a checkpoint", "Re-read every file of a checkpoint and compare its size and SHA-256 with the manifest; safetensors headers are validated too. Exits 1 and names each bad file on any mismatch, 0 when everything matches.", cmd_verify, "URL or URL/step-NNNNNNNNNN (default: latest)")
+    sp = url_cmd(
+        "verify", "re-hash every file of a checkpoint and check its manifest",
+        "Re-read every file of a checkpoint and compare its size and SHA-256 with the manifest; check the manifest itself (schema, file and tensor names, "
+        "world size, pieces that tile each tensor) and against the safetensors headers, the Hugging Face index and state.json; with --verify-key, check "
+        "its signature first. Exits 1 and names the file at fault (a file whose bytes match its SHA-256 is not: the manifest is), 0 when everything matches.",
+        cmd_verify, "URL or URL/step-NNNNNNNNNN (default: latest)",
+    )
+    sp.add_argument("--verify-key", metavar="FILE", action="append", help="trusted key (Ed25519 public or private PEM, or an HMAC secret file); repeat for several (rotation). The manifest must be signed by one of them")
+    sp = url_cmd(
+        "sign", "sign an existing checkpoint's manifest",
+        "Write URL/step-N/manifest.sig: a signature of the committed manifest.json (unchanged) by --key. Readers configured with the matching "
+        "verification key accept it (see docs/format.md, 'Signed manifests'). Without /step-N the latest committed step is signed.",
+        cmd_sign, "URL or URL/step-NNNNNNNNNN (default: latest)",
+    )
+    sp.add_argument("--key", metavar="FILE", required=True, help="signing key: an unencrypted PKCS#8 PEM Ed25519 private key, or a file of at least 32 random bytes (HMAC-SHA256 secret)")
+    sp.add_argument("--key-id", help="key id recorded in the signature (default: the key's fingerprint)")
     sp = cs.add_parser("export-hf", help="write the model weights alone in the Hugging Face layout", description="Write the model weights of a checkpoint (sharded tensors reassembled) to DST as model-0000k-of-0000N.safetensors plus model.safetensors.index.json, readable by Hugging Face loaders without this library. Every byte is verified first.")
     sp.add_argument("src", help="URL or URL/step-NNNNNNNNNN (default: latest)")
     sp.add_argument("dst", help="destination folder or URL")
@@ -225,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dst-storage-options", metavar="JSON", help="fsspec storage options for DST, as JSON")
     sp.add_argument("--threads", type=int, default=4, help="files copied at once (default 4)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar (bytes and rate, shown when tqdm is installed)")
+    sp.add_argument("--verify-key", metavar="FILE", action="append", help="copy only checkpoints signed by this key (repeatable); the signature travels with the checkpoint")
     sp.set_defaults(func=cmd_migrate)
     sp = cs.add_parser(
         "replicate",

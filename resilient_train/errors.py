@@ -15,6 +15,7 @@ Tree::
     |   +-- StorePermissionError                access denied / missing credentials (permanent)
     |   +-- StoreUnavailableError               endpoint down after retries (transient, exhausted)
     |   +-- UnsafeFileError                     a path is a symlink, FIFO or device, not a regular file inside the root
+    |   +-- StoreConflictError                  a create-only write found the object already there
     +-- CheckpointError                         anything about a checkpoint on storage
     |   +-- CheckpointNotFoundError             no committed checkpoint where one was expected
     |   +-- ManifestError                       manifest.json missing fields, malformed, bad names
@@ -28,6 +29,8 @@ Tree::
     |   +-- PartialLoadError                    a load failed after live tensors were overwritten
     |   +-- StateMismatchError                  checkpoint does not fit the model/optimizer
     |   +-- CheckpointWriteError                a save failed (on one or several ranks)
+    |   |   +-- CommitConflictError             another writer committed the same step first
+    |   +-- SignatureError                      manifest unsigned, wrongly signed or modified
     +-- DistributedError                        a collective failed on one or more ranks
 """
 
@@ -67,6 +70,9 @@ __all__ = [
     "MembershipError",
     "MembershipStoreError",
     "MembershipRefusedError",
+    "StoreConflictError",
+    "CommitConflictError",
+    "SignatureError",
 ]
 
 
@@ -106,6 +112,9 @@ class StoreUnavailableError(StorageError, ConnectionError):
 class UnsafeFileError(StorageError):
     """A path under a local store is not a regular file reached without symlinks (a symlink on
     any component, a FIFO, a device, a socket), so it is not read. Permanent: never retried."""
+class StoreConflictError(StorageError, FileExistsError):
+    """A create-only write (:meth:`Store.write_bytes_exclusive`) found the object already there.
+    Permanent: never retried."""
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -176,6 +185,16 @@ class CheckpointWriteError(CheckpointError):
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failures.items()))
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+class CommitConflictError(CheckpointWriteError):
+    """Another writer committed this step first (the manifest is written create-only, so of two
+    writers of one step exactly one commits). The checkpoint that is there is the other one's."""
+
+
+class SignatureError(CheckpointError):
+    """A verification key is configured and the manifest is unsigned, signed by an unknown key,
+    or its signature does not match its bytes (it was modified). Never carries key material."""
 
 
 class DistributedError(ResilientTrainError):

@@ -45,7 +45,9 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
-from .checkpoint.reader import latest_step
+from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
+from .checkpoint.writer import SaveOptions
+from .format.signing import as_keyring
 from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, DroppedFromJobError, StorageError
 from .storage import Store, open_store
@@ -95,6 +97,9 @@ class TrainerConfig:
     ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
     ``event_log``: a path for the JSON-lines event log; ``{rank}`` is replaced by the rank.
     ``timeout_s``: bound on every collective and store operation the wrapper starts.
+    ``signing_key``: a :class:`~resilient_train.format.signing.SigningKey` that signs every
+    checkpoint saved. ``verify_keys``: a KeyRing, key, key file path or list of them; resume
+    then loads only checkpoints signed by one of them (the newest such). Neither is ever shown.
     """
 
     checkpoint: Any = None
@@ -116,6 +121,8 @@ class TrainerConfig:
     min_groups: int = 1
     join_timeout_s: float = 300.0
     code_version: str = ""
+    signing_key: Any = field(default=None, repr=False, compare=False)
+    verify_keys: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -156,6 +163,10 @@ class TrainerConfig:
                 raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s must be positive")
+        from .format.signing import SigningKey
+
+        if self.signing_key is not None and not isinstance(self.signing_key, SigningKey):
+            raise ConfigError("signing_key must be a SigningKey (resilient_train.format.signing.load_signing_key(path) reads one from a file)")
 
 
 class EventLog:
@@ -363,31 +374,35 @@ class Trainer:
         return [open_store(ck, self.config.storage_options)]
 
     def _resume(self) -> None:
+        """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
+        a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event) and
+        uncommitted, since training will save that step again; an
+        unreachable provider is skipped while another answers; when none answers, StorageError.
+        With ``group=`` this is the group's own checkpoint folder."""
         ck = self._checkpoint()
         pg = self._ckpt_group
-        latest = None
-        if self.rank == 0:
-            for store in self._sources():
-                try:
-                    s = latest_step(store)
-                except (StorageError, OSError) as exc:
-                    log.warning("provider %s unavailable while looking for checkpoints: %s", store.name, exc)
-                    continue
-                if s is not None and (latest is None or s > latest):
-                    latest = s
-        if self.world_size > 1:
-            box = [latest]
-            dist.broadcast_object_list(box, src=0, group=pg)
-            latest = box[0]
-        if latest is None:
+        keys = as_keyring(self.config.verify_keys)
+        state = self.train_state()
+        t0 = time.perf_counter()
+
+        def load_step(step: int) -> Any:
+            if isinstance(ck, Placement):
+                return load_replicated(ck, state, step, process_group=pg, verify_keys=keys)
+            return load(self._sources(), state, step, process_group=pg, verify_keys=keys)
+
+        def skipped(step: int, reason: str, definite: bool) -> None:
+            self.events.emit("resume_fallback", step=step, reason=reason)
+            if definite and self.rank == 0:  # training goes on from an older step and will save this one again
+                for store in self._sources():
+                    try:
+                        uncommit(store, step, reason)
+                    except (StorageError, OSError) as exc:
+                        log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
+
+        result = load_newest_verifiable(lambda: steps_newest_first(self._sources()), load_step, process_group=pg, on_skip=skipped)
+        if result is None:
             self.events.emit("no_checkpoint")
             return
-        t0 = time.perf_counter()
-        state = self.train_state()
-        if isinstance(ck, Placement):
-            result = load_replicated(ck, state, latest, process_group=pg)
-        else:
-            result = load(self._sources(), state, latest, process_group=pg)
         self.step_count = int(self.extra.get("resilient_train.step", result.step))
         self.resumed_from = result.step
         served: dict[str, int] = {}
@@ -399,7 +414,7 @@ class Trainer:
     def save(self) -> bool:
         """Checkpoint the current step now (collective). Returns False if skipped."""
         if self._ckpt is None:
-            self._ckpt = AsyncCheckpointer(self._target(), process_group=self._ckpt_group)
+            self._ckpt = AsyncCheckpointer(self._target(), process_group=self._ckpt_group, options=SaveOptions(signing_key=self.config.signing_key))
         started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
         self._note_commits()
         if started:

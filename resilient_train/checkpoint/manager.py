@@ -9,7 +9,8 @@ from ..errors import CheckpointError, ConfigError, StorageError
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
-from .reader import LoadResult, committed_steps, latest_step, load, read_manifest
+from .discovery import committed_steps, latest_step, load_newest_verifiable, uncommit
+from .reader import LoadResult, load, read_manifest
 from .state import TrainState
 from .writer import SaveOptions, SaveResult, save
 
@@ -38,6 +39,8 @@ class CheckpointManager:
 
     ``every_n_steps``: :meth:`maybe_save` saves when ``step % every_n_steps == 0``.
     ``keep_last``: committed checkpoints kept after each save (>= 1).
+    ``verify_keys`` (a KeyRing, key, key file or list of them): only checkpoints whose
+    manifest is signed by one of them are loaded (sign with ``SaveOptions(signing_key=...)``).
     Construction does no I/O. Every rank of ``process_group`` calls the same methods in the
     same order.
     """
@@ -51,6 +54,7 @@ class CheckpointManager:
         storage_options: Mapping[str, Any] | None = None,
         process_group: Any = None,
         options: SaveOptions | None = None,
+        verify_keys: Any = None,
     ):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ConfigError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -62,6 +66,11 @@ class CheckpointManager:
         self.process_group = process_group
         self.options = options or SaveOptions()
         self.last_saved_step: int | None = None
+        from ..format.signing import as_keyring
+
+        self.verify_keys = as_keyring(verify_keys)
+        self.skipped: list[tuple[int, str]] = []
+        """Checkpoints :meth:`restore` fell back past: ``(step, reason)``."""
 
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.every_n_steps == 0 and step != self.last_saved_step
@@ -79,20 +88,42 @@ class CheckpointManager:
         return self.save(step, state) if self.should_save(step) else None
 
     def restore(self, state: TrainState, step: int | None = None) -> LoadResult | None:
-        """Load ``step`` (default: latest committed) into ``state``; None if there is none yet."""
-        coord = Coordinator(self.process_group)
-        latest = coord.broadcast(self.latest_step() if coord.rank == 0 else None) if step is None else step
-        if latest is None:
-            return None
-        result = load(self.store, state, latest, process_group=self.process_group)
+        """Load ``step`` (default: the newest checkpoint that verifies) into ``state``; None if
+        there is no committed checkpoint yet.
+
+        Without ``step``, a newest checkpoint that fails verification (corrupt, torn, unsigned)
+        is skipped with a warning (recorded in :attr:`skipped`) and the next older one is
+        loaded. One skipped for a definite verdict on its bytes is also uncommitted (rank 0;
+        see :func:`~resilient_train.checkpoint.discovery.uncommit`), since its step will be
+        saved again. An unreachable store raises StorageError; it is never "no checkpoint".
+        """
+        if step is not None:
+            result = load(self.store, state, step, process_group=self.process_group, verify_keys=self.verify_keys)
+        else:
+            result = load_newest_verifiable(
+                lambda: list(reversed(committed_steps(self.store))),
+                lambda s: load(self.store, state, s, process_group=self.process_group, verify_keys=self.verify_keys),
+                process_group=self.process_group,
+                on_skip=self._skipped,
+            )
+            if result is None:
+                return None
         self.last_saved_step = result.step
         return result
+
+    def _skipped(self, step: int, reason: str, definite: bool) -> None:
+        self.skipped.append((step, reason))
+        if definite and Coordinator(self.process_group).rank == 0:
+            try:
+                uncommit(self.store, step, reason)
+            except StorageError as exc:
+                log.warning("could not uncommit step %d under %s: %s", step, self.store.uri, redact(str(exc)))
 
     def steps(self) -> list[int]:
         return committed_steps(self.store)
 
     def latest_step(self) -> int | None:
-        return latest_step(self.store)
+        return latest_step(self.store, keys=self.verify_keys)
 
     def _is_committed(self, step: int) -> bool:
         try:

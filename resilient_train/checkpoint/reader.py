@@ -48,6 +48,7 @@ from ..errors import (
     PartialLoadError,
     ResilientTrainError,
     SafetensorsHeaderError,
+    SignatureError,
     StateFileError,
     StateMismatchError,
     StorageError,
@@ -60,6 +61,8 @@ from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, parse_step_
 from ..format.safetensors_io import ST_TO_DTYPE, TensorSlot, parse_header
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
+from .discovery import committed_steps, find_latest, latest_step
+from .signatures import check_signature
 from .planner import ReadOp, plan_reads, region_volume
 from .state import TrainState, _local_piece, _optimizer_fqns, rng_state, set_rng_state, unwrap_model
 
@@ -109,8 +112,9 @@ def open_sources(uri: Any, storage_options: Mapping[str, Any] | None = None) -> 
     return [open_store(u, storage_options) for u in items]
 
 
-def read_manifest(store: Store, step: int) -> Manifest:
-    """Parse and validate the manifest of ``step`` (CheckpointNotFoundError if uncommitted)."""
+def read_manifest(store: Store, step: int, *, keys: Any = None) -> Manifest:
+    """Parse and validate the manifest of ``step`` (CheckpointNotFoundError if uncommitted).
+    With verification ``keys``, its signature is checked first (SignatureError)."""
     folder = step_dirname(step)
     path = f"{folder}/{MANIFEST_NAME}"
     try:
@@ -120,42 +124,11 @@ def read_manifest(store: Store, step: int) -> Manifest:
         raise CheckpointNotFoundError(f"no committed checkpoint for step {step} under {store.uri} ({path} is missing)") from None
     except UnsafeFileError as exc:
         raise ManifestError(f"{store.uri}/{path} is not a regular file inside the checkpoint: {exc}") from None
+    check_signature(store, folder, data, keys)
     manifest = Manifest.from_bytes(data, where=f"{store.uri}/{path}")
     if manifest.step != step:
         raise ManifestError(f"{store.uri}/{path} says step {manifest.step} but lives in folder {folder}")
     return manifest
-
-
-def committed_steps(store: Store, *, validate: bool = True) -> list[int]:
-    """Steps under ``store`` whose manifest exists (and parses, with ``validate``), ascending."""
-    steps = []
-    for name in store.list(""):
-        step = parse_step_dirname(name)
-        if step is None:
-            continue
-        if validate:
-            try:
-                read_manifest(store, step)
-            except CheckpointNotFoundError:
-                continue
-            except ManifestError as exc:
-                log.warning("ignoring %s/%s: %s", store.uri, name, exc)
-                continue
-        elif not store.exists(f"{name}/{MANIFEST_NAME}"):
-            continue
-        steps.append(step)
-    return sorted(steps)
-
-
-def latest_step(store: Store) -> int | None:
-    """The highest step with a valid manifest, or None if there is no committed checkpoint."""
-    for step in reversed(committed_steps(store, validate=False)):
-        try:
-            read_manifest(store, step)
-            return step
-        except (CheckpointNotFoundError, ManifestError) as exc:
-            log.warning("skipping step %d under %s: %s", step, store.uri, exc)
-    return None
 
 
 # ------------------------------------------------------------------ verified chunks
@@ -455,18 +428,19 @@ def _manifest_problems(manifest: Manifest) -> list[str]:
     return out
 
 
-def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None) -> tuple[Manifest, list[str]]:
+def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None, verify_keys: Any = None) -> tuple[Manifest, list[str]]:
     """Re-hash every byte of a checkpoint and check it against the manifest: every chunk's
     SHA-256, every safetensors header against the tensors the manifest places there, every JSON
     file parsed strictly, and the manifest's own completeness. Returns ``(manifest, problems)``;
-    no problems = valid. Each problem names the file at fault."""
+    no problems = valid. Each problem names the file at fault. With ``verify_keys`` the
+    manifest's signature is checked first (SignatureError)."""
     sources = open_sources(uri, storage_options)
     store = sources[0]
     if step is None:
-        step = latest_step(store)
+        step = latest_step(store, keys=verify_keys)
         if step is None:
             raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
-    manifest = read_manifest(store, step)
+    manifest = read_manifest(store, step, keys=verify_keys)
     problems: list[str] = _manifest_problems(manifest)
     threads = io_threads or DEFAULT_IO_THREADS
 
@@ -778,29 +752,19 @@ def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord
             return None, redact(f"{type(exc).__name__}: {exc}"), type(exc).__name__
 
 
-def _find(sources: Sequence[Store], step: int | None) -> tuple[int, Manifest]:
+def _find(sources: Sequence[Store], step: int | None, keys: Any = None) -> tuple[int, Manifest]:
     if step is not None:
         errors: list[BaseException] = []
         for store in sources:
             try:
-                return step, read_manifest(store, step)
+                return step, read_manifest(store, step, keys=keys)
             except (StorageError, CheckpointError, OSError) as exc:
                 errors.append(exc)
-        invalid = [e for e in errors if isinstance(e, ManifestError)]
+        invalid = [e for e in errors if isinstance(e, (ManifestError, SignatureError))]
         if invalid:
             raise invalid[0]
         raise CheckpointNotFoundError(f"step {step} is not committed on any replica: " + "; ".join(redact(str(e)) for e in errors))
-    best: tuple[int, Manifest] | None = None
-    for store in sources:
-        try:
-            s = latest_step(store)
-            if s is not None and (best is None or s > best[0]):
-                best = (s, read_manifest(store, s))
-        except (StorageError, OSError) as exc:
-            log.warning("replica %s unavailable while looking for the latest step: %s", store.name, redact(str(exc)))
-    if best is None:
-        raise CheckpointNotFoundError("no committed checkpoint on any of: " + ", ".join(s.uri for s in sources))
-    return best
+    return find_latest(sources, keys=keys)
 
 
 def _agree_or_raise(coord: Coordinator, error: BaseException | None) -> None:
@@ -836,12 +800,14 @@ def load(
     strict: bool = True,
     io_threads: int | None = None,
     staging_budget_bytes: int | None = None,
+    verify_keys: Any = None,
 ) -> LoadResult:
     """Load checkpoint ``step`` (default: the latest committed) into ``state``. Collective.
 
     ``uri`` may be a list of replicas (URIs or Stores) in preference order: each chunk is read
     from the first replica whose copy verifies. ``strict=False`` tolerates checkpoint tensors
-    that the model does not have.
+    that the model does not have. ``verify_keys`` (a KeyRing, key, key file or list of them):
+    refuse a manifest that is not signed by one of them (SignatureError).
 
     Failure behaviour: every failure is a typed error from :mod:`resilient_train.errors`. If
     the bytes this rank needs fit ``staging_budget_bytes`` (default
@@ -860,16 +826,16 @@ def load(
     threads = io_threads or DEFAULT_IO_THREADS
     sources = open_sources(uri, storage_options)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-load") as pool:
-        return _load(coord, sources, state, step, strict, pool, budget, t0)
+        return _load(coord, sources, state, step, strict, pool, budget, t0, verify_keys)
 
 
-def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int | None, strict: bool, pool: ThreadPoolExecutor, budget: int, t0: float) -> LoadResult:
+def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int | None, strict: bool, pool: ThreadPoolExecutor, budget: int, t0: float, verify_keys: Any = None) -> LoadResult:
     # 1. find
     found: Any = None
     err: BaseException | None = None
     if coord.rank == 0:
         try:
-            s, manifest = _find(sources, step)
+            s, manifest = _find(sources, step, verify_keys)
             chunks0 = _Chunks(sources, manifest, pool)
             shared = chunks0.json(manifest.file(STATE_NAME).path)
             if not isinstance(shared, dict):

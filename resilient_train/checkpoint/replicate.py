@@ -27,14 +27,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, ReplicationError, ResilientTrainError, StorageError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, ReplicationError, ResilientTrainError, StorageError, StoreConflictError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..storage import Store, open_store, redact
 from ..storage.providers import HealthBook, Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
 from .collectives import Coordinator
-from .reader import LoadResult, committed_steps, load
+from ..format.signing import SIGNATURE_NAME, as_keyring
+from .discovery import committed_steps
+from .reader import LoadResult, load
+from .signatures import read_signature
 from .state import Snapshot, TrainState, capture
 from .writer import SaveOptions, _describe, write_snapshot
 
@@ -123,8 +126,13 @@ def copy_checkpoint(
     *,
     io_threads: int = 4,
     progress: bool = False,
+    verify_keys: Any = None,
 ) -> CopyReport:
     """Copy committed checkpoint ``step`` to ``dst`` (see module doc); returns what was done.
+
+    The source's ``manifest.sig``, when there is one, is copied before the manifest. With
+    ``verify_keys``, a source manifest whose signature does not verify is refused
+    (SignatureError) before anything is copied.
 
     Raises CheckpointNotFoundError if no source has the step committed; CheckpointError if
     ``dst`` holds a *different* committed checkpoint of that step (never overwritten);
@@ -137,6 +145,10 @@ def copy_checkpoint(
     srcs = [src] + [s for s in srcs if s is not src]
     folder = step_dirname(step)
     mpath = f"{folder}/{MANIFEST_NAME}"
+    signature = read_signature(src, folder)
+    ring = as_keyring(verify_keys)
+    if ring is not None:
+        ring.verify(manifest_bytes, signature, where=f"{src.name}:{mpath}")
     try:
         existing = dst.read_bytes(mpath)
     except (StorageError, OSError):
@@ -144,8 +156,11 @@ def copy_checkpoint(
     if existing is not None:
         if existing == manifest_bytes:
             log.info("step %d already committed on %s", step, dst.name)
+            _copy_signature(dst, folder, signature)
             return CopyReport(step, src.name, dst.name, 0, len(manifest.files), 0, time.perf_counter() - t0, already_committed=True)
-        raise CheckpointError(f"{dst.name} already holds a different committed checkpoint for step {step}; refusing to overwrite it (delete {folder} there first)")
+        if existing:  # an empty (torn) manifest is uncommitted and replaced below
+            raise CheckpointError(f"{dst.name} already holds a different committed checkpoint for step {step}; refusing to overwrite it (delete {folder} there first)")
+        dst.delete(mpath)
 
     todo: list[FileRecord] = []
     skipped = 0
@@ -184,12 +199,26 @@ def copy_checkpoint(
             {dst.name: "; ".join(_describe(e) for _, e in failures[:3])},
         )
     dst.sync_folder(folder)
-    dst.write_bytes(mpath, manifest_bytes)  # the commit: last
+    if signature is not None:
+        dst.write_bytes(f"{folder}/{SIGNATURE_NAME}", signature)
+    try:
+        dst.write_bytes_exclusive(mpath, manifest_bytes)  # the commit: last, create-only
+    except StoreConflictError:
+        if dst.read_bytes(mpath) != manifest_bytes:
+            raise CheckpointError(f"{dst.name}: another writer committed a different checkpoint for step {step} while it was being copied") from None
     dst.sync_folder(folder)
     seconds = time.perf_counter() - t0
     report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
     log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
     return report
+
+
+def _copy_signature(dst: Store, folder: str, signature: bytes | None) -> None:
+    """Bring ``dst``'s signature in line with the source's (a copy made before it was signed)."""
+    if signature is None:
+        return
+    if read_signature(dst, folder) != signature:
+        dst.write_bytes(f"{folder}/{SIGNATURE_NAME}", signature)
 
 
 def migrate(
@@ -202,16 +231,20 @@ def migrate(
     dst_options: Mapping[str, Any] | None = None,
     io_threads: int = 4,
     progress: bool = True,
+    verify_keys: Any = None,
 ) -> list[CopyReport]:
     """Copy step ``step`` (default: the latest committed) or, with ``all_steps``, every
-    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`."""
+    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`.
+    With ``verify_keys`` only signed checkpoints are copied; a named step that is not signed
+    by a trusted key raises SignatureError."""
     if step is not None and all_steps:
         raise ConfigError("pass either a step or all_steps=True, not both")
     s = open_store(src, src_options)
     d = open_store(dst, dst_options)
-    steps = committed_steps(s)
+    ring = as_keyring(verify_keys)
+    steps = committed_steps(s, keys=ring) if step is None else committed_steps(s)
     if not steps:
-        raise CheckpointNotFoundError(f"no committed checkpoint under {s.uri}")
+        raise CheckpointNotFoundError(f"no committed checkpoint under {s.uri}" + (" signed by a trusted key" if ring is not None else ""))
     if all_steps:
         chosen = steps
     elif step is None:
@@ -220,7 +253,7 @@ def migrate(
         if step not in steps:
             raise CheckpointNotFoundError(f"step {step} is not committed under {s.uri}; committed steps: {steps}")
         chosen = [step]
-    return [copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress) for st in chosen]
+    return [copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress, verify_keys=ring) for st in chosen]
 
 
 def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
@@ -367,6 +400,7 @@ def load_replicated(
     health: Mapping[str, bool] | None = None,
     strict: bool = True,
     on_served: Callable[[dict[str, str]], None] | None = None,
+    verify_keys: Any = None,
 ) -> LoadResult:
     """Load from the replicas in the policy's read order (healthy first, then cheapest).
 
@@ -380,12 +414,12 @@ def load_replicated(
     healthy = [n for n in order if (health or {}).get(n, True)]
     try:
         # Providers known to be unhealthy are not even asked, unless the healthy ones cannot serve.
-        result = load([placement.store(n) for n in (healthy or order)], state, step, process_group=process_group, strict=strict)
+        result = load([placement.store(n) for n in (healthy or order)], state, step, process_group=process_group, strict=strict, verify_keys=verify_keys)
     except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
         if not healthy or len(healthy) == len(order):
             raise
         log.warning("healthy replicas (%s) could not serve the checkpoint (%s); trying the unhealthy ones too", ", ".join(healthy), redact(str(exc))[:300])
-        result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict)
+        result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict, verify_keys=verify_keys)
     by_provider: dict[str, int] = {}
     for prov in result.sources.values():
         by_provider[prov] = by_provider.get(prov, 0) + 1

@@ -2,14 +2,19 @@
 
 Every rank calls :func:`save` (or :func:`write_snapshot`) with the same step. Phases:
 
-1. **prepare** (rank 0): refuse a step that is already committed; clear leftovers of an
-   earlier, uncommitted attempt at the same step.
+1. **prepare** (rank 0): refuse a step that is already committed. A torn or empty
+   ``manifest.json`` left by a crash counts as uncommitted and is removed; other files of an
+   earlier, uncommitted attempt are overwritten (never deleted: they might be a concurrent
+   writer's).
 2. **plan** (all ranks): gather what each rank holds, run the pure planner; identical result
    everywhere. Replicated tensors are spread across ranks, shards stay with their owners.
 3. **write** (all ranks, in parallel, several files per rank on a thread pool): each file is
    hashed while it is written and made durable. Rank 0 also writes ``state.json`` and the
    Hugging Face index; every rank writes its ``rank-NNNNN.json``.
-4. **commit** (rank 0): once every rank reported success, write ``manifest.json`` last.
+4. **commit** (rank 0): once every rank reported success, write ``manifest.sig`` when a
+   signing key is set, then ``manifest.json`` last with a create-only write
+   (:meth:`Store.write_bytes_exclusive`): of two writers of one step exactly one commits, the
+   other raises :class:`CommitConflictError` on every rank.
 
 A failure on any rank surfaces on every rank as one :class:`CheckpointWriteError` naming each
 rank's cause; the previous committed checkpoint is untouched and the partial folder has no
@@ -23,16 +28,17 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, CheckpointWriteError, ResilientTrainError
+from ..errors import CheckpointError, CheckpointWriteError, CommitConflictError, ManifestError, ResilientTrainError, StoreConflictError
 from ..format.jsontree import dumps_canonical
 from ..format.manifest import DEFAULT_HASH_CHUNK_BYTES, MAX_HASH_CHUNK_BYTES, MIN_HASH_CHUNK_BYTES, FileRecord, Manifest, TensorRecord
 from ..format.names import FORMAT_VERSION, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename, step_dirname
 from ..format.safetensors_io import FileHasher, write_file_hashed
+from ..format.signing import SigningKey
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
 from .planner import DEFAULT_MAX_FILE_BYTES, FilePlan, SavePlan, plan_save
@@ -47,12 +53,14 @@ log = logging.getLogger(__name__)
 class SaveOptions:
     """Tuning knobs of a save. ``io_threads``: files written concurrently per rank.
     ``format_version``: 2 (default, per-chunk digests of ``hash_chunk_bytes``) or 1 (whole-file
-    digests only, for readers older than format 2)."""
+    digests only, for readers older than format 2). ``signing_key``: sign every manifest
+    (``manifest.sig``, see format/signing.py); never shown in reprs."""
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     io_threads: int = max(1, min(8, os.cpu_count() or 1))
     format_version: int = FORMAT_VERSION
     hash_chunk_bytes: int = DEFAULT_HASH_CHUNK_BYTES
+    signing_key: SigningKey | None = field(default=None, repr=False, compare=False)
 
     @property
     def _chunk_bytes(self) -> int | None:
@@ -63,6 +71,8 @@ class SaveOptions:
             raise ValueError(f"format_version must be one of {READABLE_FORMAT_VERSIONS}, got {self.format_version}")
         if not MIN_HASH_CHUNK_BYTES <= self.hash_chunk_bytes <= MAX_HASH_CHUNK_BYTES:
             raise ValueError(f"hash_chunk_bytes must be in [{MIN_HASH_CHUNK_BYTES}, {MAX_HASH_CHUNK_BYTES}], got {self.hash_chunk_bytes}")
+        if self.signing_key is not None and not isinstance(self.signing_key, SigningKey):
+            raise ValueError(f"signing_key must be a resilient_train.format.signing.SigningKey, got {type(self.signing_key).__name__}")
         if self.max_file_bytes <= 0:
             raise ValueError(f"max_file_bytes must be positive, got {self.max_file_bytes}")
         if self.io_threads < 1:
@@ -100,11 +110,27 @@ def save(
 
 
 def _prepare(store: Store, folder: str) -> None:
-    if store.exists(f"{folder}/{MANIFEST_NAME}"):
-        raise CheckpointError(f"step folder {folder} under {store.uri} is already committed; refusing to overwrite it")
-    if store.list(folder):
-        log.info("removing leftovers of an uncommitted save in %s/%s", store.uri, folder)
-        store.delete(folder, recursive=True)
+    """Refuse a committed step; make a torn manifest (a crash while committing) uncommitted.
+
+    Files of an earlier, uncommitted attempt are not deleted here: the new files overwrite the
+    ones of the same name, readers only ever open what the manifest lists, and retention
+    removes whole folders. Deleting them could destroy the files of a concurrent writer of the
+    same step; the create-only commit decides between such writers instead.
+    """
+    names = store.list(folder)  # a fresh listing: also renews a client's stale listing cache
+    if MANIFEST_NAME not in names:
+        return
+    try:
+        data = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
+    except FileNotFoundError:
+        return
+    try:
+        Manifest.from_bytes(data, where=f"{store.uri}/{folder}/{MANIFEST_NAME}")
+    except ManifestError as exc:
+        log.warning("replacing the uncommitted %s/%s (torn manifest): %s", store.uri, folder, redact(str(exc))[:200])
+        store.delete(f"{folder}/{MANIFEST_NAME}")
+        return
+    raise CheckpointError(f"step folder {folder} under {store.uri} is already committed; refusing to overwrite it")
 
 
 def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, chunk_bytes: int | None = None) -> FileRecord:
@@ -198,16 +224,30 @@ def write_snapshot(
     err = None
     if coord.rank == 0:
         try:
-            store.sync_folder(folder)
-            store.write_bytes(f"{folder}/{MANIFEST_NAME}", manifest.to_bytes())
-            store.sync_folder(folder)
+            _commit(store, folder, manifest.to_bytes(), opts.signing_key)
         except Exception as exc:  # noqa: BLE001
             err = _describe(exc)
-    _agree(coord, err, f"commit of {folder}")
+    errs = coord.all_gather(err)
+    if errs[0] and errs[0].startswith(StoreConflictError.__name__):
+        raise CommitConflictError(f"step {step} under {store.uri} was committed by another writer first; this save did not commit ({errs[0]})")
+    failures = {r: e for r, e in enumerate(errs) if e}
+    if failures:
+        raise CheckpointWriteError(f"checkpoint commit of {folder} failed", failures)
     seconds = time.perf_counter() - t0
     written = sum(r.size_bytes for r in records)
     log.info("saved step %d to %s: %d files, %.1f MB by rank %d in %.2f s", step, store.uri, len(records), written / 1e6, coord.rank, seconds)
     return SaveResult(step, manifest, written, seconds)
+
+
+def _commit(store: Store, folder: str, manifest_bytes: bytes, key: SigningKey | None) -> None:
+    """Signature first (if any), then the manifest, create-only: the commit point."""
+    from .signatures import write_signature
+
+    store.sync_folder(folder)
+    if key is not None:
+        write_signature(store, folder, manifest_bytes, key)
+    store.write_bytes_exclusive(f"{folder}/{MANIFEST_NAME}", manifest_bytes)
+    store.sync_folder(folder)
 
 
 def _write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan, coord: Coordinator, opts: SaveOptions) -> list[FileRecord]:

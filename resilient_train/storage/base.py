@@ -13,6 +13,10 @@ Promises every implementation keeps (checked by ``resilient_train.testing.store_
 * ``open_read(p)`` yields a binary file supporting ``read``, ``readinto``, ``seek``.
 * ``list(p)`` returns the names (not paths) of the immediate children of folder ``p``, sorted;
   a missing folder lists as empty.
+* ``write_bytes_exclusive(p, data)`` creates ``p`` only if nothing is there (local: exclusive
+  create; S3 and Azure: ``If-None-Match: *``; GCS: ``ifGenerationMatch=0``). Of several
+  concurrent callers exactly one succeeds; the others raise
+  :class:`~resilient_train.errors.StoreConflictError`. It is how a manifest is committed.
 * Missing objects raise :class:`~resilient_train.errors.StoreNotFoundError`.
 * Error messages name the store by ``name`` and never contain credentials.
 """
@@ -47,6 +51,11 @@ class Store(Protocol):
     def read_bytes(self, path: str, start: int | None = None, end: int | None = None) -> bytes: ...
 
     def write_bytes(self, path: str, data: bytes) -> None: ...
+
+    def write_bytes_exclusive(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data`` only if no object is there (atomic, durable).
+        Raises StoreConflictError when one is, whatever its content."""
+        ...
 
     def exists(self, path: str) -> bool: ...
 

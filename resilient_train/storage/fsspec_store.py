@@ -7,10 +7,11 @@ clients (s3fs, gcsfs, adlfs) are imported lazily by fsspec when their scheme is 
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator, Mapping
 
-from ..errors import ConfigError, StorageError, StoreNotFoundError, StorePermissionError, StoreTransientError
+from ..errors import ConfigError, StorageError, StoreConflictError, StoreNotFoundError, StorePermissionError, StoreTransientError
 from .base import check_relpath
 from .redact import redact, redact_options
 from .retry import classify
@@ -153,6 +154,30 @@ class FsspecStore:
         except Exception as exc:  # noqa: BLE001
             raise self._wrap(exc, path) from exc
 
+    def write_bytes_exclusive(self, path: str, data: bytes) -> None:
+        """One create-only PUT: ``mode="create"`` of s3fs (``If-None-Match: *``), gcsfs
+        (``ifGenerationMatch=0``) and adlfs (``overwrite=False``: ``If-None-Match: *``).
+        memory:// and local fsspec paths get an exists check under a lock (one process only)."""
+        full = self._full(path)
+        try:
+            fs = self.fs
+            if _is_conditional_backend(fs):
+                self._run("pipe_file", full, bytes(data), mode="create")
+            else:
+                with _EXCLUSIVE_LOCK:
+                    if fs.exists(full):
+                        raise FileExistsError(full)
+                    fs.pipe_file(full, bytes(data))
+        except Exception as exc:  # noqa: BLE001
+            if _is_conflict(exc):
+                raise StoreConflictError(f"{path!r} already exists under {self.uri}", provider=self.name, path=path) from None
+            raise self._wrap(exc, path) from exc
+        finally:
+            try:
+                self.fs.invalidate_cache(full)
+            except Exception:  # noqa: BLE001 - the cache is only an optimisation
+                pass
+
     def exists(self, path: str) -> bool:
         full = self._full(path, allow_empty=True)
         try:
@@ -216,6 +241,36 @@ class FsspecStore:
     def storage_options(self) -> dict[str, Any]:
         """The options with secrets masked: safe to print."""
         return redact_options(self._options)
+
+
+_EXCLUSIVE_LOCK = threading.Lock()
+
+
+def _is_conditional_backend(fs: Any) -> bool:
+    """True for the clients whose ``pipe_file(mode="create")`` is a server-side create-only PUT."""
+    return type(fs).__module__.split(".")[0] in ("s3fs", "gcsfs", "adlfs")
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """A create-only write lost: FileExistsError (adlfs, gcsfs), HTTP 412 / PreconditionFailed or
+    409 / ConditionalRequestConflict (S3), anywhere in the chain of causes."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, FileExistsError):
+            return True
+        resp = getattr(cur, "response", None)
+        if isinstance(resp, dict):
+            code = str(resp.get("Error", {}).get("Code", ""))
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status == 412:
+                return True
+        for attr in ("status_code", "status", "code"):
+            if getattr(cur, attr, None) == 412:
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def client_defaults(uri: str, options: Mapping[str, Any]) -> dict[str, Any]:

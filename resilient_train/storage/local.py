@@ -12,10 +12,11 @@ import errno
 import os
 import shutil
 import stat
+import uuid
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator
 
-from ..errors import StorageError, StoreNotFoundError, StorePermissionError, UnsafeFileError
+from ..errors import StorageError, StoreConflictError, StoreNotFoundError, StorePermissionError, UnsafeFileError
 from .base import check_relpath
 
 __all__ = ["LocalStore"]
@@ -148,6 +149,36 @@ class LocalStore:
     def write_bytes(self, path: str, data: bytes) -> None:
         with self.open_write(path) as f:
             f.write(data)
+
+    def write_bytes_exclusive(self, path: str, data: bytes) -> None:
+        """Write a temporary file, fsync it, then ``os.link`` it to ``path``: the link fails if
+        ``path`` exists (create-only, atomic), and a reader never sees a partial file."""
+        full = self._abs(path)
+        tmp = f"{full}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, full)
+            except FileExistsError:
+                raise StoreConflictError(f"{path!r} already exists under {self._root}", provider=self.name, path=path) from None
+            self.sync_folder(os.path.dirname(path) if "/" in path else "")
+        except OSError as exc:
+            if isinstance(exc, StoreConflictError):
+                raise
+            raise self._wrap(exc, path) from exc
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._abs(path, allow_empty=True))

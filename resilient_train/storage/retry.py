@@ -28,6 +28,7 @@ import tenacity
 
 from ..errors import (
     ConfigError,
+    StoreConflictError,
     StoreNotFoundError,
     StorePermissionError,
     StoreTransientError,
@@ -98,7 +99,7 @@ def classify(exc: BaseException) -> str:
     for e in _chain(exc):
         if isinstance(e, StoreTransientError):
             return "transient"
-        if isinstance(e, (StoreUnavailableError, UnsafePathError, ConfigError)):
+        if isinstance(e, (StoreUnavailableError, UnsafePathError, ConfigError, StoreConflictError)):
             return "permanent"
         if isinstance(e, StoreNotFoundError):
             return "not_found"
@@ -267,6 +268,24 @@ class RetryingStore:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._call(f"write {path!r}", lambda: self.inner.write_bytes(path, data))
+
+    def write_bytes_exclusive(self, path: str, data: bytes) -> None:
+        """Retried like every call; a conflict after an earlier attempt failed in transit is
+        checked against the content: if the object holds exactly ``data``, that earlier attempt
+        did commit and this is a success, not a conflict."""
+        attempts = [0]
+
+        def once() -> None:
+            attempts[0] += 1
+            try:
+                self.inner.write_bytes_exclusive(path, data)
+            except StoreConflictError:
+                if attempts[0] > 1 and self.inner.read_bytes(path) == bytes(data):
+                    log.info("[%s] create-only write of %r had succeeded before its retry", self.name, path)
+                    return
+                raise
+
+        self._call(f"create {path!r}", once)
 
     def exists(self, path: str) -> bool:
         return self._call(f"exists {path!r}", lambda: self.inner.exists(path))

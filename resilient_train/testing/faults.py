@@ -120,6 +120,10 @@ class FaultyStore:
         self._maybe_fail("write_bytes", path)
         self.inner.write_bytes(path, data)
 
+    def write_bytes_exclusive(self, path: str, data: bytes) -> None:
+        self._maybe_fail("write_bytes_exclusive", path)
+        self.inner.write_bytes_exclusive(path, data)
+
     def exists(self, path: str) -> bool:
         self._maybe_fail("exists", path)
         return self.inner.exists(path)

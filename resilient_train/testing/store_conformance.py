@@ -135,6 +135,34 @@ def check_empty_object(store: Store) -> None:
     assert store.read_bytes("empty") == b""
 
 
+def check_exclusive_create(store: Store) -> None:
+    """Create-only writes: of 4 concurrent writers of one path exactly one wins, the others get
+    StoreConflictError and the object holds the winner's bytes; a second write conflicts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..errors import StoreConflictError
+
+    def one(i: int) -> str:
+        try:
+            store.write_bytes_exclusive("x/commit", b"writer %d" % i)
+            return "won"
+        except StoreConflictError:
+            return "lost"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, range(4)))
+    assert outcomes.count("won") == 1, f"expected exactly one winner, got {outcomes}"
+    winner = outcomes.index("won")
+    assert store.read_bytes("x/commit") == b"writer %d" % winner
+    try:
+        store.write_bytes_exclusive("x/commit", b"writer %d" % winner)
+    except StoreConflictError:
+        pass
+    else:
+        raise AssertionError("a create-only write over an existing object succeeded")
+    assert store.list("x") == ["commit"], f"temporary files left behind: {store.list('x')}"
+
+
 CHECKS: list[Callable[[Store], None]] = [
     check_roundtrip_bytes,
     check_ranged_reads,
@@ -145,6 +173,7 @@ CHECKS: list[Callable[[Store], None]] = [
     check_unsafe_paths_refused,
     check_overwrite_and_child,
     check_empty_object,
+    check_exclusive_create,
 ]
 
 
