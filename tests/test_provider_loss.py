@@ -105,8 +105,9 @@ def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
 
 
 def _launch(tmp_path, kv_port, group, *extra, ranks=1, steps=60, restarts=0):
+    url = kv_port if isinstance(kv_port, str) else f"tcp://127.0.0.1:{kv_port}"
     cmd = [provider_loss.TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={restarts}", os.path.join(ROOT, "examples", "provider_train.py"),
-           "--group", group, "--membership", f"tcp://127.0.0.1:{kv_port}", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path),
+           "--group", group, "--membership", url, "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path),
            "--steps", str(steps), "--sync-every", "10", "--every", "20", "--start-groups", "3", "--keep-last", "10", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     log = open(tmp_path / f"log-{group}.txt", "a")
@@ -204,3 +205,36 @@ def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
     for g in "abc":
         assert _same(load_file(ref_dir / f"final-{g}.safetensors"), load_file(run_dir / f"final-{g}.safetensors")), f"group {g} differs"
     del kv
+
+
+def test_etcd_member_killed_mid_run_changes_nothing_for_training(tmp_path, etcd_cluster):
+    """Three providers whose membership store is a 3-member etcd; the etcd leader is SIGKILLed
+    mid-run: same epoch and members throughout, no failed round, no pause beyond the etcd
+    client's failover (1 s per-request timeout)."""
+    provider_loss.warm_codec_cache()
+    url = etcd_cluster.url + f"/rt-{os.urandom(4).hex()}"
+    procs = {g: _launch(tmp_path, url, g, "--step-delay", "0.1", steps=100) for g in "abc"}
+    victim = etcd_cluster.leader()
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and killed_at is None:
+            path = tmp_path / "events-a-rank0.jsonl"
+            if path.exists() and any(e["event"] == "sync" and e["step"] >= 40 for e in _events(tmp_path, "a-rank0")):
+                etcd_cluster.kill(victim)
+                killed_at = time.time()
+            time.sleep(0.05)
+        assert killed_at is not None, "training did not reach step 40"
+        _wait_all(procs)
+    finally:
+        etcd_cluster.restart(victim)
+    for g in "abc":
+        ev = _events(tmp_path, f"{g}-rank0")
+        assert not [e for e in ev if e["event"] in ("round_failed", "reconfigured", "membership")], f"{g} saw a membership change"
+        syncs = [e for e in ev if e["event"] == "sync"]
+        assert [e["step"] for e in syncs] == list(range(10, 101, 10)) and {e["epoch"] for e in syncs} == {syncs[0]["epoch"]}
+    a = [e for e in _events(tmp_path, "a-rank0") if e["event"] == "sync"]
+    gaps = [b["t"] - x["t"] for x, b in zip(a, a[1:])]
+    around = [b["t"] - x["t"] for x, b in zip(a, a[1:]) if x["t"] <= killed_at + 3 and b["t"] >= killed_at - 1]
+    print(f"round gaps {min(gaps):.2f}-{max(gaps):.2f} s; around the etcd kill {around}")
+    assert max(gaps) < sorted(gaps)[len(gaps) // 2] + 2.5  # at most the client's failover beyond a normal round
