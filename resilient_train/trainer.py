@@ -43,6 +43,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from . import adapt
 from .checkpoint import CheckpointManager, TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.reader import latest_step
@@ -106,6 +107,8 @@ class TrainerConfig:
     timeout_s: float = 300.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     backend: str | None = None
+    # ``save_on_close``: close() checkpoints the final step when no checkpoint holds it yet.
+    save_on_close: bool = True
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -184,10 +187,10 @@ class Trainer:
         if not isinstance(config, TrainerConfig):
             raise ConfigError(f"config must be a TrainerConfig, got {type(config).__name__}")
         self.config = config
-        self.module = model
+        self.module, self._user_ddp = adapt.unwrap_model(model)  # a script's DDP is kept; FSDP refused
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.sampler = sampler
+        self.sampler = adapt.adapt_sampler(sampler)  # a DistributedSampler becomes resumable, in place
         self.extra = extra if extra is not None else {}
         self.model: torch.nn.Module = model
         self.step_count = 0
@@ -210,6 +213,8 @@ class Trainer:
         distributed_needed = cfg.replica_groups > 1 or cfg.sync.mode != "ddp"
         if distributed_needed and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
             raise ConfigError(f"sync mode {cfg.sync.mode!r} with {cfg.replica_groups} replica group(s) needs several ranks: launch with torchrun (WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT are not set)")
+        adapt.check_model_layout(self._user_ddp, cfg.replica_groups)
+        script_pg = dist.is_initialized()
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
         if self.world_size % cfg.replica_groups:
             raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
@@ -218,6 +223,8 @@ class Trainer:
             self.sampler.set_world(self.rank, self.world_size)
         self._build_groups(timeout)
         self._build_sync(timeout)
+        if script_pg and self.world_size > 1:
+            adapt.forget_rendezvous_keys([getattr(self, n, None) for n in ("_intra", "_cross", "_ckpt_group")], timeout)
         self._started = True
         self._resume()
         self.events.emit("start", rank=self.rank, world_size=self.world_size, group=self.group_index, resumed_from=self.resumed_from, step=self.step_count, mode=cfg.sync.mode)
@@ -244,7 +251,7 @@ class Trainer:
                     self._cross = pg
         # A separate group for checkpoint collectives, which may run on a background thread.
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        if self.group_size > 1 or (groups == 1 and self.world_size > 1):
+        if (self.group_size > 1 or (groups == 1 and self.world_size > 1)) and self._user_ddp is None:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, process_group=self._intra)
 
     def _build_sync(self, timeout: timedelta) -> None:
@@ -360,8 +367,14 @@ class Trainer:
         if self.step_count % self.config.every_n_steps == 0:
             self.save()
 
-    def close(self) -> None:
-        """Finish the checkpoint in flight (raising its error, if any) and release resources."""
+    def close(self, save: bool | None = None) -> None:
+        """Finish the checkpoint in flight (raising its error, if any) and release resources.
+
+        First checkpoints the final step (collective) unless a checkpoint holds it already or
+        ``save`` (default ``config.save_on_close``) is false.
+        """
+        if self._started and (self.config.save_on_close if save is None else save) and self.step_count not in (self._in_flight_step, self.resumed_from, 0):
+            self.save()
         if self._ckpt is not None:
             try:
                 self._ckpt.close()
@@ -375,8 +388,19 @@ class Trainer:
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(save=None if exc_type is None else False)
+
+    # ------------------------------------------------------------------ epochs
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch a resumed loop continues (0 on a fresh start); see :func:`adapt.start_epoch`."""
+        return adapt.start_epoch(self.sampler, self.extra)
+
+    def epochs(self, count: int) -> Any:
+        """``for epoch in trainer.epochs(E): sampler.set_epoch(epoch); ...``: the epochs still to run."""
+        return adapt.epochs(self, count)
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainerConfig | None = None, *, scheduler: Any = None, sampler: Any = None, extra: dict[str, Any] | None = None, **config_kwargs: Any) -> Trainer:
