@@ -21,6 +21,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["CheckpointManager", "LoadResult", "SaveResult", "TrainState", "errors", "load", "save", "verify_checkpoint", "__version__"]
 
+from .events import EventLog  # noqa: E402
 from .trainer import SyncConfig, Trainer, TrainerConfig, wrap  # noqa: E402
 
-__all__ += ["SyncConfig", "Trainer", "TrainerConfig", "wrap"]
+__all__ += ["EventLog", "SyncConfig", "Trainer", "TrainerConfig", "wrap"]

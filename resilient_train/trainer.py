@@ -31,10 +31,8 @@ Every phase appends to the event log (JSON lines) when one is configured.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,6 +47,7 @@ from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.reader import latest_step
 from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, StorageError
+from .events import EventLog
 from .storage import Store, open_store
 from .storage.providers import Placement
 
@@ -93,7 +92,10 @@ class TrainerConfig:
     ``every_n_steps``/``keep_last``: the schedule and retention. ``replica_groups``: how many
     groups the world is split into (one per provider); the world size must be divisible by it.
     ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
-    ``event_log``: a path for the JSON-lines event log; ``{rank}`` is replaced by the rank.
+    ``event_log``: where the JSON-lines event log goes: a local path, any fsspec URL (buffered,
+    written at checkpoints, every 30 s and at close) or a callable; ``{rank}`` is replaced by
+    the rank. ``on_event``: a callable given every event dict (metrics: TensorBoard, W&B,
+    Prometheus). A failing sink is logged and never stops training (see :mod:`.events`).
     ``timeout_s``: bound on every collective and store operation the wrapper starts.
     """
 
@@ -103,12 +105,13 @@ class TrainerConfig:
     replica_groups: int = 1
     sync: SyncConfig = field(default_factory=SyncConfig)
     async_save: bool = True
-    event_log: str | None = None
+    event_log: Any = None
     timeout_s: float = 300.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     backend: str | None = None
     # ``save_on_close``: close() checkpoints the final step when no checkpoint holds it yet.
     save_on_close: bool = True
+    on_event: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -130,23 +133,6 @@ class TrainerConfig:
                 raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s must be positive")
-
-
-class EventLog:
-    """Append-only JSON lines: one object per event with ``t`` (unix seconds), ``event``, fields."""
-
-    def __init__(self, path: str | None, rank: int = 0):
-        self.path = path.replace("{rank}", str(rank)) if path else None
-        self._lock = threading.Lock()
-        if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-
-    def emit(self, event: str, **fields: Any) -> None:
-        if not self.path:
-            return
-        line = json.dumps({"t": round(time.time(), 4), "event": event, **fields}, sort_keys=True, default=str)
-        with self._lock, open(self.path, "a") as f:
-            f.write(line + "\n")
 
 
 def init_distributed(timeout: timedelta, backend: str | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -218,7 +204,7 @@ class Trainer:
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
         if self.world_size % cfg.replica_groups:
             raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
-        self.events = EventLog(cfg.event_log, self.rank)
+        self.events = EventLog(cfg.event_log, self.rank, on_event=cfg.on_event, storage_options=cfg.storage_options)
         if callable(getattr(self.sampler, "set_world", None)):
             self.sampler.set_world(self.rank, self.world_size)
         self._build_groups(timeout)
