@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, ReplicationError, ResilientTrainError, StorageError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OperationCancelledError, ReplicationError, ResilientTrainError, StorageError, StoreTransientError, StoreUnavailableError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..storage import Store, open_store, redact
@@ -116,6 +116,25 @@ class _Progress:
             self._bar.close()
 
 
+def _retry_can_help(exc: BaseException) -> bool:
+    """Whether running the copy again may succeed: yes when a store was unreachable or flaky,
+    no when access was denied, a file is missing or corrupt, or the configuration is wrong."""
+    from ..storage.retry import classify
+
+    if isinstance(exc, OperationCancelledError):
+        return True
+    if isinstance(exc, (CorruptCheckpointError, ConfigError)):
+        return False
+    if isinstance(exc, (StoreUnavailableError, StoreTransientError)):
+        return True
+    return classify(exc) == "transient"
+
+
+def _check_stop(stop: threading.Event | None, what: str) -> None:
+    if stop is not None and stop.is_set():
+        raise OperationCancelledError(f"stopped before {what}")
+
+
 def copy_checkpoint(
     sources: "Store | Sequence[Store]",
     dst: Store,
@@ -123,13 +142,16 @@ def copy_checkpoint(
     *,
     io_threads: int = 4,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> CopyReport:
     """Copy committed checkpoint ``step`` to ``dst`` (see module doc); returns what was done.
 
     Raises CheckpointNotFoundError if no source has the step committed; CheckpointError if
     ``dst`` holds a *different* committed checkpoint of that step (never overwritten);
     ReplicationError naming ``dst`` and each file that could not be copied (the destination
-    stays uncommitted, and running again resumes).
+    stays uncommitted, and running again resumes; the message says "run again" only when the
+    causes were transient). Setting ``stop`` ends the copy within about one chunk per thread
+    and raises OperationCancelledError, leaving ``dst`` uncommitted and resumable.
     """
     srcs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     t0 = time.perf_counter()
@@ -161,28 +183,46 @@ def copy_checkpoint(
             todo.append(rec)  # a failed check means "copy it"
     bar = _Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", progress)
 
+    def on_bytes(n: int) -> None:
+        bar(n)
+        if n > 0:
+            _check_stop(stop, "the end of the file")
+
     def one(rec: FileRecord) -> int:
         path = f"{folder}/{rec.path}"
-        reasons = []
+        reasons, causes = [], []
         for s in srcs:
+            _check_stop(stop, f"copying {rec.path}")
             try:
-                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.sha256, on_bytes=bar)
+                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.sha256, on_bytes=on_bytes)
                 if s is not srcs[0]:
                     log.warning("%s: copied from replica %s after: %s", rec.path, s.name, "; ".join(reasons))
                 return n
+            except OperationCancelledError:
+                raise
             except (ResilientTrainError, OSError) as exc:
                 reasons.append(_describe(exc))
-        raise ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
+                causes.append(exc)
+        err = ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
+        err.causes = causes
+        raise err
 
     try:
         sizes, failures = run_concurrently(one, todo, io_threads, "rt-copy")
     finally:
         bar.close()
     if failures:
-        raise ReplicationError(
-            f"step {step} was not committed on {dst.name} ({len(failures)} of {len(todo)} files failed; run again to resume)",
+        copied = len(todo) - len(failures)
+        if stop is not None and stop.is_set():
+            raise OperationCancelledError(f"interrupted: step {step} is not committed on {dst.name} ({copied} of {len(todo)} files copied); run the same command again to resume")
+        causes = [c for _, e in failures for c in (getattr(e, "causes", None) or [e])]
+        hint = "; run again to resume" if all(_retry_can_help(c) for c in causes) else ""
+        err = ReplicationError(
+            f"step {step} was not committed on {dst.name}: {len(failures)} of {len(todo)} files failed{hint}",
             {dst.name: "; ".join(_describe(e) for _, e in failures[:3])},
         )
+        err.causes = causes
+        raise err
     dst.sync_folder(folder)
     dst.write_bytes(mpath, manifest_bytes)  # the commit: last
     dst.sync_folder(folder)
@@ -202,9 +242,11 @@ def migrate(
     dst_options: Mapping[str, Any] | None = None,
     io_threads: int = 4,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> list[CopyReport]:
     """Copy step ``step`` (default: the latest committed) or, with ``all_steps``, every
-    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`."""
+    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`
+    (``stop`` cancels it)."""
     if step is not None and all_steps:
         raise ConfigError("pass either a step or all_steps=True, not both")
     s = open_store(src, src_options)
@@ -220,7 +262,11 @@ def migrate(
         if step not in steps:
             raise CheckpointNotFoundError(f"step {step} is not committed under {s.uri}; committed steps: {steps}")
         chosen = [step]
-    return [copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress) for st in chosen]
+    reports = []
+    for st in chosen:
+        _check_stop(stop, f"copying step {st}")
+        reports.append(copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress, stop=stop))
+    return reports
 
 
 def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
