@@ -37,7 +37,18 @@ from .errors import (
     StorePermissionError,
     StoreUnavailableError,
 )
-from .storage import open_store, redact
+
+
+def open_store(*args: Any, **kwargs: Any) -> Any:
+    from .storage import open_store as _open  # imported on use: the CLI starts in a blink
+
+    return _open(*args, **kwargs)
+
+
+def redact(text: str) -> str:
+    from .storage import redact as _redact
+
+    return _redact(text)
 
 __all__ = ["main", "split_step_url", "parse_step", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_INTERRUPTED"]
 
@@ -236,7 +247,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(root, _options(args))
     step = _resolve_step(store, step)
     log.info("verifying %s/%s: re-reading every file and its SHA-256", store.uri, step_dirname(step))
-    manifest, problems = verify_checkpoint(store, step)
+    manifest, problems = verify_checkpoint(store, step, progress=not args.no_progress)
     if problems:
         print(f"FAILED: {len(problems)} of {len(manifest.files)} files of {store.uri}/{step_dirname(step)} do not match the manifest:", file=sys.stderr)
         for p in problems:
@@ -250,7 +261,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from .checkpoint.export import export_hf
 
     root, step = _root_and_step(args.src, args.step)
-    names = export_hf(root, args.dst, step, max_shard_bytes=int(args.max_shard_gb * 1024**3), storage_options=_options(args), dst_storage_options=_options(args, "dst_storage_options"))
+    names = export_hf(root, args.dst, step, max_shard_bytes=int(args.max_shard_gb * 1024**3), storage_options=_options(args), dst_storage_options=_options(args, "dst_storage_options"), progress=not args.no_progress)
     print(f"wrote {len(names)} files to {redact(args.dst)}: {', '.join(names)}")
     return 0
 
@@ -321,7 +332,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: cannot read --config {args.config}: {exc}")
     placement = placement_from_config(config)
     print(placement.decide().reason)
-    for rep in replicate(placement, args.step, all_steps=args.all, io_threads=args.threads):
+    for rep in replicate(placement, args.step, all_steps=args.all, io_threads=args.threads, progress=not args.no_progress):
         print(f"step {rep.step}: committed on {', '.join(rep.committed)}")
     return 0
 
@@ -371,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--step", type=parse_step, help="the step (999, step-999 or step-0000000999); default: the latest committed")
     sp = url_cmd("verify", "re-hash every file of a checkpoint", "Re-read every file of a checkpoint and compare its size and SHA-256 with the manifest; safetensors headers are validated too. Exits 1 and names each bad file on any mismatch, 0 when everything matches.", cmd_verify, "URL or URL/step-N (default: latest)")
     sp.add_argument("--step", type=parse_step, help="the step (999, step-999 or step-0000000999); default: the latest committed")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar (shown when tqdm is installed)")
     sp = cs.add_parser("export-hf", help="write the model weights alone in the Hugging Face layout", description="Write the model weights of a checkpoint (sharded tensors reassembled) to DST as model-0000k-of-0000N.safetensors plus model.safetensors.index.json, readable by Hugging Face loaders without this library. Every byte is verified first.")
     sp.add_argument("src", help="URL or URL/step-NNNNNNNNNN (default: latest)")
     sp.add_argument("dst", help="destination folder or URL")
     sp.add_argument("--step", type=parse_step, help="the step (999, step-999 or step-0000000999); default: the latest committed")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.add_argument("--max-shard-gb", type=float, default=5.0, help="largest file to write, in GiB (default 5, as Hugging Face)")
     sp.add_argument("--storage-options", metavar="JSON", help="fsspec storage options for SRC, as JSON")
     sp.add_argument("--dst-storage-options", metavar="JSON", help="fsspec storage options for DST, as JSON")
@@ -410,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--step", type=parse_step, help="replicate this step only (999, step-999 or step-0000000999)")
     which.add_argument("--all", action="store_true", help="replicate every committed step")
     sp.add_argument("--threads", type=int, default=4, help="files copied at once per provider (default 4)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars (shown when tqdm is installed)")
     sp.set_defaults(func=cmd_replicate)
     return p
 
@@ -463,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_hoist_global_flags(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
-    log.debug("resilient-train %s: %s", __version__, " ".join(a for a in (args.command, getattr(args, "ckpt_command", None)) if a))
     try:
+        log.debug("resilient-train %s: %s", __version__, " ".join(a for a in (args.command, getattr(args, "ckpt_command", None)) if a))
         return int(args.func(args) or 0)
     except (ResilientTrainError, OSError) as exc:
         _print_error(exc)

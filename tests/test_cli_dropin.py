@@ -120,8 +120,9 @@ def test_inspect_plain_text_and_json(ckpt, cli):
 
 
 def test_ctrl_c_at_start_up_exits_130_without_traceback(ckpt):
-    proc = subprocess.Popen(CLI + ["ckpt", "verify", ckpt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    time.sleep(0.6)  # interpreter up, torch still importing
+    proc = subprocess.Popen(CLI + ["-v", "ckpt", "verify", ckpt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    first = proc.stderr.readline()  # main() is running; the command now imports torch (seconds)
+    assert "resilient-train" in first, first
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err

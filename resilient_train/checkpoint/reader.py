@@ -46,6 +46,7 @@ from ..format.jsontree import decode
 from ..format.manifest import FileRecord, Manifest, TensorRecord
 from ..format.names import MANIFEST_NAME, STATE_NAME, parse_step_dirname, rank_state_filename, step_dirname
 from ..format.safetensors_io import CHUNK_BYTES, ST_TO_DTYPE, TensorSlot, parse_header
+from ..progress import LOG_MIN_BYTES, Progress
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
 from .planner import ReadOp, plan_reads, region_volume
@@ -214,8 +215,9 @@ def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord
     return None, "; ".join(reasons), first_type
 
 
-def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None) -> tuple[Manifest, list[str]]:
-    """Re-hash every file of a checkpoint. Returns ``(manifest, problems)``; no problems = valid."""
+def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None, progress: bool = False) -> tuple[Manifest, list[str]]:
+    """Re-hash every file of a checkpoint. Returns ``(manifest, problems)``; no problems = valid.
+    ``progress``: a tqdm bar (or periodic log lines without tqdm)."""
     sources = open_sources(uri, storage_options)
     store = sources[0]
     if step is None:
@@ -226,14 +228,18 @@ def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Map
     folder = step_dirname(step)
     problems: list[str] = []
 
+    bar = Progress(sum(r.size_bytes for r in manifest.files), f"verify {folder}", bar=progress, enabled=progress)
+
     def one(rec: FileRecord) -> str | None:
         try:
             _check_file(store, folder, rec, manifest)
             return None
         except (ResilientTrainError, OSError) as exc:
             return redact(f"{rec.path}: {type(exc).__name__}: {exc}")
+        finally:
+            bar(rec.size_bytes)
 
-    with ThreadPoolExecutor(max_workers=io_threads or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=io_threads or min(8, os.cpu_count() or 1)) as pool, bar:
         problems = [p for p in pool.map(one, manifest.files) if p]
     return manifest, problems
 
@@ -549,9 +555,11 @@ def load(
     mine = needed[coord.rank :: coord.world_size]
     verdicts: dict[str, tuple[int | None, str | None, str | None]] = {}
     if mine:
-        with ThreadPoolExecutor(max_workers=min(threads, len(mine)), thread_name_prefix="rt-verify") as pool:
+        with ThreadPoolExecutor(max_workers=min(threads, len(mine)), thread_name_prefix="rt-verify") as pool, \
+                Progress(sum(manifest.file(n).size_bytes for n in mine), f"load {folder}: verifying", min_bytes=LOG_MIN_BYTES) as progress:
             for fname, verdict in zip(mine, pool.map(lambda n: _verify_with_fallback(sources, folder, manifest.file(n), manifest), mine)):
                 verdicts[fname] = verdict
+                progress(manifest.file(fname).size_bytes)
     merged: dict[str, tuple[int | None, str | None, str | None]] = {}
     for part in coord.all_gather(verdicts):
         merged.update(part)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OperationCancelledError, ReplicationError, ResilientTrainError, StorageError, StoreTransientError, StoreUnavailableError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
+from ..progress import LOG_MIN_BYTES, Progress
 from ..storage import Store, open_store, redact
 from ..storage.providers import HealthBook, Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
@@ -90,30 +91,6 @@ def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, b
         except (ResilientTrainError, OSError) as exc:
             reasons.append(_describe(exc))
     raise CheckpointNotFoundError(f"step {step} is not committed on any source: " + "; ".join(reasons))
-
-
-class _Progress:
-    """A thread-safe byte counter, shown with tqdm (bytes and rate) when it is installed."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self._lock = threading.Lock()
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                log.info("install tqdm (pip install 'resilient-train[progress]') for a progress bar")
-            else:
-                self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=True)
-
-    def __call__(self, n: int) -> None:
-        if self._bar is not None:
-            with self._lock:
-                self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _retry_can_help(exc: BaseException) -> bool:
@@ -181,7 +158,7 @@ def copy_checkpoint(
             skipped += 1
         else:
             todo.append(rec)  # a failed check means "copy it"
-    bar = _Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", progress)
+    bar = Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", bar=progress, min_bytes=LOG_MIN_BYTES)
 
     def on_bytes(n: int) -> None:
         bar(n)
@@ -275,7 +252,7 @@ def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list
     return [p.name for p in placement.providers if placement.policy.allows(p.region) and health.get(p.name, True)]
 
 
-def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int) -> None:
+def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int, progress: bool = False) -> None:
     """Copy from the committed providers to further candidates until the policy's count."""
     want = placement.policy.copies
     rest = [c for c in candidates if c not in report.committed and c not in failures]
@@ -284,7 +261,7 @@ def _fill_copies(placement: Placement, report: ReplicationReport, candidates: li
         sources = [placement.store(n) for n in report.committed]
 
         def one(name: str) -> CopyReport:
-            return copy_checkpoint(sources, placement.store(name), report.step, io_threads=io_threads)
+            return copy_checkpoint(sources, placement.store(name), report.step, io_threads=io_threads, progress=progress)
 
         results, errs = run_concurrently(one, batch, max_workers=len(batch), thread_name_prefix="rt-replicate")
         failed = {name for name, _ in errs}
@@ -361,7 +338,7 @@ def save_replicated(placement: Placement, state: TrainState, step: int, *, proce
     return write_replicated(placement, capture(state, coord.rank, coord.world_size), step, process_group=process_group, options=options, health=health)
 
 
-def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4) -> list[ReplicationReport]:
+def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4, progress: bool = False) -> list[ReplicationReport]:
     """Bring checkpoints up to the policy's copy count by copying between providers.
 
     ``step`` None: the newest step committed anywhere; ``all_steps``: every step committed on
@@ -393,7 +370,7 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
     for s in steps:
         rep = ReplicationReport(s, committed=list(held[s]))
         failures = dict(unreachable)
-        _fill_copies(placement, rep, alive, failures, io_threads)
+        _fill_copies(placement, rep, alive, failures, io_threads, progress)
         if len(rep.committed) < placement.policy.copies:
             all_failures.update({f"{k} (step {s})": v for k, v in failures.items()})
         reports.append(rep)

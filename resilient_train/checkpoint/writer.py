@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError, CheckpointWriteError, ResilientTrainError
+from ..progress import LOG_MIN_BYTES, Progress
 from ..format.jsontree import dumps_canonical
 from ..format.manifest import FileRecord, Manifest, TensorRecord
 from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, rank_state_filename, step_dirname
@@ -204,9 +205,13 @@ def _write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan,
         jobs.append((f"{folder}/{f.filename}", items, meta))
     records: list[FileRecord] = []
     if jobs:
-        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool:
+        total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
+        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool, \
+                Progress(total, f"save {folder} (rank {coord.rank})", min_bytes=LOG_MIN_BYTES) as progress:
             futures = [pool.submit(_write_one, store, path, items, meta) for path, items, meta in jobs]
-            records = [fut.result() for fut in futures]
+            for fut in futures:
+                records.append(fut.result())
+                progress(records[-1].size_bytes)
     if coord.rank == 0:
         records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared))
         if any(f.group == "model" for f in plan.files):
