@@ -14,7 +14,9 @@ What :func:`wrap` does, in order (the phases of :meth:`Trainer.start`):
 1. **distributed**: under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
    set) it joins the job's store under a prefix per restart attempt
    (``TORCHELASTIC_RESTART_COUNT``), so a restarted gloo job never reads the previous
-   attempt's peer addresses, and initialises the default process group.
+   attempt's peer addresses, and initialises the default process group. A group the script
+   initialised itself is adopted instead, and a script's DDP model and DistributedSampler are
+   accepted (see :mod:`resilient_train.adapt`).
 2. **layout**: ranks are split into ``replica_groups`` contiguous groups (one per provider).
    Inside a group gradients are averaged every step by DDP over fast local links; between
    groups the configured latency-tolerant mode synchronises (``localsgd``/``diloco``) over a
