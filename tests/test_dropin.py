@@ -142,3 +142,17 @@ def test_ddp_model_is_not_wrapped_twice_and_close_saves_final_step(world_of_one,
     second = run(9, save=False)
     assert second.resumed_from == 7 and second.step_count == 9
     assert sorted(os.listdir(tmp_path / "ck"))[-1] == "step-0000000007"
+
+
+def test_restart_safety_decision():
+    from resilient_train.adapt import restart_safety_problem
+
+    class StoreWithoutListing:  # torch builds whose stores cannot list keys
+        def list_keys(self):
+            raise NotImplementedError("list_keys")
+
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert "cannot list its keys" in restart_safety_problem(StoreWithoutListing(), shared)
+    assert restart_safety_problem(StoreWithoutListing(), {**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert restart_safety_problem(StoreWithoutListing(), {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert restart_safety_problem(dist.HashStore(), shared) is None
