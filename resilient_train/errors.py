@@ -73,6 +73,7 @@ __all__ = [
     "StoreConflictError",
     "CommitConflictError",
     "SignatureError",
+    "OperationCancelledError",
 ]
 
 
@@ -247,10 +248,16 @@ class ReplicationError(CheckpointError):
 
     def __init__(self, message: str, failures: Mapping[str, str] | None = None):
         self.failures = dict(failures or {})
+        self.summary = message  # the message without the per-provider detail
         if self.failures:
             detail = "; ".join(f"{p}: {m}" for p, m in sorted(self.failures.items()))
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+class OperationCancelledError(ResilientTrainError):
+    """The caller asked an operation to stop (Ctrl-C on ``ckpt migrate``). What was done is kept
+    and nothing half-done is committed: running the same operation again resumes it."""
 
 
 # ---------------------------------------------------------------- membership

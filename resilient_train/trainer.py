@@ -14,7 +14,9 @@ What :func:`wrap` does, in order (the phases of :meth:`Trainer.start`):
 1. **distributed**: under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
    set) it joins the job's store under a prefix per restart attempt
    (``TORCHELASTIC_RESTART_COUNT``), so a restarted gloo job never reads the previous
-   attempt's peer addresses, and initialises the default process group.
+   attempt's peer addresses, and initialises the default process group. A group the script
+   initialised itself is adopted instead, and a script's DDP model and DistributedSampler are
+   accepted (see :mod:`resilient_train.adapt`).
 2. **layout**: ranks are split into ``replica_groups`` contiguous groups (one per provider).
    Inside a group gradients are averaged every step by DDP over fast local links; between
    groups the configured latency-tolerant mode synchronises (``localsgd``/``diloco``) over a
@@ -31,10 +33,8 @@ Every phase appends to the event log (JSON lines) when one is configured.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,6 +43,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from . import adapt
 from .checkpoint import CheckpointManager, TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
@@ -50,6 +51,7 @@ from .checkpoint.writer import SaveOptions
 from .format.signing import as_keyring
 from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, DroppedFromJobError, StorageError
+from .events import EventLog
 from .storage import Store, open_store
 from .storage.providers import Placement
 
@@ -95,7 +97,10 @@ class TrainerConfig:
     ``every_n_steps``/``keep_last``: the schedule and retention. ``replica_groups``: how many
     groups the world is split into (one per provider); the world size must be divisible by it.
     ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
-    ``event_log``: a path for the JSON-lines event log; ``{rank}`` is replaced by the rank.
+    ``event_log``: where the JSON-lines event log goes: a local path, any fsspec URL (buffered,
+    written at checkpoints, every 30 s and at close) or a callable; ``{rank}`` is replaced by
+    the rank. ``on_event``: a callable given every event dict (metrics: TensorBoard, W&B,
+    Prometheus). A failing sink is logged and never stops training (see :mod:`.events`).
     ``timeout_s``: bound on every collective and store operation the wrapper starts.
     ``signing_key``: a :class:`~resilient_train.format.signing.SigningKey` that signs every
     checkpoint saved. ``verify_keys``: a KeyRing, key, key file path or list of them; resume
@@ -108,7 +113,7 @@ class TrainerConfig:
     replica_groups: int = 1
     sync: SyncConfig = field(default_factory=SyncConfig)
     async_save: bool = True
-    event_log: str | None = None
+    event_log: Any = None
     timeout_s: float = 300.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     backend: str | None = None
@@ -123,6 +128,9 @@ class TrainerConfig:
     code_version: str = ""
     signing_key: Any = field(default=None, repr=False, compare=False)
     verify_keys: Any = field(default=None, repr=False, compare=False)
+    # ``save_on_close``: close() checkpoints the final step when no checkpoint holds it yet.
+    save_on_close: bool = True
+    on_event: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -169,23 +177,6 @@ class TrainerConfig:
             raise ConfigError("signing_key must be a SigningKey (resilient_train.format.signing.load_signing_key(path) reads one from a file)")
 
 
-class EventLog:
-    """Append-only JSON lines: one object per event with ``t`` (unix seconds), ``event``, fields."""
-
-    def __init__(self, path: str | None, rank: int = 0):
-        self.path = path.replace("{rank}", str(rank)) if path else None
-        self._lock = threading.Lock()
-        if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-
-    def emit(self, event: str, **fields: Any) -> None:
-        if not self.path:
-            return
-        line = json.dumps({"t": round(time.time(), 4), "event": event, **fields}, sort_keys=True, default=str)
-        with self._lock, open(self.path, "a") as f:
-            f.write(line + "\n")
-
-
 def init_distributed(timeout: timedelta, backend: str | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment, if not done yet.
 
@@ -224,10 +215,10 @@ class Trainer:
         if not isinstance(config, TrainerConfig):
             raise ConfigError(f"config must be a TrainerConfig, got {type(config).__name__}")
         self.config = config
-        self.module = model
+        self.module, self._user_ddp = adapt.unwrap_model(model)  # a script's DDP is kept; FSDP refused
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.sampler = sampler
+        self.sampler = adapt.adapt_sampler(sampler)  # a DistributedSampler becomes resumable, in place
         self.extra = extra if extra is not None else {}
         self.model: torch.nn.Module = model
         self.step_count = 0
@@ -253,15 +244,19 @@ class Trainer:
         distributed_needed = cfg.group is None and (cfg.replica_groups > 1 or cfg.sync.mode != "ddp")
         if distributed_needed and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
             raise ConfigError(f"sync mode {cfg.sync.mode!r} with {cfg.replica_groups} replica group(s) needs several ranks: launch with torchrun (WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT are not set)")
+        adapt.check_model_layout(self._user_ddp, cfg.replica_groups)
+        script_pg = dist.is_initialized()
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
         if self.world_size % cfg.replica_groups:
             raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
-        self.events = EventLog(cfg.event_log, self.rank)
+        self.events = EventLog(cfg.event_log, self.rank, on_event=cfg.on_event, storage_options=cfg.storage_options)
         if callable(getattr(self.sampler, "set_world", None)):
             self.sampler.set_world(self.rank, self.world_size)
         self._build_groups(timeout)
         self._build_cross(timeout)
         self._build_sync(timeout)
+        if script_pg and self.world_size > 1:
+            adapt.forget_rendezvous_keys([getattr(self, n, None) for n in ("_intra", "_cross", "_ckpt_group")], timeout)
         self._started = True
         self._resume()
         if self.cross is not None:
@@ -310,7 +305,7 @@ class Trainer:
                     self._cross = pg
         # A separate group for checkpoint collectives, which may run on a background thread.
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        if self.group_size > 1 or (groups == 1 and self.world_size > 1):
+        if (self.group_size > 1 or (groups == 1 and self.world_size > 1)) and self._user_ddp is None:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, process_group=self._intra)
 
     def _build_sync(self, timeout: timedelta) -> None:
@@ -487,8 +482,14 @@ class Trainer:
             out.update(group=self.config.group, epoch=self.cross.view.epoch, members=list(self.cross.view.members), recoveries=list(self.cross.recoveries), rejoins=self.cross.rejoins)
         return out
 
-    def close(self) -> None:
-        """Finish the checkpoint in flight (raising its error, if any) and release resources."""
+    def close(self, save: bool | None = None) -> None:
+        """Finish the checkpoint in flight (raising its error, if any) and release resources.
+
+        First checkpoints the final step (collective) unless a checkpoint holds it already or
+        ``save`` (default ``config.save_on_close``) is false.
+        """
+        if self._started and (self.config.save_on_close if save is None else save) and self.step_count not in (self._in_flight_step, self.resumed_from, 0):
+            self.save()
         if self._ckpt is not None:
             try:
                 self._ckpt.close()
@@ -504,8 +505,19 @@ class Trainer:
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(save=None if exc_type is None else False)
+
+    # ------------------------------------------------------------------ epochs
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch a resumed loop continues (0 on a fresh start); see :func:`adapt.start_epoch`."""
+        return adapt.start_epoch(self.sampler, self.extra)
+
+    def epochs(self, count: int) -> Any:
+        """``for epoch in trainer.epochs(E): sampler.set_epoch(epoch); ...``: the epochs still to run."""
+        return adapt.epochs(self, count)
 
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainerConfig | None = None, *, scheduler: Any = None, sampler: Any = None, extra: dict[str, Any] | None = None, **config_kwargs: Any) -> Trainer:

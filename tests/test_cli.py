@@ -66,7 +66,7 @@ def test_verify_fails_naming_the_file(tmp_path):
 
 def test_errors_are_clear_and_exit_2(tmp_path):
     proc = run("ckpt", "inspect", str(tmp_path / "nothing"), check=False)
-    assert proc.returncode == 2 and "no committed checkpoint" in proc.stderr
+    assert proc.returncode == 3 and "nothing found at" in proc.stderr  # exit 3: not found (issue 11)
     proc = run("ckpt", "ls", "nosuchscheme://x/y", check=False)
     assert proc.returncode == 2 and "error:" in proc.stderr
 

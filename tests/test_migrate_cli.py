@@ -35,7 +35,7 @@ def test_cli_migrate_local_to_s3_resumable_with_progress(make_store, servers, tm
     assert committed_steps(d) == [1, 2] and verify_checkpoint(d, 2)[1] == []
     assert main(["ckpt", "migrate", src, dst, "--step", "2", "--dst-storage-options", opts, "--no-progress"]) == 0
     assert "already committed" in capsys.readouterr().out
-    assert main(["ckpt", "migrate", src, dst, "--step", "9", "--dst-storage-options", opts]) == 2
+    assert main(["ckpt", "migrate", src, dst, "--step", "9", "--dst-storage-options", opts]) == 3  # not found
     assert "committed steps: [1, 2]" in capsys.readouterr().err
     del s3
 

@@ -58,9 +58,9 @@ def test_in_process_wrap_resumes(tmp_path):
     first, _ = run(12)
     assert first.resumed_from is None and first.step_count == 12
     second, model = run(17)
-    assert second.resumed_from == 10 and second.step_count == 17
+    assert second.resumed_from == 12 and second.step_count == 17  # close() saved step 12
     kinds = [json.loads(line)["event"] for line in open(tmp_path / "ev.jsonl")]
-    assert kinds.count("checkpoint_committed") == 3 and "resume" in kinds
+    assert kinds.count("checkpoint_committed") == 5 and "resume" in kinds  # 5, 10, 12 (close); 15, 17 (close)
 
 
 def test_bad_configuration_fails_at_start(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from ..errors import CheckpointNotFoundError
 from ..format.jsontree import dumps_canonical
 from ..format.names import HF_INDEX_NAME, step_dirname
 from ..format.safetensors_io import write_file
+from ..progress import Progress
 from ..storage import Store, open_store
 from .reader import _records_by_key, _whole_target, latest_step, open_sources, read_manifest, read_tensors
 
@@ -33,10 +34,11 @@ def read_model_tensors(uri: Any, step: int | None = None, *, storage_options: Ma
     return step, {t.key.removeprefix("model/"): t.dest for t in targets}
 
 
-def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shard_bytes: int = 5 * 1024**3, storage_options: Mapping[str, Any] | None = None, dst_storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shard_bytes: int = 5 * 1024**3, storage_options: Mapping[str, Any] | None = None, dst_storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> list[str]:
     """Write ``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json`` to ``dst``.
 
     Sharded (DTensor) model tensors are reassembled. Returns the file names written.
+    ``progress``: a tqdm bar over the bytes written (periodic log lines without tqdm).
     """
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
@@ -53,12 +55,15 @@ def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shar
     out = open_store(dst, dst_storage_options)
     names = []
     weight_map = {}
+    bar = Progress(sum(t.numel() * t.element_size() for t in tensors.values()), f"export to {out.name}", bar=progress, enabled=progress)
     for i, items in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         with out.open_write(fname) as f:
             write_file(f, items, {"format": "pt"})
+        bar(sum(t.numel() * t.element_size() for _, t in items))
         names.append(fname)
         weight_map.update({n: fname for n, _ in items})
+    bar.close()
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     out.write_bytes(HF_INDEX_NAME, dumps_canonical({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}))
     log.info("exported %d tensors (%.1f MB) to %s", len(tensors), total / 1e6, out.uri)

@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, ReplicationError, ResilientTrainError, StorageError, StoreConflictError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OperationCancelledError, ReplicationError, ResilientTrainError, StorageError, StoreConflictError, StoreTransientError, StoreUnavailableError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
+from ..progress import LOG_MIN_BYTES, Progress
 from ..storage import Store, open_store, redact
 from ..storage.providers import HealthBook, Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
@@ -95,28 +96,23 @@ def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, b
     raise CheckpointNotFoundError(f"step {step} is not committed on any source: " + "; ".join(reasons))
 
 
-class _Progress:
-    """A thread-safe byte counter, shown with tqdm (bytes and rate) when it is installed."""
+def _retry_can_help(exc: BaseException) -> bool:
+    """Whether running the copy again may succeed: yes when a store was unreachable or flaky,
+    no when access was denied, a file is missing or corrupt, or the configuration is wrong."""
+    from ..storage.retry import classify
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self._lock = threading.Lock()
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                log.info("install tqdm (pip install 'resilient-train[progress]') for a progress bar")
-            else:
-                self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=True)
+    if isinstance(exc, OperationCancelledError):
+        return True
+    if isinstance(exc, (CorruptCheckpointError, ConfigError)):
+        return False
+    if isinstance(exc, (StoreUnavailableError, StoreTransientError)):
+        return True
+    return classify(exc) == "transient"
 
-    def __call__(self, n: int) -> None:
-        if self._bar is not None:
-            with self._lock:
-                self._bar.update(n)
 
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+def _check_stop(stop: threading.Event | None, what: str) -> None:
+    if stop is not None and stop.is_set():
+        raise OperationCancelledError(f"stopped before {what}")
 
 
 def copy_checkpoint(
@@ -127,6 +123,7 @@ def copy_checkpoint(
     io_threads: int = 4,
     progress: bool = False,
     verify_keys: Any = None,
+    stop: threading.Event | None = None,
 ) -> CopyReport:
     """Copy committed checkpoint ``step`` to ``dst`` (see module doc); returns what was done.
 
@@ -137,7 +134,9 @@ def copy_checkpoint(
     Raises CheckpointNotFoundError if no source has the step committed; CheckpointError if
     ``dst`` holds a *different* committed checkpoint of that step (never overwritten);
     ReplicationError naming ``dst`` and each file that could not be copied (the destination
-    stays uncommitted, and running again resumes).
+    stays uncommitted, and running again resumes; the message says "run again" only when the
+    causes were transient). Setting ``stop`` ends the copy within about one chunk per thread
+    and raises OperationCancelledError, leaving ``dst`` uncommitted and resumable.
     """
     srcs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     t0 = time.perf_counter()
@@ -174,30 +173,48 @@ def copy_checkpoint(
             skipped += 1
         else:
             todo.append(rec)  # a failed check means "copy it"
-    bar = _Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", progress)
+    bar = Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", bar=progress, min_bytes=LOG_MIN_BYTES)
+
+    def on_bytes(n: int) -> None:
+        bar(n)
+        if n > 0:
+            _check_stop(stop, "the end of the file")
 
     def one(rec: FileRecord) -> int:
         path = f"{folder}/{rec.path}"
-        reasons = []
+        reasons, causes = [], []
         for s in srcs:
+            _check_stop(stop, f"copying {rec.path}")
             try:
-                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.sha256, on_bytes=bar)
+                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.sha256, on_bytes=on_bytes)
                 if s is not srcs[0]:
                     log.warning("%s: copied from replica %s after: %s", rec.path, s.name, "; ".join(reasons))
                 return n
+            except OperationCancelledError:
+                raise
             except (ResilientTrainError, OSError) as exc:
                 reasons.append(_describe(exc))
-        raise ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
+                causes.append(exc)
+        err = ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
+        err.causes = causes
+        raise err
 
     try:
         sizes, failures = run_concurrently(one, todo, io_threads, "rt-copy")
     finally:
         bar.close()
     if failures:
-        raise ReplicationError(
-            f"step {step} was not committed on {dst.name} ({len(failures)} of {len(todo)} files failed; run again to resume)",
+        copied = len(todo) - len(failures)
+        if stop is not None and stop.is_set():
+            raise OperationCancelledError(f"interrupted: step {step} is not committed on {dst.name} ({copied} of {len(todo)} files copied); run the same command again to resume")
+        causes = [c for _, e in failures for c in (getattr(e, "causes", None) or [e])]
+        hint = "; run again to resume" if all(_retry_can_help(c) for c in causes) else ""
+        err = ReplicationError(
+            f"step {step} was not committed on {dst.name}: {len(failures)} of {len(todo)} files failed{hint}",
             {dst.name: "; ".join(_describe(e) for _, e in failures[:3])},
         )
+        err.causes = causes
+        raise err
     dst.sync_folder(folder)
     if signature is not None:
         dst.write_bytes(f"{folder}/{SIGNATURE_NAME}", signature)
@@ -232,11 +249,12 @@ def migrate(
     io_threads: int = 4,
     progress: bool = True,
     verify_keys: Any = None,
+    stop: threading.Event | None = None,
 ) -> list[CopyReport]:
     """Copy step ``step`` (default: the latest committed) or, with ``all_steps``, every
-    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`.
-    With ``verify_keys`` only signed checkpoints are copied; a named step that is not signed
-    by a trusted key raises SignatureError."""
+    committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`
+    (``stop`` cancels it). With ``verify_keys`` only signed checkpoints are copied; a named step
+    that is not signed by a trusted key raises SignatureError."""
     if step is not None and all_steps:
         raise ConfigError("pass either a step or all_steps=True, not both")
     s = open_store(src, src_options)
@@ -253,7 +271,11 @@ def migrate(
         if step not in steps:
             raise CheckpointNotFoundError(f"step {step} is not committed under {s.uri}; committed steps: {steps}")
         chosen = [step]
-    return [copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress, verify_keys=ring) for st in chosen]
+    reports = []
+    for st in chosen:
+        _check_stop(stop, f"copying step {st}")
+        reports.append(copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress, verify_keys=ring, stop=stop))
+    return reports
 
 
 def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
@@ -262,7 +284,7 @@ def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list
     return [p.name for p in placement.providers if placement.policy.allows(p.region) and health.get(p.name, True)]
 
 
-def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int) -> None:
+def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int, progress: bool = False) -> None:
     """Copy from the committed providers to further candidates until the policy's count."""
     want = placement.policy.copies
     rest = [c for c in candidates if c not in report.committed and c not in failures]
@@ -271,7 +293,7 @@ def _fill_copies(placement: Placement, report: ReplicationReport, candidates: li
         sources = [placement.store(n) for n in report.committed]
 
         def one(name: str) -> CopyReport:
-            return copy_checkpoint(sources, placement.store(name), report.step, io_threads=io_threads)
+            return copy_checkpoint(sources, placement.store(name), report.step, io_threads=io_threads, progress=progress)
 
         results, errs = run_concurrently(one, batch, max_workers=len(batch), thread_name_prefix="rt-replicate")
         failed = {name for name, _ in errs}
@@ -348,7 +370,7 @@ def save_replicated(placement: Placement, state: TrainState, step: int, *, proce
     return write_replicated(placement, capture(state, coord.rank, coord.world_size), step, process_group=process_group, options=options, health=health)
 
 
-def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4) -> list[ReplicationReport]:
+def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4, progress: bool = False) -> list[ReplicationReport]:
     """Bring checkpoints up to the policy's copy count by copying between providers.
 
     ``step`` None: the newest step committed anywhere; ``all_steps``: every step committed on
@@ -380,7 +402,7 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
     for s in steps:
         rep = ReplicationReport(s, committed=list(held[s]))
         failures = dict(unreachable)
-        _fill_copies(placement, rep, alive, failures, io_threads)
+        _fill_copies(placement, rep, alive, failures, io_threads, progress)
         if len(rep.committed) < placement.policy.copies:
             all_failures.update({f"{k} (step {s})": v for k, v in failures.items()})
         reports.append(rep)

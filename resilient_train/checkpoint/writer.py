@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError, CheckpointWriteError, CommitConflictError, ManifestError, ResilientTrainError, StoreConflictError
+from ..progress import LOG_MIN_BYTES, Progress
 from ..format.jsontree import dumps_canonical
 from ..format.manifest import DEFAULT_HASH_CHUNK_BYTES, MAX_HASH_CHUNK_BYTES, MIN_HASH_CHUNK_BYTES, FileRecord, Manifest, TensorRecord
 from ..format.names import FORMAT_VERSION, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename, step_dirname
@@ -260,9 +261,13 @@ def _write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan,
         jobs.append((f"{folder}/{f.filename}", items, meta))
     records: list[FileRecord] = []
     if jobs:
-        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool:
+        total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
+        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool, \
+                Progress(total, f"save {folder} (rank {coord.rank})", min_bytes=LOG_MIN_BYTES) as progress:
             futures = [pool.submit(_write_one, store, path, items, meta, opts._chunk_bytes) for path, items, meta in jobs]
-            records = [fut.result() for fut in futures]
+            for fut in futures:
+                records.append(fut.result())
+                progress(records[-1].size_bytes)
     if coord.rank == 0:
         records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared, opts._chunk_bytes))
         if any(f.group == "model" for f in plan.files):

@@ -1,5 +1,5 @@
 """Compression of pseudo-gradients: the `Codec` protocol, pure-torch reference codecs, and the
-loader of the compiled kernels (``csrc/``). Never imports checkpoint or storage."""
+loader of the compiled kernels (``resilient_train/csrc/``). Never imports checkpoint or storage."""
 
 from __future__ import annotations
 

@@ -1,8 +1,13 @@
-"""The one module that builds and loads the compiled codecs in ``csrc/``.
+"""The one module that builds and loads the compiled codecs in ``resilient_train/csrc/``.
 
-Both extensions are JIT-built with :func:`torch.utils.cpp_extension.load` on first use,
-into a cache folder (``$RESILIENT_TRAIN_CACHE`` or ``~/.cache/resilient_train``), keyed by
-torch version so a cached build is reused across runs. A build takes ~30-60 s once.
+The sources ship inside the package (source checkout, editable install and wheel alike), so
+``pip install resilient-train`` needs no compiler. Both extensions are JIT-built with
+:func:`torch.utils.cpp_extension.load` on first use, into a cache folder
+(``$RESILIENT_TRAIN_CACHE``, else ``$TORCH_EXTENSIONS_DIR/resilient_train``, else
+``~/.cache/resilient_train``), keyed by torch version so a cached build is reused across runs.
+A build takes ~30-60 s once and says so in one log line. The CUDA kernel is built only where a
+CUDA torch and ``nvcc`` exist. Without a C++ compiler, one log line says that the pure-torch
+reference codecs are used (slower, same results).
 
 ``load_cpu(required)`` / ``load_cuda(required)`` return the module, or ``None`` when it
 cannot be built and ``required`` is false (the reason is logged once; callers then use the
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -37,13 +43,15 @@ _errors: dict[str, str] = {}
 
 
 def csrc_dir() -> Path:
-    """``csrc/`` of a source checkout or editable install (not shipped inside a wheel)."""
-    return Path(__file__).resolve().parents[2] / "csrc"
+    """The kernel sources: ``resilient_train/csrc/`` (package data, shipped in the wheel)."""
+    return Path(__file__).resolve().parents[1] / "csrc"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RESILIENT_TRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                     "resilient_train")
+    root = os.environ.get("RESILIENT_TRAIN_CACHE")
+    if not root and os.environ.get("TORCH_EXTENSIONS_DIR"):
+        root = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "resilient_train")
+    root = root or os.path.join(os.path.expanduser("~"), ".cache", "resilient_train")
     tag = torch.__version__.replace("+", "_").replace(".", "_")
     return Path(root) / f"ext_torch{tag}"
 
@@ -69,7 +77,14 @@ def _build(kind: str) -> ModuleType:
         flags = {"extra_cflags": CPU_FLAGS, "extra_cuda_cflags": NVCC_FLAGS}
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"kernel sources not found: {missing} (csrc/ ships with the source tree)")
+        raise FileNotFoundError(f"kernel sources not found: {missing} (resilient_train/csrc/ ships with the package; reinstall it)")
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        raise RuntimeError(f"no C++ compiler ({compiler} or g++) on PATH; install one (e.g. apt install g++) and ninja to use the compiled codec")
+    if kind == "cuda" and not (shutil.which("nvcc") or cpp_extension.CUDA_HOME):
+        raise RuntimeError("no nvcc found (CUDA_HOME unset and nvcc not on PATH)")
+    if not any(f.endswith(".so") for f in os.listdir(build)):
+        log.warning("building the compiled %s codec once (~30-60 s) into %s", kind, build)
     return cpp_extension.load(name=f"resilient_train_quant_{kind}", sources=[str(p) for p in sources],
                               build_directory=str(build), verbose=False, **flags)
 
@@ -84,8 +99,9 @@ def _load(kind: str, required: bool) -> ModuleType | None:
             except Exception as exc:  # a compiler/toolchain failure of any kind means "not here"
                 _loaded[kind] = None
                 _errors[kind] = f"{type(exc).__name__}: {exc}"
-                log.warning("compiled %s codec unavailable, using the pure-torch reference: %s",
-                            kind, _errors[kind][:500])
+                first = _errors[kind].strip().splitlines()[0][:300] if _errors[kind].strip() else type(exc).__name__
+                log.warning("compiled %s codec unavailable, using the pure-torch codecs (slower, same results): %s", kind, first)
+                log.debug("why the %s codec could not be built: %s", kind, _errors[kind])
         mod = _loaded[kind]
     if mod is None and required:
         raise KernelUnavailableError(f"the {kind} codec kernel cannot be built or loaded here: {_errors[kind]}")

@@ -1,0 +1,200 @@
+"""How :func:`~resilient_train.wrap` meets a training script as people write it.
+
+A typical torchrun script initialises the process group itself, wraps its model in DDP, feeds a
+DataLoader from a :class:`torch.utils.data.DistributedSampler` and loops over epochs. ``wrap``
+accepts all of that; each piece is adapted here, at wrap time, so that nothing fails hours
+later at the first checkpoint:
+
+* **process group**: when the script already called ``dist.init_process_group()``, ``wrap``
+  uses that group. Under torchrun the job's store is shared by every restart attempt (torch's
+  default; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` turns it off), so the restarted workers'
+  own ``init_process_group()`` would read the dead attempt's peer addresses and hang or fail in
+  gloo's connectFullMesh. Once every group the wrapper needs is connected,
+  :func:`forget_rendezvous_keys` deletes this attempt's rendezvous keys from the store, so a
+  restarted attempt finds none and exchanges fresh addresses. Where the store cannot list keys
+  and restarts are enabled, ``wrap`` refuses and says which line to remove. When ``wrap``
+  initialises the group itself it uses a store prefixed per attempt instead (see
+  :func:`~resilient_train.trainer.init_distributed`).
+* **model**: a model already in ``DistributedDataParallel`` is accepted when the job is one
+  replica group (plain DDP): the script's DDP stays in charge of the gradients and the wrapper
+  checkpoints its ``.module``. With several replica groups, DDP must span one group only, so
+  ``wrap`` refuses and asks for the bare model. FSDP models are refused (the checkpoint path
+  here saves whole or row-sharded tensors of a replicated model, not FSDP's flat shards).
+* **sampler**: a ``DistributedSampler`` is converted in place (the DataLoader that holds it
+  keeps working) into a :class:`ResumableDistributedSampler`: same dataset length, shuffle,
+  seed, ``drop_last`` and epoch, hence the same order of samples, plus a position that a
+  checkpoint records. Any other sampler must have ``state_dict()``/``load_state_dict()`` or
+  ``wrap`` refuses.
+* **epochs**: :func:`epochs` yields the epochs still to run, starting with the one the
+  checkpoint was taken in, so ``for epoch in trainer.epochs(E): sampler.set_epoch(epoch)``
+  resumes mid-epoch without replaying samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from .data import ResumableSampler
+from .errors import ConfigError
+
+__all__ = ["ResumableDistributedSampler", "adapt_sampler", "unwrap_model", "check_model_layout", "forget_rendezvous_keys", "restart_safety_problem", "start_epoch", "epochs"]
+
+log = logging.getLogger(__name__)
+
+EPOCH_KEY = "resilient_train.epoch"
+
+_REMOVE_INIT = (
+    "remove the line `dist.init_process_group(...)` from the script and create the DistributedSampler/DDP after "
+    "`resilient_train.wrap(...)` (wrap initialises the process group with a store prefixed per restart attempt), "
+    "or launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+)
+
+
+# ---------------------------------------------------------------------- process group
+
+
+def restart_safety_problem(store: Any, env: Mapping[str, str]) -> str | None:
+    """Why the script's own process group cannot survive a torchrun restart, or None if it can."""
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if not shared or restarts == 0:
+        return None
+    try:
+        store.list_keys()
+    except Exception as exc:  # FileStore/HashStore and older torch builds cannot list keys
+        return f"the script's process group store ({type(store).__name__}) cannot list its keys ({type(exc).__name__}: {exc}), so a restarted attempt would read this attempt's peer addresses"
+    return None
+
+
+def forget_rendezvous_keys(groups: list[Any], timeout: timedelta, env: Mapping[str, str] | None = None) -> int:
+    """Delete this attempt's rendezvous keys from the default store once every group is connected.
+
+    Called on every rank, after the wrapper built its groups, only when the script initialised
+    the default process group itself. A barrier on each group first makes sure every rank has
+    connected (NCCL connects lazily, on a group's first collective); a second barrier keeps
+    rank 0's deletion ahead of anything else that uses the store. Returns the number of keys
+    deleted (on rank 0; 0 elsewhere). Raises :class:`ConfigError` when the store cannot be
+    cleaned and restarts are enabled.
+    """
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    env = os.environ if env is None else env
+    store = _get_default_store()
+    problem = restart_safety_problem(store, env)
+    if problem:
+        raise ConfigError(f"{problem}: {_REMOVE_INIT}")
+    for g in [None] + [g for g in groups if g is not None]:
+        dist.barrier(group=g)
+    deleted = 0
+    if dist.get_rank() == 0:
+        try:
+            keys = store.list_keys()
+        except Exception as exc:  # no restarts configured (checked above): nothing depends on it
+            log.debug("store cannot list keys (%s); leaving rendezvous keys in place", exc)
+            keys = []
+        for key in keys:
+            if store.delete_key(key):
+                deleted += 1
+    dist.barrier()
+    log.info("script-initialised process group adopted; %d rendezvous key(s) of this attempt removed so a restart can rendezvous afresh", deleted)
+    return deleted
+
+
+# ---------------------------------------------------------------------- model
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return bool(names & {"FullyShardedDataParallel", "FSDPModule"})
+
+
+def unwrap_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """``(bare module, the script's DDP or None)``; FSDP is refused with the fix."""
+    if _is_fsdp(model) or any(_is_fsdp(m) for m in model.modules()):
+        raise ConfigError("wrap does not take FSDP models: its checkpoints hold whole or row-sharded tensors of a replicated model. Pass the bare model (wrap adds DDP itself), or save an FSDP model with resilient_train.save and its full state dict")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module, model
+    return model, None
+
+
+def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int) -> None:
+    """The script's DDP spans every rank; that is right only for a single replica group."""
+    if user_ddp is None:
+        return
+    if replica_groups > 1:
+        raise ConfigError(f"the model is already wrapped in DistributedDataParallel over all ranks, but replica_groups={replica_groups} needs DDP inside each group: pass the bare model (remove `DDP(...)`; wrap builds the DDP of each group)")
+    pg = getattr(user_ddp, "process_group", None)
+    if pg is not None and dist.is_initialized() and dist.get_world_size(pg) != dist.get_world_size():
+        raise ConfigError("the model's DistributedDataParallel uses a process group smaller than the world: pass the bare model and let wrap build the groups (replica_groups)")
+
+
+# ---------------------------------------------------------------------- sampler
+
+
+class ResumableDistributedSampler(ResumableSampler):
+    """A ``DistributedSampler`` converted by ``wrap``: same order, plus a resumable position.
+
+    Keeps the original object's ``dataset`` and ``num_replicas`` attributes for code that reads
+    them.
+    """
+
+    @property
+    def num_replicas(self) -> int:
+        return self.world_size
+
+    @num_replicas.setter
+    def num_replicas(self, value: int) -> None:
+        self.world_size = value
+
+
+def adapt_sampler(sampler: Any) -> Any:
+    """Return a sampler a checkpoint can record; convert a DistributedSampler in place."""
+    if sampler is None:
+        return None
+    if callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None)):
+        return sampler
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        fresh = ResumableSampler(len(sampler.dataset), seed=int(sampler.seed), shuffle=bool(sampler.shuffle), rank=int(sampler.rank), world_size=int(sampler.num_replicas), drop_last=bool(sampler.drop_last))
+        fresh.epoch = int(sampler.epoch)
+        kept = {"dataset": sampler.dataset}
+        sampler.__dict__.clear()
+        sampler.__dict__.update(fresh.__dict__, **kept)
+        # In place, so the DataLoader built on this object draws from the resumable order.
+        sampler.__class__ = ResumableDistributedSampler
+        log.info("DistributedSampler converted to a resumable sampler (%d samples, shuffle=%s, seed=%d, drop_last=%s)", sampler.dataset_len, sampler.shuffle, sampler.seed, sampler.drop_last)
+        return sampler
+    raise ConfigError(f"sampler {type(sampler).__name__} has no state_dict()/load_state_dict(), so a checkpoint cannot record its position: use resilient_train.data.ResumableSampler or torch.utils.data.DistributedSampler (converted by wrap)")
+
+
+# ---------------------------------------------------------------------- epochs
+
+
+def start_epoch(sampler: Any, extra: Mapping[str, Any]) -> int:
+    """The first epoch a resumed loop still has to run.
+
+    With a sampler that knows its epoch: that epoch, or the next one when it was used up when
+    the checkpoint was taken. Without one: the epoch recorded by :func:`epochs` (an epoch
+    interrupted half-way then starts again from its beginning, as the wrapper cannot skip its
+    batches; pass a sampler to resume mid-epoch).
+    """
+    epoch = getattr(sampler, "epoch", None)
+    if isinstance(epoch, int):
+        done = sampler.exhausted() if callable(getattr(sampler, "exhausted", None)) else False
+        return epoch + 1 if done else epoch
+    return int(extra.get(EPOCH_KEY, 0))
+
+
+def epochs(trainer: Any, count: int) -> Iterator[int]:
+    """Yield ``start_epoch .. count-1``, recording the current epoch in the checkpointed extras."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"epochs() takes the total number of epochs, an int >= 0, got {count!r}")
+    for epoch in range(start_epoch(trainer.sampler, trainer.extra), count):
+        trainer.extra[EPOCH_KEY] = epoch
+        yield epoch
+        trainer.extra[EPOCH_KEY] = epoch + 1  # finished: a checkpoint from here on resumes after it
