@@ -127,7 +127,11 @@ class FsspecStore:
         except BaseException:
             w.abort()
             raise
-        w.finish()
+        try:
+            w.finish()
+        except BaseException:
+            w.abort()  # a failed completion must not leave parts or a partial object behind
+            raise
 
     @contextmanager
     def open_read(self, path: str) -> Iterator[BinaryIO]:
