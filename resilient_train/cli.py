@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="resilient-train",
         description="Inspect, verify and move resilient-train checkpoints on any fsspec URL (local paths, s3://, gs://, az://, memory://).",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug; -vvv also the cloud clients, redacted)")
     sub = p.add_subparsers(dest="command", required=True)
     ckpt = sub.add_parser("ckpt", help="work with checkpoints", description="Work with checkpoints. A checkpoint is a folder step-NNNNNNNNNN/ that counts only once its manifest.json exists.")
     cs = ckpt.add_subparsers(dest="ckpt_command", required=True)
@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    from .logs import configure_logging
+
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ResilientTrainError as exc:
