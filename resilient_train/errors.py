@@ -25,6 +25,8 @@ Tree::
     |   |   +-- SafetensorsHeaderError          header oversized, not JSON, or lies about offsets
     |   +-- StateMismatchError                  checkpoint does not fit the model/optimizer
     |   +-- CheckpointWriteError                a save failed (on one or several ranks)
+    |   +-- ReplicationError                    copies to some providers failed
+    |   +-- CheckpointPolicyError               checkpoints failed past a user limit: training stops
     +-- DistributedError                        a collective failed on one or more ranks
 """
 
@@ -56,6 +58,7 @@ __all__ = [
     "KernelUnavailableError",
     "StoreTransientError",
     "ReplicationError",
+    "CheckpointPolicyError",
     "MembershipError",
     "MembershipStoreError",
     "MembershipRefusedError",
@@ -192,6 +195,16 @@ class ReplicationError(CheckpointError):
         if self.failures:
             detail = "; ".join(f"{p}: {m}" for p, m in sorted(self.failures.items()))
             message = f"{message} ({detail})"
+        super().__init__(message)
+
+
+class CheckpointPolicyError(CheckpointError):
+    """Training stopped because checkpoints kept failing past a limit the user set
+    (``max_uncommitted_steps`` / ``max_checkpoint_failures``). ``failures`` maps each provider
+    (or rank) to its last cause."""
+
+    def __init__(self, message: str, failures: Mapping[str, str] | None = None):
+        self.failures = dict(failures or {})
         super().__init__(message)
 
 

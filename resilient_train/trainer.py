@@ -43,12 +43,13 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, TrainState, load
+from .checkpoint import TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.reader import latest_step
 from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, StorageError
 from .storage import Store, open_store
+from .storage.ledger import Ledger
 from .storage.providers import Placement
 
 __all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap", "EventLog", "init_distributed"]
@@ -94,6 +95,11 @@ class TrainerConfig:
     ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
     ``event_log``: a path for the JSON-lines event log; ``{rank}`` is replaced by the rank.
     ``timeout_s``: bound on every collective and store operation the wrapper starts.
+    ``max_uncommitted_steps`` / ``max_checkpoint_failures``: a failed checkpoint never stops
+    training (it is logged, reported in the event log and tried again at the next interval)
+    until no checkpoint committed for more than this many steps / this many saves in a row
+    failed; then :meth:`Trainer.step` raises CheckpointPolicyError naming the providers and
+    causes. None (default): no limit.
     """
 
     checkpoint: Any = None
@@ -106,6 +112,8 @@ class TrainerConfig:
     timeout_s: float = 300.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     backend: str | None = None
+    max_uncommitted_steps: int | None = None
+    max_checkpoint_failures: int | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -127,6 +135,10 @@ class TrainerConfig:
                 raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s must be positive")
+        for label in ("max_uncommitted_steps", "max_checkpoint_failures"):
+            v = getattr(self, label)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{label} must be None (no limit) or an int >= 1, got {v!r}")
 
 
 class EventLog:
@@ -314,31 +326,55 @@ class Trainer:
         log.info("resumed from step %d (saved by %d ranks) on %d ranks", result.step, result.manifest.world_size, self.world_size)
 
     def save(self) -> bool:
-        """Checkpoint the current step now (collective). Returns False if skipped."""
+        """Checkpoint the current step now (collective). Returns False if skipped.
+
+        Storage trouble does not raise here (see TrainerConfig's limits): copies, catch-up and
+        retention run in the background on rank 0."""
         if self._ckpt is None:
-            self._ckpt = AsyncCheckpointer(self._target(), process_group=self._ckpt_group)
+            cfg = self.config
+            self._ckpt = AsyncCheckpointer(
+                self._target(), process_group=self._ckpt_group, on_failure="continue", keep_last=cfg.keep_last,
+                max_uncommitted_steps=cfg.max_uncommitted_steps, max_checkpoint_failures=cfg.max_checkpoint_failures,
+                start_step=self.resumed_from or 0, ledger=self.ledger, on_event=self.events.emit, copy_timeout_s=cfg.timeout_s,
+            )
         started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
         self._note_commits()
         if started:
             self._in_flight_step = self.step_count
-        self.events.emit("checkpoint_started" if started else "checkpoint_skipped", step=self.step_count, stall_s=round(self._ckpt.last_stall_s or 0.0, 5))
+        self.events.emit("checkpoint_started" if started else "checkpoint_skipped", step=self.step_count, stall_s=round(self._ckpt.last_stall_s or 0.0, 5), staging_bytes=self._ckpt.staging_bytes)
         if not self.config.async_save:
-            self._ckpt.wait()
+            self._ckpt.wait(include_copies=False)
             self._note_commits()
         return started
 
+    @property
+    def ledger(self) -> Ledger:
+        """Bytes read and written per provider and per pair, priced (rank 0 records checkpoints
+        and copies; ``record_sync`` takes the cross-provider sync bytes)."""
+        if getattr(self, "_ledger", None) is None:
+            ck = self.config.checkpoint
+            self._ledger = Ledger(ck.providers if isinstance(ck, Placement) else (), on_record=lambda rec: self.events.emit("bytes", **rec))
+        return self._ledger
+
+    def summary(self) -> dict[str, Any]:
+        """What this rank did: steps, checkpoints committed/failed, providers behind, the ledger."""
+        ck = self._ckpt or getattr(self, "_closed_ckpt", None)
+        return {
+            "step": self.step_count,
+            "resumed_from": self.resumed_from,
+            "checkpoints_committed": ck.saves_committed if ck is not None else self._commits_seen,
+            "checkpoint_failures": [f.__dict__ for f in ck.failures] if ck is not None else [],
+            "providers_behind": ck.behind if ck is not None else {},
+            "ledger": self.ledger.summary(),
+        }
+
     def _note_commits(self) -> None:
-        """Record a background save that committed since we last looked, then apply retention."""
+        """Record a background save that committed since we last looked (retention, copies and
+        catch-up run on rank 0's checkpoint worker, not here)."""
         if self._ckpt is None or self._ckpt.saves_committed == self._commits_seen:
             return
         self._commits_seen = self._ckpt.saves_committed
-        self.events.emit("checkpoint_committed", step=self._in_flight_step)
-        if self.rank == 0:
-            for store in self._sources():
-                try:
-                    CheckpointManager(store, every_n_steps=self.config.every_n_steps, keep_last=self.config.keep_last).apply_retention()
-                except (StorageError, OSError) as exc:
-                    log.warning("retention on %s failed: %s", store.name, exc)
+        self.events.emit("checkpoint_committed", step=self._ckpt.last_committed_step, provider=self._ckpt.last_committed_on)
 
     # ------------------------------------------------------------------ loop
 
@@ -361,13 +397,15 @@ class Trainer:
             self.save()
 
     def close(self) -> None:
-        """Finish the checkpoint in flight (raising its error, if any) and release resources."""
+        """Finish the checkpoint in flight and rank 0's copies (bounded by ``timeout_s``), then
+        release resources. A failed checkpoint is in the event log and :meth:`summary`."""
         if self._ckpt is not None:
             try:
                 self._ckpt.close()
                 self._note_commits()
             finally:
-                self._ckpt = None
+                self.events.emit("ledger", **self.ledger.summary())
+                self._closed_ckpt, self._ckpt = self._ckpt, None
         if self.sync is not None:
             self.sync.close()
         self.events.emit("close", step=self.step_count)
