@@ -203,14 +203,14 @@ class CheckpointWorker:
             self.health_book.succeeded(name)
         t = self._clock()
         for name, cause in failures.items():
-            self.health_book.failed(name, t, cause)
+            self.health_book.failed(name, t, _short(cause))
         short = len(report.committed) < pl.policy.copies
         if short:
             # Whoever should have a copy and does not owes it: failed now, or skipped as unhealthy.
             owed = [n for n in failures] + [n for n in names if not health.get(n, True) and n not in report.committed and pl.policy.allows(pl.provider(n).region)]
             for n in dict.fromkeys(owed):
                 self.health_book.missed(n, step)
-            causes = {n: failures.get(n) or f"skipped: unhealthy since a recent failure ({self.health_book.cause(n) or 'no cause recorded'})" for n in dict.fromkeys(owed)}
+            causes = {n: _short(failures.get(n) or f"skipped: unhealthy after a recent failure ({_short(self.health_book.cause(n), 200) or 'no cause recorded'})") for n in dict.fromkeys(owed)}
             err = ReplicationError(f"step {step} has {len(report.committed)} of {pl.policy.copies} copies (committed on: {', '.join(report.committed)}); the missing copies are caught up when the providers answer", causes)
             err.committed = list(report.committed)  # type: ignore[attr-defined]
             err.report = report  # type: ignore[attr-defined]
@@ -285,3 +285,8 @@ class CheckpointWorker:
             if removed:
                 self._emit("retention", provider=store.name, removed=removed)
 
+
+
+def _short(text: str, limit: int = 400) -> str:
+    """Causes go into events and messages: keep them readable (nested copies repeat themselves)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
