@@ -148,3 +148,23 @@ class FaultProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+
+def _main() -> None:
+    """``python -m resilient_train.testing.proxy TARGET_PORT [--bytes-per-s N] [--delay-s S]``:
+    run a proxy in its own process (so its forwarding does not compete with the caller for
+    the GIL); prints the port it listens on, then serves until killed."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target_port", type=int)
+    ap.add_argument("--bytes-per-s", type=float, default=None)
+    ap.add_argument("--delay-s", type=float, default=0.0)
+    a = ap.parse_args()
+    p = FaultProxy(a.target_port, bytes_per_s=a.bytes_per_s, delay_s=a.delay_s).start()
+    print(p.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _main()
