@@ -153,14 +153,18 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .checkpoint.replicate import migrate
+    from .storage.ledger import Ledger
 
+    ledger = Ledger()
     reports = migrate(
         args.src, args.dst, args.step, all_steps=args.all, src_options=_options(args), dst_options=_options(args, "dst_storage_options"),
-        io_threads=args.threads, progress=not args.no_progress,
+        io_threads=args.threads, progress=not args.no_progress, ledger=ledger,
     )
     for r in reports:
         state = "already committed there" if r.already_committed else f"{r.files_copied} files copied ({_human(r.bytes_copied)}, {r.mb_per_s:.1f} MB/s), {r.files_skipped} already there"
         print(f"step {r.step}: {state}; committed on {redact(args.dst)}")
+    for line in ledger.lines():
+        print(f"ledger: {line}")
     return 0
 
 
@@ -173,10 +177,17 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             config = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise SystemExit(f"error: cannot read --config {args.config}: {exc}")
+    from .storage.ledger import Ledger
+
     placement = placement_from_config(config)
     print(placement.decide().reason)
-    for rep in replicate(placement, args.step, all_steps=args.all, io_threads=args.threads):
-        print(f"step {rep.step}: committed on {', '.join(rep.committed)}")
+    ledger = Ledger(placement.providers)
+    try:
+        for rep in replicate(placement, args.step, all_steps=args.all, io_threads=args.threads, ledger=ledger):
+            print(f"step {rep.step}: committed on {', '.join(rep.committed)}")
+    finally:
+        for line in ledger.lines():
+            print(f"ledger: {line}")
     return 0
 
 
