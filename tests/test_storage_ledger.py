@@ -118,3 +118,35 @@ def test_continue_mode_reports_failures_and_the_limit_names_the_provider(tmp_pat
     assert "max_checkpoint_failures=2" in str(ei.value) and "flaky" in ei.value.failures
     assert [e for e, _ in events] == ["checkpoint_failed", "checkpoint_failed"]
     ck.close()  # nothing raised in continue mode
+
+
+def test_trainer_summary_and_event_log_carry_the_ledger(tmp_path):
+    import json
+
+    import torch
+
+    import resilient_train as rt
+
+    provs = [Provider("a", str(tmp_path / "a"), "eu", egress_cost_per_gb=0.05), Provider("b", str(tmp_path / "b"), "eu", egress_cost_per_gb=0.01)]
+    pl = Placement(provs, ReplicationPolicy(copies=2))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = rt.wrap(model, opt, checkpoint=pl, every_n_steps=2, keep_last=2, event_log=str(tmp_path / "ev.jsonl"))
+    while trainer.step_count < 6:
+        model(torch.randn(3, 16)).sum().backward()
+        trainer.step()
+        opt.zero_grad()
+    trainer.ledger.record_sync("a", "b", 1_000_000)  # what the sync path reports
+    trainer.close()
+    s = trainer.summary()
+    assert s["checkpoints_committed"] == 3 and s["providers_behind"] == {}
+    led = s["ledger"]
+    assert led["providers"]["a"]["by_purpose"]["checkpoint"]["write_bytes"] > 0
+    assert led["pairs"]["a->b"]["by_purpose"]["replication"]["bytes"] > 0
+    assert led["pairs"]["a->b"]["by_purpose"]["sync"]["bytes"] == 1_000_000
+    kinds = [json.loads(line)["event"] for line in open(tmp_path / "ev.jsonl")]
+    assert "ledger" in kinds and kinds.count("bytes") >= 6 and kinds.count("checkpoint_committed") == 3
+    from resilient_train.checkpoint.reader import committed_steps
+
+    assert committed_steps(pl.store("b")) == [4, 6]  # copies and retention ran in the background
