@@ -51,7 +51,8 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _AUTH_HEADER = re.compile(r"(?i)(authorization|x-amz-security-token|x-ms-copy-source-authorization|proxy-authorization|ocp-apim-subscription-key)(['\"]?\s*[:=]\s*b?['\"]?)([^'\"\n,}]+)")
-_SIG_PARTS = re.compile(r"(?i)\b(credential|signature|signedheaders|sharedkey|sharedkeylite|bearer)([=\s:]+)([^,\s'\";&]+)")
+_SIG_PARTS = re.compile(r"(?i)\b(credential|signature|signedheaders)(=)([^,\s'\";&]+)")
+_SCHEME_TOKEN = re.compile(r"(?i)\b(sharedkey|sharedkeylite|bearer|aws4-hmac-sha256)(\s+)([^,\s'\";&]+)")
 _SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
 _MIN_SECRET_CHARS = 6  # shorter values ("anon", "true") are not secrets and would mask ordinary words
@@ -89,6 +90,7 @@ def redact_log(text: str) -> str:
             text = text.replace(secret, "***")
     text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
     text = _SIG_PARTS.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _SCHEME_TOKEN.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
     return redact(text)
 
 
