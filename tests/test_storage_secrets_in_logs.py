@@ -73,7 +73,7 @@ def test_no_secret_in_any_log_line(kind, tmp_path, servers):
             secrets = [AZURITE_KEY]
             dead_opts = {"account_name": "devstoreaccount1", "connection_string": srv.connection_string.replace(str(srv.port), str(free_port()))}
         root = logging.getLogger()
-        old_level, old_factory = root.level, logging.getLogRecordFactory()
+        old_level = root.level
         for verbosity in (2, 3):  # -vv: the library at DEBUG; -vvv: every dependency at DEBUG too
             cap = Capture()
             configure_logging(verbosity, stream=io.StringIO())
