@@ -328,15 +328,17 @@ def _stop_on_first_ctrl_c() -> tuple[threading.Event, Any]:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .checkpoint.replicate import migrate
+    from .storage.ledger import Ledger
 
     src, step = _root_and_step(args.src, args.step)
     if step is not None and args.all:
         raise UsageError("--all copies every step: do not name a step as well")
+    ledger = Ledger()
     stop, previous = _stop_on_first_ctrl_c()
     try:
         reports = migrate(
             src, args.dst, step, all_steps=args.all, src_options=_options(args), dst_options=_options(args, "dst_storage_options"),
-            io_threads=args.threads, progress=not args.no_progress, stop=stop, verify_keys=_verify_keys(args),
+            io_threads=args.threads, progress=not args.no_progress, stop=stop, verify_keys=_verify_keys(args), ledger=ledger,
         )
     finally:
         if threading.current_thread() is threading.main_thread():
@@ -344,6 +346,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     for r in reports:
         state = "already committed there" if r.already_committed else f"{r.files_copied} files copied ({_human(r.bytes_copied)}, {r.mb_per_s:.1f} MB/s), {r.files_skipped} already there"
         print(f"step {r.step}: {state}; committed on {redact(args.dst)}")
+    for line in ledger.lines():
+        print(f"ledger: {line}")
     return 0
 
 
@@ -356,10 +360,17 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             config = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise SystemExit(f"error: cannot read --config {args.config}: {exc}")
+    from .storage.ledger import Ledger
+
     placement = placement_from_config(config)
     print(placement.decide().reason)
-    for rep in replicate(placement, args.step, all_steps=args.all, io_threads=args.threads, progress=not args.no_progress):
-        print(f"step {rep.step}: committed on {', '.join(rep.committed)}")
+    ledger = Ledger(placement.providers)
+    try:
+        for rep in replicate(placement, args.step, all_steps=args.all, io_threads=args.threads, progress=not args.no_progress, ledger=ledger):
+            print(f"step {rep.step}: committed on {', '.join(rep.committed)}")
+    finally:
+        for line in ledger.lines():
+            print(f"ledger: {line}")
     return 0
 
 
@@ -386,9 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Global flags (-v, -q, --storage-options) go before or after the subcommand.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    # INFO by default (progress and what was done, on stderr); -v debug; -q warnings only.
+    # INFO by default (progress and what was done, on stderr); -v debug; -vv also the cloud
+    # clients' own loggers (redacted); -q warnings only.
     p.set_defaults(verbose=1)
-    p.add_argument("-v", "--verbose", action="count", help="log more: -v debug (default: info on stderr)")
+    p.add_argument("-v", "--verbose", action="count", help="log more: -v debug, -vv also the cloud clients (secrets redacted); default: info on stderr")
     p.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="warnings and errors only")
     p.add_argument("--storage-options", dest="global_storage_options", metavar="JSON", help="fsspec storage options (JSON) for the command's URL; also accepted after the subcommand")
     sub = p.add_subparsers(dest="command", required=True)
@@ -518,7 +530,9 @@ def _print_error(exc: BaseException) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_hoist_global_flags(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    from .logs import configure_logging
+
+    configure_logging(args.verbose)
     try:
         log.debug("resilient-train %s: %s", __version__, " ".join(a for a in (args.command, getattr(args, "ckpt_command", None)) if a))
         return int(args.func(args) or 0)

@@ -31,6 +31,8 @@ Tree::
     |   +-- CheckpointWriteError                a save failed (on one or several ranks)
     |   |   +-- CommitConflictError             another writer committed the same step first
     |   +-- SignatureError                      manifest unsigned, wrongly signed or modified
+    |   +-- ReplicationError                    copies to some providers failed
+    |   +-- CheckpointPolicyError               checkpoints failed past a user limit: training stops
     +-- DistributedError                        a collective failed on one or more ranks
 """
 
@@ -67,6 +69,7 @@ __all__ = [
     "KernelUnavailableError",
     "StoreTransientError",
     "ReplicationError",
+    "CheckpointPolicyError",
     "MembershipError",
     "MembershipStoreError",
     "MembershipRefusedError",
@@ -258,6 +261,14 @@ class ReplicationError(CheckpointError):
 class OperationCancelledError(ResilientTrainError):
     """The caller asked an operation to stop (Ctrl-C on ``ckpt migrate``). What was done is kept
     and nothing half-done is committed: running the same operation again resumes it."""
+class CheckpointPolicyError(CheckpointError):
+    """Training stopped because checkpoints kept failing past a limit the user set
+    (``max_uncommitted_steps`` / ``max_checkpoint_failures``). ``failures`` maps each provider
+    (or rank) to its last cause."""
+
+    def __init__(self, message: str, failures: Mapping[str, str] | None = None):
+        self.failures = dict(failures or {})
+        super().__init__(message)
 
 
 # ---------------------------------------------------------------- membership

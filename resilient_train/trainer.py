@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from . import adapt
-from .checkpoint import CheckpointManager, TrainState, load
+from .checkpoint import TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
 from .checkpoint.writer import SaveOptions
@@ -53,6 +53,7 @@ from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, DroppedFromJobError, StorageError
 from .events import EventLog
 from .storage import Store, open_store
+from .storage.ledger import Ledger
 from .storage.providers import Placement
 
 __all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap", "EventLog", "init_distributed"]
@@ -105,6 +106,11 @@ class TrainerConfig:
     ``signing_key``: a :class:`~resilient_train.format.signing.SigningKey` that signs every
     checkpoint saved. ``verify_keys``: a KeyRing, key, key file path or list of them; resume
     then loads only checkpoints signed by one of them (the newest such). Neither is ever shown.
+    ``max_uncommitted_steps`` / ``max_checkpoint_failures``: a failed checkpoint never stops
+    training (it is logged, reported in the event log and tried again at the next interval)
+    until no checkpoint committed for more than this many steps / this many saves in a row
+    failed; then :meth:`Trainer.step` raises CheckpointPolicyError naming the providers and
+    causes. None (default): no limit.
     """
 
     checkpoint: Any = None
@@ -131,6 +137,8 @@ class TrainerConfig:
     # ``save_on_close``: close() checkpoints the final step when no checkpoint holds it yet.
     save_on_close: bool = True
     on_event: Any = field(default=None, repr=False)
+    max_uncommitted_steps: int | None = None
+    max_checkpoint_failures: int | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
@@ -171,6 +179,10 @@ class TrainerConfig:
                 raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s must be positive")
+        for label in ("max_uncommitted_steps", "max_checkpoint_failures"):
+            v = getattr(self, label)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{label} must be None (no limit) or an int >= 1, got {v!r}")
         from .format.signing import SigningKey
 
         if self.signing_key is not None and not isinstance(self.signing_key, SigningKey):
@@ -407,31 +419,59 @@ class Trainer:
         log.info("resumed from step %d (saved by %d ranks) on %d ranks", result.step, result.manifest.world_size, self.world_size)
 
     def save(self) -> bool:
-        """Checkpoint the current step now (collective). Returns False if skipped."""
+        """Checkpoint the current step now (collective). Returns False if skipped.
+
+        Storage trouble does not raise here (see TrainerConfig's limits): copies, catch-up and
+        retention run in the background on rank 0."""
         if self._ckpt is None:
-            self._ckpt = AsyncCheckpointer(self._target(), process_group=self._ckpt_group, options=SaveOptions(signing_key=self.config.signing_key))
+            cfg = self.config
+            self._ckpt = AsyncCheckpointer(
+                self._target(), process_group=self._ckpt_group, options=SaveOptions(signing_key=cfg.signing_key), on_failure="continue", keep_last=cfg.keep_last,
+                max_uncommitted_steps=cfg.max_uncommitted_steps, max_checkpoint_failures=cfg.max_checkpoint_failures,
+                start_step=self.resumed_from or 0, ledger=self.ledger, on_event=self.events.emit, copy_timeout_s=cfg.timeout_s,
+            )
         started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
         self._note_commits()
         if started:
             self._in_flight_step = self.step_count
-        self.events.emit("checkpoint_started" if started else "checkpoint_skipped", step=self.step_count, stall_s=round(self._ckpt.last_stall_s or 0.0, 5))
+        self.events.emit("checkpoint_started" if started else "checkpoint_skipped", step=self.step_count, stall_s=round(self._ckpt.last_stall_s or 0.0, 5), staging_bytes=self._ckpt.staging_bytes)
         if not self.config.async_save:
-            self._ckpt.wait()
+            self._ckpt.wait(include_copies=False)
             self._note_commits()
         return started
 
+    @property
+    def ledger(self) -> Ledger:
+        """Bytes read and written per provider and per pair, priced (rank 0 records checkpoints
+        and copies; ``record_sync`` takes the cross-provider sync bytes)."""
+        if getattr(self, "_ledger", None) is None:
+            ck = self.config.checkpoint
+            self._ledger = Ledger(ck.providers if isinstance(ck, Placement) else (), on_record=lambda rec: self.events.emit("bytes", **rec))
+        return self._ledger
+
+    def summary(self) -> dict[str, Any]:
+        """What this rank did: steps, checkpoints committed/failed, providers behind, the ledger, and
+        with several providers the rounds, membership epoch, recoveries and rejoins."""
+        ck = self._ckpt or getattr(self, "_closed_ckpt", None)
+        return {
+            "step": self.step_count,
+            "resumed_from": self.resumed_from,
+            "checkpoints_committed": ck.saves_committed if ck is not None else self._commits_seen,
+            "checkpoint_failures": [f.__dict__ for f in ck.failures] if ck is not None else [],
+            "providers_behind": ck.behind if ck is not None else {},
+            "ledger": self.ledger.summary(),
+            **({"rounds": self.sync.rounds, "skipped_rounds": self.sync.skipped_rounds, "sync_bytes_sent": self.sync.comm.bytes_sent} if self.sync is not None else {}),
+            **({"group": self.config.group, "epoch": self.cross.view.epoch, "members": list(self.cross.view.members),
+                "recoveries": list(self.cross.recoveries), "rejoins": self.cross.rejoins} if self.cross is not None else {}),
+        }
+
     def _note_commits(self) -> None:
-        """Record a background save that committed since we last looked, then apply retention."""
+        """Record a background save that committed since we last looked (retention, copies and
+        catch-up run on rank 0's checkpoint worker, not here)."""
         if self._ckpt is None or self._ckpt.saves_committed == self._commits_seen:
             return
         self._commits_seen = self._ckpt.saves_committed
-        self.events.emit("checkpoint_committed", step=self._in_flight_step)
-        if self.rank == 0:
-            for store in self._sources():
-                try:
-                    CheckpointManager(store, every_n_steps=self.config.every_n_steps, keep_last=self.config.keep_last).apply_retention()
-                except (StorageError, OSError) as exc:
-                    log.warning("retention on %s failed: %s", store.name, exc)
+        self.events.emit("checkpoint_committed", step=self._ckpt.last_committed_step, provider=self._ckpt.last_committed_on)
 
     # ------------------------------------------------------------------ loop
 
@@ -450,6 +490,7 @@ class Trainer:
                 if self.sync.rounds != rounds:
                     if self.cross is not None:
                         self.cross.after_round()
+                        self._record_sync_bytes()
                     self.events.emit("sync", step=self.step_count, rounds=self.sync.rounds, skipped=self.sync.skipped_rounds, bytes_sent=self.sync.comm.bytes_sent,
                                      **({"epoch": self.cross.view.epoch, "members": list(self.cross.view.members)} if self.cross is not None and self.cross.leader else {}))
             except DroppedFromJobError as exc:
@@ -460,6 +501,16 @@ class Trainer:
             self._note_commits()
         if self.step_count % self.config.every_n_steps == 0:
             self.save()
+
+    def _record_sync_bytes(self) -> None:
+        """Ledger: what this provider's leader sent to each other provider since the last round."""
+        cross = self.cross
+        if not cross.leader:
+            return
+        sent, self._sync_bytes_seen = cross.bytes_sent - getattr(self, "_sync_bytes_seen", 0), cross.bytes_sent
+        peers = [m for m in cross.view.members if m != cross.name]
+        for peer in peers:
+            self.ledger.record_sync(cross.name, peer, sent // len(peers))
 
     def _rejoin(self, exc: BaseException) -> None:
         """This group was dropped (it missed a round's deadline): forget the round, rejoin as a
@@ -473,21 +524,11 @@ class Trainer:
         self.cross.join()
         self.events.emit("rejoined", step_before=before, step=self.step_count, seconds=round(time.perf_counter() - t0, 4))
 
-    def summary(self) -> dict[str, Any]:
-        """What happened so far, for logs and dashboards (plain JSON types)."""
-        out: dict[str, Any] = {"step": self.step_count, "rank": self.rank, "world_size": self.world_size, "resumed_from": self.resumed_from}
-        if self.sync is not None:
-            out.update(rounds=self.sync.rounds, skipped_rounds=self.sync.skipped_rounds, sync_bytes_sent=self.sync.comm.bytes_sent)
-        if self.cross is not None:
-            out.update(group=self.config.group, epoch=self.cross.view.epoch, members=list(self.cross.view.members), recoveries=list(self.cross.recoveries), rejoins=self.cross.rejoins)
-        return out
-
     def close(self, save: bool | None = None) -> None:
-        """Finish the checkpoint in flight (raising its error, if any) and release resources.
-
-        First checkpoints the final step (collective) unless a checkpoint holds it already or
-        ``save`` (default ``config.save_on_close``) is false.
-        """
+        """Checkpoint the final step (collective) unless a checkpoint holds it already or ``save``
+        (default ``config.save_on_close``) is false; finish the checkpoint in flight and rank 0's
+        copies (bounded by ``timeout_s``); release resources. A failed checkpoint is in the event
+        log and :meth:`summary`, not raised."""
         if self._started and (self.config.save_on_close if save is None else save) and self.step_count not in (self._in_flight_step, self.resumed_from, 0):
             self.save()
         if self._ckpt is not None:
@@ -495,7 +536,8 @@ class Trainer:
                 self._ckpt.close()
                 self._note_commits()
             finally:
-                self._ckpt = None
+                self.events.emit("ledger", **self.ledger.summary())
+                self._closed_ckpt, self._ckpt = self._ckpt, None
         if self.sync is not None:
             self.sync.close()
         if self.cross is not None:

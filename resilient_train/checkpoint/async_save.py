@@ -6,21 +6,39 @@
     for step in ...:
         train_step()
         ckpt.save(step, state)     # stall: capture + copy into staging buffers; returns
-    ckpt.close()                   # waits for the last write; raises its error if any
+    ckpt.close()                   # waits for the last write (and rank 0's copies)
 
 Promises:
 
-* **Stall**: ``save`` returns once every tensor is copied into CPU staging buffers (pinned when
-  CUDA is available) and the JSON state is deep-copied; the training loop may then change the
-  live tensors freely. ``last_stall_s`` records how long that took.
+* **Stall**: ``save`` returns once this rank's share of the tensors is copied into CPU staging
+  buffers (pinned when CUDA is available) and the JSON state is deep-copied; the training loop
+  may then change the live tensors freely. ``last_stall_s`` records how long that took.
+* **Each rank stages what it writes**: the planner's plan (computed once with one small
+  collective at the first save, then refreshed by the background write) says which pieces each
+  rank writes; only those are staged (``staging_bytes``), about 1/N of replicated state. A rank
+  whose tensors changed shape stages everything for that save (no collective on the training
+  thread to re-plan).
 * **Reuse**: staging buffers are allocated on the first save and reused while tensor shapes
   and dtypes stay the same (``staging_allocations`` counts allocations).
 * **One in flight**: a save while the previous one is still writing either waits for it
   (``when_busy="wait"``) or is skipped and returns False (``when_busy="skip"``).
-* **No silent failure**: an error in the background (write, commit, replication) is raised by
-  the next call to ``save``, ``wait`` or ``close``, once.
-* Writing, and replication when the target is a :class:`~resilient_train.storage.providers.Placement`,
-  run in one background thread.
+* **Off the training path** (a :class:`~resilient_train.storage.providers.Placement`): the
+  background thread writes to the primary provider (collective on ``process_group``); the
+  copies to the other providers, the catch-up of providers that missed copies, and retention
+  (``keep_last``) run on rank 0 in a :class:`~resilient_train.checkpoint.background.CheckpointWorker`
+  that no collective waits on. With a single Store, retention runs there too.
+* **Failures**: with ``on_failure="raise"`` (default) a failed write is raised by the next call
+  to ``save``, ``wait`` or ``close``, once; with ``on_failure="continue"`` it is logged, reported
+  (``on_event("checkpoint_failed", ...)``) and the next save tries again. A copy that did not
+  reach a provider never fails ``save``: the provider is marked in the health book and caught
+  up later (``wait``/``close`` on rank 0 raise the newest step's ReplicationError in raise mode).
+* **Limits**: ``max_checkpoint_failures`` (consecutive failed saves) and
+  ``max_uncommitted_steps`` (steps since the last committed checkpoint, counted from
+  ``start_step`` before the first one) stop training: ``save`` raises
+  :class:`~resilient_train.errors.CheckpointPolicyError` naming the providers and their causes,
+  on every rank at the same step (the outcomes it counts are agreed by the collective write).
+* **Ledger**: with ``ledger``, rank 0 records the bytes of every committed checkpoint and
+  the worker records every copy.
 
 Distributed: the background write runs the writer's collectives on ``process_group``; pass a
 group reserved for checkpoints (e.g. ``dist.new_group(backend="gloo")``) so they never
@@ -33,21 +51,45 @@ import copy
 import logging
 import threading
 import time
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, CheckpointPolicyError, CheckpointWriteError, ConfigError, ReplicationError
 from ..storage import Store, open_store
-from ..storage.providers import Placement
+from ..storage.ledger import Ledger
+from ..storage.providers import HealthBook, Placement
+from .background import CheckpointWorker
 from .collectives import Coordinator
-from .replicate import write_replicated
+from .planner import PieceMeta, plan_save
+from .replicate import write_primary
 from .state import Piece, Snapshot, TrainState, capture
-from .writer import SaveOptions, write_snapshot
+from .writer import SaveOptions, _describe, write_snapshot
 
-__all__ = ["AsyncCheckpointer"]
+__all__ = ["AsyncCheckpointer", "SaveFailure"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Staged(Snapshot):
+    """A snapshot whose ``pieces`` are this rank's share only; ``held`` is everything the rank
+    holds (the planner needs it to give every rank the same plan)."""
+
+    held: list[PieceMeta] = field(default_factory=list)
+
+    def metas(self) -> list[PieceMeta]:
+        return list(self.held)
+
+
+@dataclass(frozen=True)
+class SaveFailure:
+    """A save that committed nowhere: the step, and the cause per provider (or per rank)."""
+
+    step: int
+    causes: dict[str, str]
+    error: str
 
 
 class AsyncCheckpointer:
@@ -62,9 +104,24 @@ class AsyncCheckpointer:
         options: SaveOptions | None = None,
         storage_options: Mapping[str, Any] | None = None,
         pin_memory: bool | None = None,
+        on_failure: str = "raise",
+        keep_last: int | None = None,
+        max_uncommitted_steps: int | None = None,
+        max_checkpoint_failures: int | None = None,
+        start_step: int | None = None,
+        ledger: Ledger | None = None,
+        on_event: Callable[..., None] | None = None,
+        health_book: HealthBook | None = None,
+        copy_timeout_s: float = 600.0,
+        probe_interval_s: float = 5.0,
     ):
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy must be 'wait' (the next save waits) or 'skip' (it is skipped), got {when_busy!r}")
+        if on_failure not in ("raise", "continue"):
+            raise ConfigError(f"on_failure must be 'raise' (the next call raises) or 'continue' (log, report, try again at the next save), got {on_failure!r}")
+        for label, v in (("keep_last", keep_last), ("max_uncommitted_steps", max_uncommitted_steps), ("max_checkpoint_failures", max_checkpoint_failures)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{label} must be None (no limit) or an int >= 1, got {v!r}")
         self._placement = target if isinstance(target, Placement) else None
         self._store = None if self._placement is not None else open_store(target, storage_options)  # type: ignore[arg-type]
         self.when_busy = when_busy
@@ -81,6 +138,24 @@ class AsyncCheckpointer:
         self.saves_started = 0
         self.saves_skipped = 0
         self.saves_committed = 0
+        self.on_failure = on_failure
+        self.keep_last = keep_last
+        self.max_uncommitted_steps = max_uncommitted_steps
+        self.max_checkpoint_failures = max_checkpoint_failures
+        self.start_step = start_step
+        self.ledger = ledger
+        self.on_event = on_event
+        self.health_book = health_book if health_book is not None else HealthBook(cooldown_s=30.0)
+        self.copy_timeout_s = copy_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.last_committed_step: int | None = None
+        self.last_committed_on: str | None = None
+        self.consecutive_failures = 0
+        self.failures: list[SaveFailure] = []
+        self._share: set[Any] | None = None
+        self._share_metas: list[PieceMeta] | None = None
+        self._worker: CheckpointWorker | None = None
+        self._rank = 0
 
     # ---------------------------------------------------------------- public
 
@@ -89,10 +164,11 @@ class AsyncCheckpointer:
         return self._thread is not None and self._thread.is_alive()
 
     def save(self, step: int, state: TrainState) -> bool:
-        """Stage ``state`` and start writing it as ``step`` in the background.
+        """Stage this rank's share of ``state`` and start writing it as ``step`` in the background.
 
         Returns True when a save was started, False when it was skipped (``when_busy="skip"``
-        and one was in flight). Raises the previous save's background error, if any.
+        and one was in flight). Raises the previous save's background error in raise mode, and
+        CheckpointPolicyError in either mode once a limit is passed.
         """
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
@@ -104,26 +180,64 @@ class AsyncCheckpointer:
                 return False
             self._join()
             self._raise_pending()
+        self._check_limits(step)
         t0 = time.perf_counter()
         coord = Coordinator(self.process_group)
+        self._rank = coord.rank
         snap = capture(state, coord.rank, coord.world_size)
-        staged = Snapshot([Piece(p.meta, self._stage(p)) for p in snap.pieces], copy.deepcopy(snap.shared), copy.deepcopy(snap.rank_state))
+        held = snap.metas()
+        if self._share is None:
+            # First save: one small collective (no background write runs yet) to learn the plan.
+            self._learn_share(coord, held)
+        share = self._share if held == self._share_metas else None
+        pieces = [Piece(p.meta, self._stage(p)) for p in snap.pieces if share is None or p.meta.ident in share]
+        staged = _Staged(pieces, copy.deepcopy(snap.shared), copy.deepcopy(snap.rank_state), held)
+        if share is not None:
+            for key in [k for k in self._staging if k not in share]:
+                del self._staging[key]  # a piece this rank no longer writes: free its buffer
         if any(p.tensor.device.type == "cuda" for p in snap.pieces):
             torch.cuda.synchronize()
         self.last_stall_s = time.perf_counter() - t0
         self.saves_started += 1
+        if self.start_step is None:
+            self.start_step = step
         self._thread = threading.Thread(target=self._run, args=(staged, step), name=f"rt-async-save-{step}", daemon=True)
         self._thread.start()
         return True
 
-    def wait(self) -> Any:
-        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of CPU staging memory this rank holds (pinned when ``pin_memory``)."""
+        return sum(b.numel() * b.element_size() for b in self._staging.values())
+
+    @property
+    def behind(self) -> dict[str, list[int]]:
+        """Providers that miss copies, with the steps they miss (rank 0; {} elsewhere)."""
+        return self.health_book.behind
+
+    @property
+    def worker(self) -> CheckpointWorker | None:
+        """Rank 0's background worker (copies, catch-up, retention), once started."""
+        return self._worker
+
+    def wait(self, include_copies: bool = True, timeout_s: float | None = None) -> Any:
+        """Block until the save in flight (if any) is committed and, on rank 0 with
+        ``include_copies``, its copies are done (at most ``timeout_s``, default
+        ``copy_timeout_s``). In raise mode, raise the write's error, then the newest step's
+        replication shortfall (rank 0)."""
         self._join()
         self._raise_pending()
+        if include_copies and self._worker is not None:
+            self._worker.drain(self.copy_timeout_s if timeout_s is None else timeout_s)
+            err = self._worker.last_error
+            if err is not None and self.on_failure == "raise":
+                self._worker.last_error = None
+                raise err
         return self.last_result
 
     def close(self) -> None:
-        """Finish the save in flight, then refuse new ones. Raises a pending background error."""
+        """Finish the save in flight and (rank 0) the copies, at most ``copy_timeout_s``, then
+        refuse new ones. Raises a pending background error in raise mode."""
         if self._closed:
             return
         self._closed = True
@@ -131,6 +245,8 @@ class AsyncCheckpointer:
             self.wait()
         finally:
             self._staging.clear()
+            if self._worker is not None:
+                self._worker.close(self.copy_timeout_s)
 
     def __enter__(self) -> "AsyncCheckpointer":
         return self
@@ -151,17 +267,91 @@ class AsyncCheckpointer:
         buf.copy_(src, non_blocking=src.device.type == "cuda")
         return buf
 
-    def _run(self, snap: Snapshot, step: int) -> None:
+    def _learn_share(self, coord: Coordinator, held: list[PieceMeta]) -> None:
+        plan = plan_save(coord.all_gather(held), self.options.max_file_bytes)
+        self._share = {p.ident for f in plan.for_rank(coord.rank) for p in f.pieces}
+        self._share_metas = list(held)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, **fields)
+            except Exception:  # noqa: BLE001 - an event sink must not fail a save
+                log.debug("event sink failed for %s", event)
+
+    def _ensure_worker(self) -> CheckpointWorker:
+        if self._worker is None:
+            self._worker = CheckpointWorker(
+                self._placement, None if self._placement is not None else self._store, keep_last=self.keep_last, health_book=self.health_book,
+                ledger=self.ledger, on_event=self.on_event, probe_interval_s=self.probe_interval_s,
+            )
+        return self._worker
+
+    def _run(self, snap: _Staged, step: int) -> None:
+        coord = Coordinator(self.process_group)
         try:
+            # Refresh the plan for the next save's staging (one small collective, off the training thread).
+            self._learn_share(coord, snap.held)
             if self._placement is not None:
-                self.last_result = write_replicated(self._placement, snap, step, process_group=self.process_group, options=self.options)
+                report = write_primary(self._placement, snap, step, process_group=self.process_group, options=self.options, health_book=self.health_book)
+                committed_on = report.committed[0]
+                manifest = None
+                self.last_result = report
             else:
                 assert self._store is not None
-                self.last_result = write_snapshot(self._store, snap, step, process_group=self.process_group, options=self.options)
-            self.saves_committed += 1
-        except BaseException as exc:  # noqa: BLE001 - kept and raised on the caller's next call
-            log.error("background save of step %d failed (raised on the next call): %s", step, exc)
+                result = write_snapshot(self._store, snap, step, process_group=self.process_group, options=self.options)
+                committed_on, manifest = self._store.name, result.manifest
+                self.last_result = result
+        except BaseException as exc:  # noqa: BLE001 - kept and raised / reported on the caller's next call
+            self._failed(step, exc)
+            return
+        self.saves_committed += 1
+        self.last_committed_step = step
+        self.last_committed_on = committed_on
+        self.consecutive_failures = 0
+        if coord.rank == 0:
+            if self.ledger is not None:
+                if manifest is None:
+                    manifest = getattr(self.last_result, "manifest", None)  # ReplicationReport.manifest
+                nbytes = sum(f.size_bytes for f in manifest.files) if manifest is not None else _snap_bytes(self.last_result)
+                self.ledger.record_write(committed_on, nbytes, "checkpoint")
+            if self._placement is not None or self.keep_last:
+                self._ensure_worker().submit(step, [committed_on])
+
+    def _failed(self, step: int, exc: BaseException) -> None:
+        if isinstance(exc, ReplicationError):
+            causes = dict(exc.failures)
+        elif isinstance(exc, CheckpointWriteError):
+            where = self._store.name if self._store is not None else "storage"
+            causes = {where: "; ".join(f"rank {r}: {c}" for r, c in sorted(exc.failures.items())) or _describe(exc)}
+        else:
+            causes = {self._store.name if self._store is not None else "storage": _describe(exc)}
+        self.consecutive_failures += 1
+        self.failures.append(SaveFailure(step, causes, _describe(exc)))
+        del self.failures[:-20]
+        if self.on_failure == "raise":
+            log.error("background save of step %d failed (raised on the next call): %s", step, _describe(exc))
             self._error = exc
+        else:
+            log.warning("checkpoint of step %d failed; training goes on and the next interval tries again (%d in a row): %s", step, self.consecutive_failures, _describe(exc))
+        self._emit("checkpoint_failed", step=step, consecutive=self.consecutive_failures, causes=causes)
+
+    def _check_limits(self, step: int) -> None:
+        last = self.failures[-1] if self.failures else None
+        causes = dict(last.causes) if last is not None else {}
+        since = self.last_committed_step if self.last_committed_step is not None else self.start_step
+        if self.max_checkpoint_failures is not None and self.consecutive_failures >= self.max_checkpoint_failures:
+            raise CheckpointPolicyError(
+                f"{self.consecutive_failures} checkpoints in a row failed (max_checkpoint_failures={self.max_checkpoint_failures}); "
+                f"last committed: {_last(self)}; stopping before step {step}. Causes: " + "; ".join(f"{k}: {v}" for k, v in causes.items()),
+                causes,
+            )
+        if self.max_uncommitted_steps is not None and since is not None and step - since > self.max_uncommitted_steps and self.consecutive_failures:
+            raise CheckpointPolicyError(
+                f"no checkpoint committed for {step - since} steps (max_uncommitted_steps={self.max_uncommitted_steps}); last committed: {_last(self)}; "
+                f"{self.consecutive_failures} save(s) failed since. Causes: " + "; ".join(f"{k}: {v}" for k, v in causes.items()),
+                causes,
+            )
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -172,3 +362,13 @@ class AsyncCheckpointer:
         if self._error is not None:
             exc, self._error = self._error, None
             raise exc
+
+
+def _last(ck: AsyncCheckpointer) -> str:
+    if ck.last_committed_step is None:
+        return "none in this run"
+    return f"step {ck.last_committed_step} on {ck.last_committed_on}"
+
+
+def _snap_bytes(result: Any) -> int:
+    return int(getattr(result, "bytes_written_by_rank", 0) or 0)

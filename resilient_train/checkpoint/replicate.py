@@ -12,11 +12,20 @@ hash are skipped (resumable).
 * :func:`write_replicated` / :func:`save_replicated`: write a checkpoint to its primary provider,
   then replicate it to the policy's other providers. A provider that fails does not stop the
   others; the error names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
+* :func:`write_primary`: the collective part of a replicated save alone: write to the first
+  healthy provider that takes it; the copies are left to the caller (the asynchronous
+  checkpointer hands them to :class:`~resilient_train.checkpoint.background.CheckpointWorker`,
+  so no rank waits in a collective while rank 0 copies).
 * :func:`replicate`: bring existing checkpoints up to the policy's copy count.
 * :func:`load_replicated`: load from the replicas in the policy's read order; the reader falls
   back per file when a provider is down or a hash does not match, and reports who served what.
 
-Replication after a collective write runs on rank 0 only.
+Replication after a collective write runs on rank 0 only. :func:`write_replicated` keeps every
+rank in a broadcast until rank 0's copies are done (so every rank returns the same outcome);
+saves on the training path use :func:`write_primary` and copy in the background instead.
+
+Every function that moves bytes takes an optional ``ledger``
+(:class:`~resilient_train.storage.ledger.Ledger`) and records what it moved there.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..progress import LOG_MIN_BYTES, Progress
 from ..storage import Store, open_store, redact
+from ..storage.ledger import Ledger
 from ..storage.providers import HealthBook, Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
 from .collectives import Coordinator
@@ -43,6 +53,7 @@ from .state import Snapshot, TrainState, capture
 from .writer import SaveOptions, _describe, write_snapshot
 
 __all__ = [
+    "write_primary",
     "CopyReport",
     "ReplicationReport",
     "copy_checkpoint",
@@ -79,6 +90,8 @@ class ReplicationReport:
     """Providers holding a committed copy, primary first."""
     copies: dict[str, CopyReport] = field(default_factory=dict)
     reason: str = ""
+    manifest: Manifest | None = None
+    """The committed manifest, when this process wrote it (:func:`write_primary`)."""
 
 
 def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, bytes, Manifest]:
@@ -124,6 +137,8 @@ def copy_checkpoint(
     progress: bool = False,
     verify_keys: Any = None,
     stop: threading.Event | None = None,
+    ledger: Ledger | None = None,
+    purpose: str = "replication",
 ) -> CopyReport:
     """Copy committed checkpoint ``step`` to ``dst`` (see module doc); returns what was done.
 
@@ -226,6 +241,8 @@ def copy_checkpoint(
     dst.sync_folder(folder)
     seconds = time.perf_counter() - t0
     report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
+    if ledger is not None and report.bytes_copied:
+        ledger.record_copy(src.name, dst.name, report.bytes_copied, purpose)
     log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
     return report
 
@@ -250,6 +267,7 @@ def migrate(
     progress: bool = True,
     verify_keys: Any = None,
     stop: threading.Event | None = None,
+    ledger: Ledger | None = None,
 ) -> list[CopyReport]:
     """Copy step ``step`` (default: the latest committed) or, with ``all_steps``, every
     committed step from ``src`` to ``dst``, oldest first. Resumable; see :func:`copy_checkpoint`
@@ -274,7 +292,7 @@ def migrate(
     reports = []
     for st in chosen:
         _check_stop(stop, f"copying step {st}")
-        reports.append(copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress, verify_keys=ring, stop=stop))
+        reports.append(copy_checkpoint(s, d, st, io_threads=io_threads, progress=progress, verify_keys=ring, stop=stop, ledger=ledger, purpose="migration"))
     return reports
 
 
@@ -364,13 +382,59 @@ def write_replicated(
     return report
 
 
+def write_primary(
+    placement: Placement,
+    snap: Snapshot,
+    step: int,
+    *,
+    process_group: Any = None,
+    options: SaveOptions | None = None,
+    health_book: HealthBook | None = None,
+    now: float | None = None,
+) -> ReplicationReport:
+    """Write ``snap`` as ``step`` to the first allowed provider that takes it. Collective.
+
+    The candidates are rank 0's (healthy allowed providers in declared order, from its health
+    book; all allowed ones if none is healthy), broadcast so every rank tries the same ones.
+    A provider that fails is marked in ``health_book``. Returns a report with one committed
+    provider; raises ReplicationError naming every provider's cause (``.committed`` empty) on
+    every rank when none took the checkpoint. No copies here: see the module doc.
+    """
+    coord = Coordinator(process_group)
+    t = now if now is not None else time.monotonic()
+    names = None
+    if coord.rank == 0:
+        health = health_book.snapshot([p.name for p in placement.providers], t) if health_book is not None else None
+        names = _candidates(placement, health) or _candidates(placement, None)
+    names = coord.broadcast(names)
+    report = ReplicationReport(step, reason=f"write to the first of {', '.join(names)}")
+    failures: dict[str, str] = {}
+    for name in names:
+        try:
+            report.manifest = write_snapshot(placement.store(name), snap, step, process_group=process_group, options=options).manifest
+        except (ResilientTrainError, OSError) as exc:
+            failures[name] = _describe(exc)
+            if health_book is not None:
+                health_book.failed(name, time.monotonic() if now is None else t, failures[name])
+            log.error("save of step %d to %s failed, trying the next provider: %s", step, name, failures[name])
+            continue
+        report.committed.append(name)
+        if health_book is not None:
+            health_book.succeeded(name)
+        return report
+    err = ReplicationError(f"step {step} was committed on no provider (tried {', '.join(names)})", failures or {"policy": "no allowed provider"})
+    err.committed = []  # type: ignore[attr-defined]
+    err.report = report  # type: ignore[attr-defined]
+    raise err
+
+
 def save_replicated(placement: Placement, state: TrainState, step: int, *, process_group: Any = None, options: SaveOptions | None = None, health: Mapping[str, bool] | None = None) -> ReplicationReport:
     """Capture ``state`` and :func:`write_replicated` it. Collective."""
     coord = Coordinator(process_group)
     return write_replicated(placement, capture(state, coord.rank, coord.world_size), step, process_group=process_group, options=options, health=health)
 
 
-def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4, progress: bool = False) -> list[ReplicationReport]:
+def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4, progress: bool = False, ledger: Ledger | None = None) -> list[ReplicationReport]:
     """Bring checkpoints up to the policy's copy count by copying between providers.
 
     ``step`` None: the newest step committed anywhere; ``all_steps``: every step committed on
@@ -403,6 +467,10 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
         rep = ReplicationReport(s, committed=list(held[s]))
         failures = dict(unreachable)
         _fill_copies(placement, rep, alive, failures, io_threads, progress)
+        if ledger is not None:
+            for c in rep.copies.values():
+                if c.bytes_copied:
+                    ledger.record_copy(c.source, c.destination, c.bytes_copied, "replication")
         if len(rep.committed) < placement.policy.copies:
             all_failures.update({f"{k} (step {s})": v for k, v in failures.items()})
         reports.append(rep)
@@ -423,6 +491,7 @@ def load_replicated(
     strict: bool = True,
     on_served: Callable[[dict[str, str]], None] | None = None,
     verify_keys: Any = None,
+    ledger: Ledger | None = None,
 ) -> LoadResult:
     """Load from the replicas in the policy's read order (healthy first, then cheapest).
 
@@ -430,9 +499,12 @@ def load_replicated(
     cannot serve the checkpoint (not found or corrupt there).
 
     Each file comes from the first replica whose copy verifies; the result's ``sources`` maps
-    every file to the provider that served it, and the mapping is logged.
+    every file to the provider that served it, and the mapping is logged. With ``ledger``, the
+    bytes each provider served are recorded (purpose ``recovery``), with what reading from the
+    cheaper replica saved against the declared order (``PlacementDecision.read_saving_per_gb``).
     """
-    order = placement.decide(health).read_order
+    decision = placement.decide(health)
+    order = decision.read_order
     healthy = [n for n in order if (health or {}).get(n, True)]
     try:
         # Providers known to be unhealthy are not even asked, unless the healthy ones cannot serve.
@@ -446,6 +518,17 @@ def load_replicated(
     for prov in result.sources.values():
         by_provider[prov] = by_provider.get(prov, 0) + 1
     log.info("step %d loaded; files per provider: %s (read order %s)", result.step, by_provider, ", ".join(order))
+    if ledger is not None:
+        sizes = {f.path: f.size_bytes for f in result.manifest.files}
+        read: dict[str, int] = {}
+        for fname, prov in result.sources.items():
+            read[prov] = read.get(prov, 0) + sizes.get(fname, 0)
+        for prov, n in read.items():
+            ledger.record_read(prov, n, "recovery")
+        if decision.read_saving_per_gb > 0:
+            saved = read.get(order[0], 0) / 1e9 * decision.read_saving_per_gb
+            ledger.record_saving(saved)
+            log.info("reading from %s instead of the declared first provider saved %.4f", order[0], saved)
     if on_served is not None:
         on_served(dict(result.sources))
     return result

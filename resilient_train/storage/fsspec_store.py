@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 from ..errors import ConfigError, StorageError, StoreConflictError, StoreNotFoundError, StorePermissionError, StoreTransientError
 from .base import check_relpath
-from .redact import redact, redact_options
+from .redact import install_log_redaction, redact, redact_options, remember_secrets
 from .retry import classify
 
 __all__ = ["FsspecStore", "client_defaults", "DEFAULT_BLOCK_SIZE_BYTES"]
@@ -76,6 +76,10 @@ class FsspecStore:
         if self._fs is None:
             import fsspec
 
+            # Client libraries print headers and keys at DEBUG: mask this store's secrets in
+            # every log record of the process, whoever configured logging.
+            remember_secrets(self._options)
+            install_log_redaction()
             try:
                 self._fs, self._root_path = fsspec.core.url_to_fs(self._uri, **client_defaults(self._uri, self._options))
             except (ImportError, ValueError) as exc:
@@ -128,7 +132,11 @@ class FsspecStore:
         except BaseException:
             w.abort()
             raise
-        w.finish()
+        try:
+            w.finish()
+        except BaseException:
+            w.abort()  # a failed completion must not leave parts or a partial object behind
+            raise
 
     @contextmanager
     def open_read(self, path: str) -> Iterator[BinaryIO]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -56,8 +57,10 @@ def _check_uri(name: str, uri: str) -> None:
 class Provider:
     """One storage location. Validated at construction (no I/O); :meth:`open` gives its Store.
 
-    ``egress_cost_per_gb``: what reading 1 GB out of this provider costs (any currency, used
-    only to order reads). ``retry``: the retry budget of its Store (shorter means a dead
+    ``egress_cost_per_gb``: what reading 1 GB out of this provider costs (any currency): it
+    orders reads and prices the bytes in the :class:`~resilient_train.storage.ledger.Ledger`.
+    ``egress_to``: per-destination prices (provider name -> cost per GB) where moving data to
+    that provider costs something else (same cloud, a private interconnect). ``retry``: the retry budget of its Store (shorter means a dead
     provider is given up on sooner). ``storage_options`` never appear in ``repr``.
     """
 
@@ -68,6 +71,7 @@ class Provider:
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     retry: RetryPolicy | None = field(default=None, compare=False)
     block_size_bytes: int | None = field(default=None, compare=False)
+    egress_to: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -78,6 +82,9 @@ class Provider:
             raise ConfigError(f"provider {self.name!r}: egress_cost_per_gb must be a number >= 0, got {self.egress_cost_per_gb!r}")
         _check_uri(self.name, self.uri)
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        if not isinstance(self.egress_to, Mapping) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in self.egress_to.items()):
+            raise ConfigError(f"provider {self.name!r}: egress_to must map provider names to a cost per GB >= 0, got {self.egress_to!r}")
+        object.__setattr__(self, "egress_to", dict(self.egress_to))
 
     def open(self) -> Store:
         """This provider's Store (retrying transient failures). No I/O here."""
@@ -87,7 +94,10 @@ class Provider:
 
     def describe(self) -> dict[str, Any]:
         """Printable description: URI and options with secrets masked."""
-        return {"name": self.name, "uri": redact(self.uri), "region": self.region, "egress_cost_per_gb": self.egress_cost_per_gb, "storage_options": redact_options(self.storage_options)}
+        out = {"name": self.name, "uri": redact(self.uri), "region": self.region, "egress_cost_per_gb": self.egress_cost_per_gb, "storage_options": redact_options(self.storage_options)}
+        if self.egress_to:
+            out["egress_to"] = dict(self.egress_to)
+        return out
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,9 @@ class PlacementDecision:
     read_order: tuple[str, ...]
     """Providers to read from, best first."""
     reason: str
+    read_saving_per_gb: float = 0.0
+    """What reading 1 GB from the first provider of ``read_order`` saves compared with the first
+    healthy allowed provider in declared order (0 when they are the same)."""
 
 
 def place(providers: Sequence[Provider], policy: ReplicationPolicy, health: Mapping[str, bool] | None = None) -> PlacementDecision:
@@ -150,6 +163,10 @@ def place(providers: Sequence[Provider], policy: ReplicationPolicy, health: Mapp
         key=lambda i: (not health.get(allowed[i].name, True), rank_pref.get(allowed[i].name, len(rank_pref)), allowed[i].egress_cost_per_gb, i),
     )
     read_order = tuple(allowed[i].name for i in order)
+    saving = 0.0
+    if healthy and read_order and read_order[0] != healthy[0].name:
+        first = next(p for p in allowed if p.name == read_order[0])
+        saving = max(0.0, healthy[0].egress_cost_per_gb - first.egress_cost_per_gb)
     parts = [f"write to {', '.join(targets) or 'nobody'}"]
     if len(targets) < policy.copies:
         parts.append(f"DEGRADED: {len(targets)} of {policy.copies} copies possible")
@@ -158,7 +175,9 @@ def place(providers: Sequence[Provider], policy: ReplicationPolicy, health: Mapp
     if refused:
         parts.append(f"outside allowed regions, never written: {', '.join(refused)}")
     parts.append(f"read order {', '.join(read_order)} (health, preference, egress cost)")
-    return PlacementDecision(targets, read_order, "; ".join(parts))
+    if saving > 0:
+        parts.append(f"reading from {read_order[0]} instead of {healthy[0].name} saves {saving:g} per GB")
+    return PlacementDecision(targets, read_order, "; ".join(parts), saving)
 
 
 class Placement:
@@ -224,9 +243,12 @@ class Placement:
 
 
 class HealthBook:
-    """Which providers are healthy, from reported failures; the clock is passed in.
+    """Which providers are healthy, and which copies each one missed; the clock is passed in.
 
     A provider is unhealthy for ``cooldown_s`` after its last failure, then tried again.
+    ``missed(name, step)`` notes a checkpoint a provider could not take; the background
+    replicator copies it there once the provider answers again and calls ``caught_up``.
+    Thread-safe.
     """
 
     def __init__(self, cooldown_s: float = 60.0):
@@ -234,29 +256,65 @@ class HealthBook:
             raise ConfigError("HealthBook.cooldown_s must be >= 0 seconds")
         self.cooldown_s = cooldown_s
         self._down_at: dict[str, float] = {}
+        self._causes: dict[str, str] = {}
+        self._missed: dict[str, set[int]] = {}
+        self._lock = threading.Lock()
 
-    def failed(self, name: str, now: float) -> None:
-        self._down_at[name] = now
+    def failed(self, name: str, now: float, cause: str = "") -> None:
+        with self._lock:
+            self._down_at[name] = now
+            if cause:
+                self._causes[name] = cause
 
     def succeeded(self, name: str) -> None:
-        self._down_at.pop(name, None)
+        with self._lock:
+            self._down_at.pop(name, None)
 
     def snapshot(self, names: Sequence[str], now: float) -> dict[str, bool]:
-        return {n: not (n in self._down_at and now - self._down_at[n] < self.cooldown_s) for n in names}
+        with self._lock:
+            return {n: not (n in self._down_at and now - self._down_at[n] < self.cooldown_s) for n in names}
+
+    def cause(self, name: str) -> str:
+        """The last failure reported for ``name`` ('' if none)."""
+        with self._lock:
+            return self._causes.get(name, "")
+
+    def missed(self, name: str, step: int) -> None:
+        with self._lock:
+            self._missed.setdefault(name, set()).add(step)
+
+    def caught_up(self, name: str, steps: Sequence[int] | None = None) -> None:
+        """``steps`` are on ``name`` now (None: all it missed)."""
+        with self._lock:
+            if steps is None:
+                self._missed.pop(name, None)
+            else:
+                left = self._missed.get(name, set()) - set(steps)
+                if left:
+                    self._missed[name] = left
+                else:
+                    self._missed.pop(name, None)
+
+    @property
+    def behind(self) -> dict[str, list[int]]:
+        """Providers that miss copies, with the steps they miss."""
+        with self._lock:
+            return {n: sorted(s) for n, s in self._missed.items() if s}
 
 
 def placement_from_config(config: Mapping[str, Any]) -> Placement:
     """A Placement from a JSON-able description (the ``ckpt replicate --config`` file)::
 
         {"providers": [{"name": "aws", "uri": "s3://b/run", "region": "eu-west-1",
-                        "egress_cost_per_gb": 0.09, "storage_options": {...}}, ...],
+                        "egress_cost_per_gb": 0.09, "egress_to": {"gcp": 0.02},
+                        "storage_options": {...}}, ...],
          "policy": {"copies": 2, "allowed_regions": ["eu-*"], "prefer": ["aws"]}}
 
     Raises ConfigError naming the entry that is wrong.
     """
     if not isinstance(config, Mapping) or not isinstance(config.get("providers"), list):
         raise ConfigError('the replication config must be a JSON object with a "providers" list (and an optional "policy" object)')
-    known = {"name", "uri", "region", "egress_cost_per_gb", "storage_options"}
+    known = {"name", "uri", "region", "egress_cost_per_gb", "egress_to", "storage_options"}
     providers = []
     for i, entry in enumerate(config["providers"]):
         if not isinstance(entry, Mapping):

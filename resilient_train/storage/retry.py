@@ -9,16 +9,25 @@ and its chain (client libraries wrap one another), without importing any cloud c
 backoff with full jitter, bounded both in attempts and in total seconds. When the budget is
 spent the last failure is raised as :class:`StoreUnavailableError` naming the provider.
 
-Streams are the one thing a wrapper cannot replay: a failure in the middle of an
-``open_write`` body is raised to the caller, who retries at file granularity (replication and
-migration do, since the source can be read again). Opening the stream is retried.
+Streams are retried too, for the whole transfer:
+
+* ``open_write``: the body's bytes go to the backend as they are written (the first attempt
+  streams, nothing waits) and into a re-readable spool (memory up to ``spool_memory_bytes``,
+  then a temporary file). A transient failure while streaming or while completing the upload
+  (the single PUT of a small object happens at close) aborts that attempt and the spool is
+  sent again as a fresh upload, under the same budget and circuit breaker. A spool that
+  cannot grow (local disk full) makes the transfer non-replayable: then the failure is raised.
+* ``open_read``: a transient failure in the middle of a read re-opens the object and seeks
+  back to the position reached (downloads resume), under the same budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -231,7 +240,7 @@ class RetryingStore:
         """False while the breaker is open (the provider failed a whole retry budget lately)."""
         return self._clock() >= self._breaker.open_until
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
         b = self._breaker
         now = self._clock()
         if now < b.open_until:
@@ -241,7 +250,7 @@ class RetryingStore:
                 provider=self.name,
             )
         try:
-            result = call_with_retry(fn, self.policy, provider=self.name, what=what)
+            result = call_with_retry(fn, policy or self.policy, provider=self.name, what=what)
         except StoreUnavailableError as exc:
             if self.policy.breaker_cooldown_s > 0:
                 b.open_until = self._clock() + self.policy.breaker_cooldown_s
@@ -251,17 +260,35 @@ class RetryingStore:
         b.open_until = 0.0
         return result
 
+    spool_memory_bytes: int = 8 * 1024 * 1024
+    """Bytes of an upload kept in memory for a replay; the rest spools to a temporary file."""
+
     @contextmanager
     def open_write(self, path: str) -> Iterator[BinaryIO]:
-        cm = self._call(f"open {path!r} for writing", lambda: _entered(self.inner.open_write(path)))
-        with _finish(cm) as f:
-            yield f
+        """See the module doc: the first attempt streams, a failed one is replayed from a spool."""
+        first = self._call(f"open {path!r} for writing", lambda: _entered(self.inner.open_write(path)))
+        w = _ReplayWriter(self, path, first)
+        try:
+            yield w  # type: ignore[misc]
+        except BaseException as exc:
+            w.abort(exc)
+            raise
+        w.finish()
 
     @contextmanager
     def open_read(self, path: str) -> Iterator[BinaryIO]:
+        """Reads that fail mid-stream re-open the object and resume at the same offset."""
         cm = self._call(f"open {path!r} for reading", lambda: _entered(self.inner.open_read(path)))
-        with _finish(cm) as f:
-            yield f
+        r = _ResumingReader(self, path, cm)
+        try:
+            yield r  # type: ignore[misc]
+        except BaseException as exc:
+            r.close(exc)
+            raise
+        r.close(None)
+
+    def _rest_of_budget(self, used: int) -> RetryPolicy:
+        return dataclasses.replace(self.policy, max_attempts=max(1, self.policy.max_attempts - used))
 
     def read_bytes(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         return self._call(f"read {path!r}", lambda: self.inner.read_bytes(path, start, end))
@@ -306,6 +333,171 @@ class RetryingStore:
         return RetryingStore(self.inner.child(path), self.policy, clock=self._clock, _breaker=self._breaker)
 
 
+def _exit_quietly(entered: "_Entered", exc: BaseException) -> None:
+    """Abort an attempt (its context exits with ``exc``); a failing cleanup is only logged."""
+    try:
+        entered.cm.__exit__(type(exc), exc, exc.__traceback__)
+    except Exception as cleanup:  # noqa: BLE001 - the attempt failed already; its cause wins
+        log.debug("cleanup of a failed transfer attempt failed: %s", redact(str(cleanup)))
+
+
+class _ReplayWriter:
+    """Write side of :meth:`RetryingStore.open_write` (see the module doc)."""
+
+    _COPY_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, store: RetryingStore, path: str, first: "_Entered"):
+        self._store = store
+        self._path = path
+        self._live: _Entered | None = first
+        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=store.spool_memory_bytes, prefix="rt-upload-")
+        self._replayable = True
+        self._n = 0
+        self._failures = 0
+        self._cause: BaseException | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._n
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if self._replayable:
+            try:
+                self._spool.write(mv)
+            except OSError as exc:  # no room to spool: this transfer cannot be replayed
+                log.warning("[%s] cannot spool %r for a retry (%s): a failure of this upload will not be retried", self._store.name, self._path, exc)
+                self._replayable = False
+                self._spool.close()
+        if self._live is not None:
+            try:
+                self._live.value.write(mv)
+            except Exception as exc:  # noqa: BLE001 - transient ones are replayed at finish
+                self._attempt_failed(exc)
+        self._n += n
+        return n
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            _exit_quietly(live, exc)
+        if classify(exc) != "transient" or not self._replayable:
+            raise exc
+        self._failures += 1
+        self._cause = exc
+        log.warning("[%s] upload of %r failed after %d bytes, will send it again: %s", self._store.name, self._path, self._n, redact(f"{type(exc).__name__}: {exc}"))
+
+    def finish(self) -> None:
+        try:
+            if self._live is not None:
+                live, self._live = self._live, None
+                try:
+                    live.cm.__exit__(None, None, None)  # completes the upload (the PUT / last part)
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    self._live = None
+                    if classify(exc) != "transient" or not self._replayable:
+                        raise
+                    self._failures += 1
+                    self._cause = exc
+                    log.warning("[%s] completing the upload of %r failed, will send it again: %s", self._store.name, self._path, redact(f"{type(exc).__name__}: {exc}"))
+            self._store._call(f"upload of {self._path!r} ({self._n} bytes)", self._replay_once, self._store._rest_of_budget(self._failures))
+        finally:
+            self._close_spool()
+
+    def _replay_once(self) -> None:
+        self._spool.seek(0)
+        with self._store.inner.open_write(self._path) as f:
+            while True:
+                chunk = self._spool.read(self._COPY_BYTES)
+                if not chunk:
+                    break
+                f.write(chunk)
+
+    def abort(self, exc: BaseException) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            _exit_quietly(live, exc)
+        self._close_spool()
+
+    def _close_spool(self) -> None:
+        try:
+            self._spool.close()
+        except OSError:
+            pass
+
+
+class _ResumingReader:
+    """Read side of :meth:`RetryingStore.open_read`: re-opens and seeks after a transient failure."""
+
+    def __init__(self, store: RetryingStore, path: str, first: "_Entered"):
+        self._store = store
+        self._path = path
+        self._cur: _Entered | None = first
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _file(self) -> Any:
+        if self._cur is None:
+            cm = _entered(self._store.inner.open_read(self._path))
+            try:
+                cm.value.seek(self._pos)
+            except BaseException as exc:
+                _exit_quietly(cm, exc)
+                raise
+            self._cur = cm
+        return self._cur.value
+
+    def _do(self, what: str, fn: Callable[[Any], T]) -> T:
+        def attempt() -> T:
+            f = self._file()
+            try:
+                return fn(f)
+            except Exception as exc:
+                if classify(exc) == "transient":
+                    cur, self._cur = self._cur, None  # re-opened at the same offset by the next attempt
+                    if cur is not None:
+                        _exit_quietly(cur, exc)
+                    log.info("[%s] %s of %r failed at byte %d; resuming: %s", self._store.name, what, self._path, self._pos, redact(f"{type(exc).__name__}: {exc}"))
+                raise
+
+        return self._store._call(f"{what} of {self._path!r} at byte {self._pos}", attempt)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._do("read", lambda f: f.read(n))
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        got = self._do("read", lambda f: f.readinto(buf))
+        self._pos += got or 0
+        return got
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = self._do("seek", lambda f: f.seek(offset, whence))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self, exc: BaseException | None) -> None:
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return
+        if exc is None:
+            cur.cm.__exit__(None, None, None)
+        else:
+            _exit_quietly(cur, exc)
+
+
 class _Entered:
     """A context manager already entered: holds its value and its exit."""
 
@@ -317,15 +509,3 @@ class _Entered:
 def _entered(cm: Any) -> _Entered:
     value = cm.__enter__()
     return _Entered(cm, value)
-
-
-@contextmanager
-def _finish(entered: _Entered) -> Iterator[Any]:
-    try:
-        yield entered.value
-    except BaseException as exc:
-        if not entered.cm.__exit__(type(exc), exc, exc.__traceback__):
-            raise
-    else:
-        entered.cm.__exit__(None, None, None)
-

@@ -1,0 +1,170 @@
+"""A small TCP proxy on 127.0.0.1 that makes a real server slow or unreachable, on demand.
+
+:class:`FaultProxy` forwards connections to ``127.0.0.1:target_port``. Knobs (change them
+while it runs):
+
+* ``bytes_per_s``: a bandwidth limit per direction and connection (None: unlimited), so an
+  upload through it takes ``size / bytes_per_s`` seconds like a slow WAN link;
+* ``delay_s``: extra latency before each forwarded chunk;
+* :meth:`down` / :meth:`up`: while down, new connections are refused (closed at once) and open
+  ones are cut, as when a provider's endpoint is unreachable.
+
+Point a client at ``proxy.endpoint`` instead of the server's. For tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+__all__ = ["FaultProxy"]
+
+_CHUNK = 64 * 1024
+
+
+class FaultProxy:
+    """See module doc. ``start()``/``stop()`` or ``with``."""
+
+    def __init__(self, target_port: int, *, bytes_per_s: float | None = None, delay_s: float = 0.0):
+        self.target_port = target_port
+        self.bytes_per_s = bytes_per_s
+        self.delay_s = delay_s
+        self.port = 0
+        self._down = threading.Event()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.bytes_forwarded = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def is_down(self) -> bool:
+        return self._down.is_set()
+
+    def start(self) -> "FaultProxy":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        s.settimeout(0.2)
+        self._sock = s
+        self.port = s.getsockname()[1]
+        threading.Thread(target=self._accept, name="rt-proxy-accept", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cut_all()
+        if self._sock is not None:
+            self._sock.close()
+
+    def down(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        self._down.set()
+        self._cut_all()
+
+    def up(self) -> None:
+        self._down.clear()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _cut_all(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if self._down.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), name="rt-proxy-pump", daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            src.settimeout(None)
+            while not self._stop.is_set():
+                data = src.recv(_CHUNK)
+                if not data:
+                    break
+                if self._down.is_set():
+                    break
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                rate = self.bytes_per_s
+                if rate:
+                    # Send in small slices so the rate holds within a chunk too.
+                    step = max(1024, int(rate / 50))
+                    for i in range(0, len(data), step):
+                        t0 = time.monotonic()
+                        part = data[i : i + step]
+                        dst.sendall(part)
+                        spare = len(part) / rate - (time.monotonic() - t0)
+                        if spare > 0:
+                            time.sleep(spare)
+                else:
+                    dst.sendall(data)
+                with self._lock:
+                    self.bytes_forwarded += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+
+
+def _main() -> None:
+    """``python -m resilient_train.testing.proxy TARGET_PORT [--bytes-per-s N] [--delay-s S]``:
+    run a proxy in its own process (so its forwarding does not compete with the caller for
+    the GIL); prints the port it listens on, then serves until killed."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target_port", type=int)
+    ap.add_argument("--bytes-per-s", type=float, default=None)
+    ap.add_argument("--delay-s", type=float, default=0.0)
+    a = ap.parse_args()
+    p = FaultProxy(a.target_port, bytes_per_s=a.bytes_per_s, delay_s=a.delay_s).start()
+    print(p.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _main()
