@@ -107,6 +107,11 @@ def test_properties(s):
     d = decide(now, view, beats, timeout_s=T, min_members=min_members)
     alive = {m for m, h in beats.items() if now - h.last_seen_s <= T}
     new = d.view
+    # a member silent for longer than the timeout is dropped whenever the others can go on
+    dead = {m for m in view.members if m not in alive}
+    keep = {m for m in view.members if m in alive and beats[m].intent == "member"}
+    if dead and len(keep) >= min_members:
+        assert new is not view and not dead & set(new.members), (dead, new)
     # deterministic: the order heartbeats arrive in does not matter
     assert decide(now, view, dict(reversed(list(beats.items()))), timeout_s=T, min_members=min_members) == d
     if new is view:
