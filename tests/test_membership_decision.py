@@ -83,6 +83,20 @@ def test_bad_arguments_say_what_to_change():
         View(1, ("b", "a"))
     with pytest.raises(ValueError, match="intent"):
         Heartbeat(0.0, "leave", "fp")
+    for epoch in (-1, True, 1.0, "1"):  # each clause of the epoch check (mutation testing)
+        with pytest.raises(ValueError, match="epoch"):
+            View(epoch)
+    with pytest.raises(ValueError, match="unique"):
+        View(1, ("a", "a"))
+    for joiners in (("b",), ("b", "a"), ("a", "a")):
+        with pytest.raises(ValueError, match="joiners"):
+            View(1, ("a", "b") if joiners != ("b",) else ("a",), joiners=joiners)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="min_members"):
+            decide(0.0, View(0), {}, timeout_s=1, min_members=bad)
+    with pytest.raises(ValueError, match="timeout_s"):
+        decide(0.0, View(0), {}, timeout_s=-1, min_members=1)
+    assert View(2, ("a", "b", "c")).rank_of("c") == 2
 
 
 NAMES = ["a", "b", "c", "d", "e"]
