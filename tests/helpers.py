@@ -63,3 +63,50 @@ def train_steps(state: TrainState, n: int, batch: int = 8) -> list[float]:
         losses.append(loss.item())
         state.extra["epoch_losses"].append(round(loss.item(), 6))
     return losses
+
+
+def full_state(state: TrainState) -> dict:
+    """Every part of ``state`` a load may change, copied: model and optimizer tensors, optimizer
+    hyper-parameters, scheduler, sampler, stateful objects, extras and the RNG states of python,
+    numpy and torch. Compare two with :func:`assert_same_state`."""
+    import copy
+    import random
+
+    import numpy as np
+
+    out: dict = {}
+    if state.model is not None:
+        out["model"] = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    if state.optimizer is not None:
+        out["optimizer"] = copy.deepcopy(state.optimizer.state_dict())
+    if state.scheduler is not None:
+        out["scheduler"] = copy.deepcopy(state.scheduler.state_dict())
+    if state.sampler is not None:
+        out["sampler"] = copy.deepcopy(state.sampler.state_dict())
+    out["stateful"] = {k: copy.deepcopy(v.state_dict()) for k, v in state.stateful.items()}
+    out["extra"] = copy.deepcopy(state.extra)
+    np_state = np.random.get_state()
+    out["rng"] = {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+                  "torch": torch.get_rng_state().clone()}
+    return out
+
+
+def _same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, f"{where} differs"
+        assert torch.equal(a, b), f"{where} changed"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ ({sorted(map(str, a))} vs {sorted(map(str, b))})"
+        for k in a:
+            _same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where} differs"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where} changed: {a!r} -> {b!r}"
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    """Every part captured by :func:`full_state` is equal (tensors bit for bit)."""
+    _same(before, after, "state")

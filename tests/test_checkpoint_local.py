@@ -18,11 +18,13 @@ from resilient_train import errors
 from resilient_train.checkpoint import committed_steps, latest_step
 from resilient_train.storage import open_store
 
-from .helpers import TinyNet, make_run, train_steps
+from .helpers import TinyNet, assert_same_state, full_state, make_run, train_steps
 
 
-def _params(state) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in state.model.state_dict().items()}
+def _params(state) -> dict:
+    """Every part of the state a failed load must leave alone (model, optimizer, scheduler,
+    sampler, extras, RNG)."""
+    return full_state(state)
 
 
 def test_resume_is_bit_for_bit(tmp_path):
@@ -105,11 +107,17 @@ def test_manager_validates_config(tmp_path):
 
 
 def test_refuses_to_overwrite_committed_step(tmp_path):
-    state = make_run()
-    rt.save(str(tmp_path), state, 5)
+    first = make_run()
+    rt.save(str(tmp_path), first, 5)
+    second = make_run(seed=1)  # a different state: the refused save must not leave any of it
+    train_steps(second, 2)
     with pytest.raises(errors.CheckpointWriteError, match="already committed"):
-        rt.save(str(tmp_path), state, 5)
-    rt.load(str(tmp_path), make_run())
+        rt.save(str(tmp_path), second, 5)
+    loaded = make_run(seed=2)
+    rt.load(str(tmp_path), loaded)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    assert loaded.extra == first.extra and loaded.sampler.state_dict() == first.sampler.state_dict()
 
 
 def test_memory_store_round_trip():
@@ -133,8 +141,7 @@ def _saved(tmp_path, step=1):
 
 
 def _assert_untouched(fresh, before):
-    for k, v in fresh.model.state_dict().items():
-        assert torch.equal(v, before[k]), f"{k} changed although the load failed"
+    assert_same_state(before, full_state(fresh))
 
 
 @pytest.mark.parametrize("victim", ["model-00001-of-00001.safetensors", "optimizer-00001-of-00001.safetensors"])

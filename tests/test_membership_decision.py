@@ -83,6 +83,20 @@ def test_bad_arguments_say_what_to_change():
         View(1, ("b", "a"))
     with pytest.raises(ValueError, match="intent"):
         Heartbeat(0.0, "leave", "fp")
+    for epoch in (-1, True, 1.0, "1"):  # each clause of the epoch check (mutation testing)
+        with pytest.raises(ValueError, match="epoch"):
+            View(epoch)
+    with pytest.raises(ValueError, match="unique"):
+        View(1, ("a", "a"))
+    for joiners in (("b",), ("b", "a"), ("a", "a")):
+        with pytest.raises(ValueError, match="joiners"):
+            View(1, ("a", "b") if joiners != ("b",) else ("a",), joiners=joiners)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="min_members"):
+            decide(0.0, View(0), {}, timeout_s=1, min_members=bad)
+    with pytest.raises(ValueError, match="timeout_s"):
+        decide(0.0, View(0), {}, timeout_s=-1, min_members=1)
+    assert View(2, ("a", "b", "c")).rank_of("c") == 2
 
 
 NAMES = ["a", "b", "c", "d", "e"]
@@ -107,6 +121,11 @@ def test_properties(s):
     d = decide(now, view, beats, timeout_s=T, min_members=min_members)
     alive = {m for m, h in beats.items() if now - h.last_seen_s <= T}
     new = d.view
+    # a member silent for longer than the timeout is dropped whenever the others can go on
+    dead = {m for m in view.members if m not in alive}
+    keep = {m for m in view.members if m in alive and beats[m].intent == "member"}
+    if dead and len(keep) >= min_members:
+        assert new is not view and not dead & set(new.members), (dead, new)
     # deterministic: the order heartbeats arrive in does not matter
     assert decide(now, view, dict(reversed(list(beats.items()))), timeout_s=T, min_members=min_members) == d
     if new is view:

@@ -73,7 +73,7 @@ class Encoded:
 
 
 @runtime_checkable
-class Codec(Protocol):
+class Codec(Protocol):  # pragma: no mutate block (mutmut would add members to the protocol)
     """Encode/decode flat fp32 tensors, with error feedback.
 
     ``encode(x, residual=None)``: ``x`` is a 1-D fp32 tensor. With ``residual`` (same shape,
