@@ -131,3 +131,21 @@ def test_diloco_with_the_cpu_twin_equals_diloco_with_the_reference(ext):
 
     for a, b in zip(train("cpu"), train("reference")):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_stale_build_lock_is_removed_not_waited_for_forever(tmp_path):
+    """A process killed mid-build leaves torch's FileBaton lock behind; every later build would
+    wait for it forever. A lock older than STALE_LOCK_S is removed; a fresh one is left alone."""
+    import os
+    import time
+
+    from resilient_train.compression import _ext
+
+    lock = tmp_path / "lock"
+    lock.write_bytes(b"")
+    _ext._clear_stale_lock(tmp_path)
+    assert lock.exists()  # fresh: another process may be building
+    old = time.time() - _ext.STALE_LOCK_S - 10
+    os.utime(lock, (old, old))
+    _ext._clear_stale_lock(tmp_path)
+    assert not lock.exists()

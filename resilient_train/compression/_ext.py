@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -83,10 +84,30 @@ def _build(kind: str) -> ModuleType:
         raise RuntimeError(f"no C++ compiler ({compiler} or g++) on PATH; install one (e.g. apt install g++) and ninja to use the compiled codec")
     if kind == "cuda" and not (shutil.which("nvcc") or cpp_extension.CUDA_HOME):
         raise RuntimeError("no nvcc found (CUDA_HOME unset and nvcc not on PATH)")
+    _clear_stale_lock(build)
     if not any(f.endswith(".so") for f in os.listdir(build)):
         log.warning("building the compiled %s codec once (~30-60 s) into %s", kind, build)
     return cpp_extension.load(name=f"resilient_train_quant_{kind}", sources=[str(p) for p in sources],
                               build_directory=str(build), verbose=False, **flags)
+
+
+STALE_LOCK_S = 900.0
+"""A build lock older than this was left by a process killed mid-build: torch's FileBaton
+would wait for it forever, so it is removed (a real build takes a minute or two)."""
+
+
+def _clear_stale_lock(build: Path) -> None:
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing a stale build lock %s (%.0f s old, left by a process killed while building)", lock, age)
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _load(kind: str, required: bool) -> ModuleType | None:
