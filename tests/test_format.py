@@ -73,6 +73,14 @@ def test_step_folder_names():
     assert parse_step_dirname("step-0000000042.tmp") is None
     with pytest.raises(ValueError):
         step_dirname(-1)
+    # the edges of the persisted name (mutation testing): 0 and 10**10 - 1 fit ten digits
+    assert step_dirname(0) == "step-0000000000"
+    assert step_dirname(10**10 - 1) == "step-9999999999"
+    for bad in (10**10, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=r"step must be an int in \[0, 1e10\)"):
+            step_dirname(bad)
+    assert parse_step_dirname("step-0000000042/") == 42  # fsspec listings may end folders with "/"
+    assert parse_step_dirname("/step-0000000042") is None
 
 
 def test_json_state_round_trip_of_rng_and_awkward_values():

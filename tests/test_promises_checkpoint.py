@@ -166,3 +166,45 @@ def test_rng_state_is_remapped_when_the_world_size_changes(tmp_path):
     finally:
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
+
+
+# ------------------------------------------------------------------ found by mutation testing
+
+
+class _Counter:
+    """A ``stateful`` object whose state holds a tensor and a plain value."""
+
+    def __init__(self, fill: float):
+        self.t = torch.full((3,), fill)
+        self.n = int(fill)
+
+    def state_dict(self):
+        return {"t": self.t.clone(), "n": self.n}
+
+    def load_state_dict(self, sd):
+        self.t, self.n = sd["t"].clone(), sd["n"]
+
+
+def test_float64_model_scalar_parameter_and_stateful_tensors_round_trip(tmp_path):
+    """Optimizer state keeps the parameter's dtype (float64 here), a 0-dim parameter's state
+    loads, and tensors inside a ``stateful`` object come back."""
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2).double()
+        model.register_parameter("temperature", torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        (model(torch.randn(4, 3, dtype=torch.float64)).sum() * model.temperature).backward()
+        opt.step()
+        return model, opt
+
+    model, opt = make(0)
+    rt.save(str(tmp_path), rt.TrainState(model=model, optimizer=opt, stateful={"c": _Counter(7.0)}, rng=False), 1)
+    other, other_opt = make(1)
+    counter = _Counter(0.0)
+    rt.load(str(tmp_path), rt.TrainState(model=other, optimizer=other_opt, stateful={"c": counter}, rng=False))
+    assert torch.equal(counter.t, torch.full((3,), 7.0)) and counter.n == 7
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        for k, v in opt.state[p].items():
+            got = other_opt.state[q][k]
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), (name, k)

@@ -32,6 +32,13 @@ class _Denied(Exception):
         self.response = {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}
 
 
+class _Coded(Exception):
+    """A botocore-style error that carries only an error code, no HTTP status."""
+
+    def __init__(self, code):
+        self.response = {"Error": {"Code": code}}
+
+
 class EndpointConnectionError(Exception):
     """Same name as botocore's: matched by name, no client import."""
 
@@ -48,6 +55,9 @@ class EndpointConnectionError(Exception):
         (FileNotFoundError("k"), "not_found"),
         (PermissionError("p"), "permission"),
         (_Denied(), "permission"),
+        (_Coded("SlowDown"), "transient"),
+        (_Coded("NoSuchKey"), "not_found"),
+        (_Coded("AccessDenied"), "permission"),
         (ValueError("bad"), "permanent"),
         (StoreUnavailableError("exhausted"), "permanent"),
     ],
