@@ -95,7 +95,8 @@ class LoadResult:
     """File name -> name of the store (replica) that served it (most of its chunks)."""
     seconds: float = 0.0
     bytes_fetched: int = 0
-    """Bytes this rank fetched (and hashed), headers included."""
+    """Bytes of checkpoint files this rank fetched and hashed (headers and JSON included; the
+    manifest, which has no digest of its own, not)."""
 
 
 # ------------------------------------------------------------------ finding checkpoints
@@ -867,6 +868,7 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     # 1. find
     found: Any = None
     err: BaseException | None = None
+    fetched_by_find = 0
     if coord.rank == 0:
         try:
             s, manifest = _find(sources, step)
@@ -877,6 +879,7 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
             if any(f.path == HF_INDEX_NAME for f in manifest.files):
                 _check_index(chunks0.json(HF_INDEX_NAME), manifest, f"{step_dirname(s)}/{HF_INDEX_NAME}")
             found = (manifest.to_bytes(), shared)
+            fetched_by_find = chunks0.bytes_fetched
         except (ResilientTrainError, OSError) as exc:
             err = exc
     found = coord.broadcast(found if err is None else redact(f"{type(err).__name__}: {err}"))
@@ -886,7 +889,6 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         raise CheckpointError(f"rank 0 could not find the checkpoint: {found}")
     manifest = Manifest.from_bytes(found[0])
     shared = found[1]
-    folder = step_dirname(manifest.step)
     chunks = _Chunks(sources, manifest, pool)
 
     # 2. validate and 3. parse: nothing live changes before both passed on every rank.
@@ -987,7 +989,7 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     coord.barrier()
     seconds = time.perf_counter() - t0
     log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
-    return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched)
+    return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched + fetched_by_find)
 
 
 def _read_rank_state(chunks: _Chunks, manifest: Manifest, coord: Coordinator) -> Any:
