@@ -873,6 +873,8 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         try:
             s, manifest = _find(sources, step)
             chunks0 = _Chunks(sources, manifest, pool)
+            small = [STATE_NAME] + [HF_INDEX_NAME for f in manifest.files if f.path == HF_INDEX_NAME]
+            chunks0.prefetch([(f, i) for f in small for i in range(len(chunks0.ranges(f)))])  # one round trip
             shared = chunks0.json(manifest.file(STATE_NAME).path)
             if not isinstance(shared, dict):
                 raise StateFileError(f"{step_dirname(s)}/{STATE_NAME}: top level must be a JSON object")
@@ -904,6 +906,9 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
             # with their headers, within the budget; the others header first, then the ranges.
             whole = _wholly_needed(manifest, plan.targets)
             whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
+            rank_file = _rank_state_name(manifest, coord) if state.rng else None
+            if rank_file is not None and any(f.path == rank_file for f in manifest.files):
+                whole.add(rank_file)
             if whole and whole_bytes <= budget:
                 chunks.prefetch([(f, i) for f in sorted(whole) for i in range(len(chunks.ranges(f)))])
             headers = dict(zip(files, pool.map(chunks.header, files)))
@@ -992,9 +997,13 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched + fetched_by_find)
 
 
+def _rank_state_name(manifest: Manifest, coord: Coordinator) -> str:
+    """The rank-state file this rank restores: its own, or ``rank % saved world size``."""
+    return rank_state_filename(coord.rank if coord.rank < manifest.world_size else coord.rank % manifest.world_size)
+
+
 def _read_rank_state(chunks: _Chunks, manifest: Manifest, coord: Coordinator) -> Any:
-    saved_rank = coord.rank if coord.rank < manifest.world_size else coord.rank % manifest.world_size
-    name = rank_state_filename(saved_rank)
+    name = _rank_state_name(manifest, coord)
     if not any(f.path == name for f in manifest.files):
         raise ManifestError(f"{step_dirname(manifest.step)}/{MANIFEST_NAME} lists no {name} (world size {manifest.world_size}): rank {coord.rank}'s RNG state cannot be restored")
     if manifest.world_size != coord.world_size:
