@@ -9,7 +9,7 @@ import torch
 
 from ..errors import CheckpointNotFoundError
 from ..format.jsontree import dumps_canonical
-from ..format.names import HF_INDEX_NAME, step_dirname
+from ..format.names import HF_INDEX_NAME
 from ..format.safetensors_io import write_file
 from ..progress import Progress
 from ..storage import Store, open_store

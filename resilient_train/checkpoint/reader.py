@@ -98,7 +98,8 @@ class LoadResult:
     """File name -> name of the store (replica) that served it (most of its chunks)."""
     seconds: float = 0.0
     bytes_fetched: int = 0
-    """Bytes this rank fetched (and hashed), headers included."""
+    """Bytes of checkpoint files this rank fetched and hashed (headers and JSON included; the
+    manifest, which has no digest of its own, not)."""
 
 
 # ------------------------------------------------------------------ finding checkpoints
@@ -833,16 +834,20 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     # 1. find
     found: Any = None
     err: BaseException | None = None
+    fetched_by_find = 0
     if coord.rank == 0:
         try:
             s, manifest = _find(sources, step, verify_keys)
             chunks0 = _Chunks(sources, manifest, pool)
+            small = [STATE_NAME] + [HF_INDEX_NAME for f in manifest.files if f.path == HF_INDEX_NAME]
+            chunks0.prefetch([(f, i) for f in small for i in range(len(chunks0.ranges(f)))])  # one round trip
             shared = chunks0.json(manifest.file(STATE_NAME).path)
             if not isinstance(shared, dict):
                 raise StateFileError(f"{step_dirname(s)}/{STATE_NAME}: top level must be a JSON object")
             if any(f.path == HF_INDEX_NAME for f in manifest.files):
                 _check_index(chunks0.json(HF_INDEX_NAME), manifest, f"{step_dirname(s)}/{HF_INDEX_NAME}")
             found = (manifest.to_bytes(), shared)
+            fetched_by_find = chunks0.bytes_fetched
         except (ResilientTrainError, OSError) as exc:
             err = exc
     found = coord.broadcast(found if err is None else redact(f"{type(err).__name__}: {err}"))
@@ -852,7 +857,6 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         raise CheckpointError(f"rank 0 could not find the checkpoint: {found}")
     manifest = Manifest.from_bytes(found[0])
     shared = found[1]
-    folder = step_dirname(manifest.step)
     chunks = _Chunks(sources, manifest, pool)
 
     # 2. validate and 3. parse: nothing live changes before both passed on every rank.
@@ -868,6 +872,9 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
             # with their headers, within the budget; the others header first, then the ranges.
             whole = _wholly_needed(manifest, plan.targets)
             whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
+            rank_file = _rank_state_name(manifest, coord) if state.rng else None
+            if rank_file is not None and any(f.path == rank_file for f in manifest.files):
+                whole.add(rank_file)
             if whole and whole_bytes <= budget:
                 chunks.prefetch([(f, i) for f in sorted(whole) for i in range(len(chunks.ranges(f)))])
             headers = dict(zip(files, pool.map(chunks.header, files)))
@@ -953,12 +960,16 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     coord.barrier()
     seconds = time.perf_counter() - t0
     log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
-    return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched)
+    return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched + fetched_by_find)
+
+
+def _rank_state_name(manifest: Manifest, coord: Coordinator) -> str:
+    """The rank-state file this rank restores: its own, or ``rank % saved world size``."""
+    return rank_state_filename(coord.rank if coord.rank < manifest.world_size else coord.rank % manifest.world_size)
 
 
 def _read_rank_state(chunks: _Chunks, manifest: Manifest, coord: Coordinator) -> Any:
-    saved_rank = coord.rank if coord.rank < manifest.world_size else coord.rank % manifest.world_size
-    name = rank_state_filename(saved_rank)
+    name = _rank_state_name(manifest, coord)
     if not any(f.path == name for f in manifest.files):
         raise ManifestError(f"{step_dirname(manifest.step)}/{MANIFEST_NAME} lists no {name} (world size {manifest.world_size}): rank {coord.rank}'s RNG state cannot be restored")
     if manifest.world_size != coord.world_size:
