@@ -114,9 +114,11 @@ def arm_fault(trainer: rt.Trainer, round_: int, group: str, kind: str, stop_s: f
     and every worker); ``stop``: SIGSTOP this worker for ``stop_s`` seconds, then SIGCONT."""
     cross = trainer.cross
     inner = cross._collective
+    fired: list[str] = []
 
     def collective(op: str, buf: torch.Tensor):
-        if trainer.sync.rounds == round_ and op == "allgather":
+        if trainer.sync.rounds == round_ and not fired:  # the round's exchange: all-gather (codecs) or all-reduce ("none")
+            fired.append(op)
             trainer.events.emit("fault", kind=kind, step=trainer.step_count, member=group)
             if kind == "kill":
                 kill_torchrun_job()

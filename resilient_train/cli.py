@@ -256,7 +256,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # the newest committed step, signed or not: an unsigned newest one must fail here
     step = _resolve_step(store, step)
     log.info("verifying %s/%s: re-reading every file and its SHA-256", store.uri, step_dirname(step))
-    report = audit_checkpoint(store, step, verify_keys=keys)
+    report = audit_checkpoint(store, step, verify_keys=keys, progress=not args.no_progress)
     where = f"{store.uri}/{step_dirname(step)}"
     if report.problems:
         files = sorted({f for f, _ in report.problems})

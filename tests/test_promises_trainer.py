@@ -28,7 +28,7 @@ def _run(ckpt: str, steps: int, init_seed: int):
         model(_batch(trainer.step_count)).pow(2).sum().backward()
         trainer.step()
         opt.zero_grad()
-    trainer.close()
+    trainer.close(save=False)  # resume from the periodic checkpoint of step 10
     return trainer, model, at_start
 
 

@@ -139,7 +139,8 @@ def test_cli_verify_names_the_file_at_fault(tmp_path, capsys):
     mfile4.write_bytes(json.dumps(m, sort_keys=True, indent=1).encode() + b"\n")
     assert cli(["ckpt", "verify", url4]) == 1
     err = capsys.readouterr().err
-    lines = [ln.strip() for ln in err.splitlines()[1:]]
+    out = err.splitlines()
+    lines = [ln.strip() for ln in out[[i for i, ln in enumerate(out) if ln.startswith("FAILED")][0] + 1:]]  # after the INFO line
     assert lines and all(ln.startswith("manifest.json:") for ln in lines), err
     # A flipped byte in a data file: that file is blamed, not the manifest.
     shard = sorted((root / step_dirname(5)).glob("model-*.safetensors"))[0]

@@ -190,21 +190,27 @@ def test_copy_longer_than_collective_timeout_fails_no_rank(tmp_path, servers):
 
 
 @pytest.mark.parametrize("limit", ["max_uncommitted_steps", "max_checkpoint_failures"])
-def test_limit_stops_the_run_when_storage_is_down_for_good(tmp_path, limit):
+def test_limit_stops_the_run_when_storage_is_down_for_good(tmp_path, limit, servers):
     import json
 
     import resilient_train as rt
     from resilient_train.errors import CheckpointPolicyError
     from resilient_train.storage.providers import Placement, Provider, ReplicationPolicy
-    from resilient_train.testing.servers import free_port
 
-    dead = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k-id-dead", "secret": "s-dead-secret"}
-    pl = Placement([Provider("dead-s3", "s3://nowhere/run", "eu-west-1", storage_options=dead, retry=SHORT)], ReplicationPolicy(copies=1))
+    srv = _s3(servers)
+    proxy = FaultProxy(srv.port).start()
+    # the store answers at start (an unreachable store at resume is an error, never "no
+    # checkpoint"), then goes down for good before the first save
+    dead = dict(srv.storage_options, endpoint_url=proxy.endpoint)
+    pl = Placement([Provider("dead-s3", srv.uri("nowhere", f"run-{time.time_ns()}"), "eu-west-1", storage_options=dead, retry=SHORT)], ReplicationPolicy(copies=1))
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     kw = {"max_uncommitted_steps": 5} if limit == "max_uncommitted_steps" else {"max_checkpoint_failures": 3}
+    if not srv.filesystem().exists("nowhere"):
+        srv.create_bucket("nowhere")
     trainer = rt.wrap(model, opt, checkpoint=pl, every_n_steps=2, event_log=str(tmp_path / "ev.jsonl"), **kw)
+    proxy.down()
     with pytest.raises(CheckpointPolicyError) as ei:
         while trainer.step_count < 40:
             model(torch.randn(3, 4)).sum().backward()
@@ -218,4 +224,5 @@ def test_limit_stops_the_run_when_storage_is_down_for_good(tmp_path, limit):
     assert trainer.step_count == (6 if limit == "max_uncommitted_steps" else 8), trainer.step_count
     kinds = [json.loads(line)["event"] for line in open(tmp_path / "ev.jsonl")]
     assert kinds.count("checkpoint_failed") >= 2
-    trainer.close()
+    trainer.close(save=False)
+    proxy.stop()

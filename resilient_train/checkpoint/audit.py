@@ -139,7 +139,7 @@ def _tensor_refs(tree: Any, out: set[str], depth: int = 0) -> None:
             _tensor_refs(v, out, depth + 1)
 
 
-def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[str, Any] | None = None, verify_keys: Any = None, io_threads: int | None = None) -> AuditReport:
+def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[str, Any] | None = None, verify_keys: Any = None, io_threads: int | None = None, progress: bool = False) -> AuditReport:
     """Check checkpoint ``step`` completely (see module doc). Raises CheckpointNotFoundError if
     it has no manifest; everything else is reported as problems naming the file at fault."""
     from .reader import verify_checkpoint
@@ -170,7 +170,7 @@ def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[
     for p in manifest_problems(manifest):
         report.problems.append((MANIFEST_NAME, p))
 
-    _, file_problems = verify_checkpoint(store, step, io_threads=io_threads)
+    _, file_problems = verify_checkpoint(store, step, io_threads=io_threads, progress=progress)
     intact = set()
     for rec in manifest.files:
         mine = [p for p in file_problems if p.startswith(rec.path + ":")]

@@ -59,6 +59,7 @@ from ..format.jsontree import MAX_JSON_BYTES, decode, loads_strict
 from ..format.manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest, TensorRecord
 from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, parse_step_dirname, rank_state_filename, step_dirname
 from ..format.safetensors_io import ST_TO_DTYPE, TensorSlot, parse_header
+from ..progress import LOG_MIN_BYTES, Progress
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
 from .discovery import committed_steps, find_latest, latest_step
@@ -168,6 +169,7 @@ class _Chunks:
         self.pool = pool
         self.cache: dict[tuple[str, int], Any] = {}  # bytes, or memoryviews into one ranged read
         self.bytes_fetched = 0
+        self.on_bytes: Callable[[int], None] | None = None  # progress: bytes fetched and hashed
         self.served: dict[str, dict[int, int]] = {}
         self._ranges: dict[str, list[tuple[int, int, str]]] = {}
         self._lock = threading.Lock()
@@ -205,6 +207,8 @@ class _Chunks:
                 continue
             with self._lock:
                 self.bytes_fetched += len(data)
+            if self.on_bytes is not None:
+                self.on_bytes(len(data))
             if len(data) != end - start:
                 kinds.append(TruncatedFileError)
                 how = "longer" if len(data) > end - start else "shorter"
@@ -263,6 +267,8 @@ class _Chunks:
             data = self.sources[0].read_bytes(f"{self.folder}/{file}", start, end + 1 if last else end)
             with self._lock:
                 self.bytes_fetched += len(data)
+            if self.on_bytes is not None:
+                self.on_bytes(len(data))
         except (StorageError, OSError):
             data = None  # get() below records why, per chunk and per replica
         mv = memoryview(data) if data is not None else None
@@ -429,7 +435,7 @@ def _manifest_problems(manifest: Manifest) -> list[str]:
     return out
 
 
-def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None, verify_keys: Any = None) -> tuple[Manifest, list[str]]:
+def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int | None = None, verify_keys: Any = None, progress: bool = False) -> tuple[Manifest, list[str]]:
     """Re-hash every byte of a checkpoint and check it against the manifest: every chunk's
     SHA-256, every safetensors header against the tensors the manifest places there, every JSON
     file parsed strictly, and the manifest's own completeness. Returns ``(manifest, problems)``;
@@ -445,8 +451,10 @@ def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Map
     problems: list[str] = _manifest_problems(manifest)
     threads = io_threads or DEFAULT_IO_THREADS
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-verify") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-verify") as pool, \
+            Progress(manifest.total_bytes, f"verify {step_dirname(step)}", bar=progress, min_bytes=0 if progress else LOG_MIN_BYTES) as bar:
         chunks = _Chunks([store], manifest, pool)
+        chunks.on_bytes = bar
 
         def one(rec: FileRecord) -> str | None:
             try:
@@ -858,6 +866,8 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     manifest = Manifest.from_bytes(found[0])
     shared = found[1]
     chunks = _Chunks(sources, manifest, pool)
+    progress = Progress(manifest.total_bytes, f"load {step_dirname(manifest.step)}", min_bytes=LOG_MIN_BYTES)
+    chunks.on_bytes = progress
 
     # 2. validate and 3. parse: nothing live changes before both passed on every rank.
     err = None
@@ -960,6 +970,7 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     coord.barrier()
     seconds = time.perf_counter() - t0
     log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
+    progress.close()
     return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched + fetched_by_find)
 
 
