@@ -1,6 +1,6 @@
 """Recovery after losing one of three providers: torchrun restart + DCP vs torchft vs resilient-train.
 
-    python benchmarks/bench_recovery.py --sizes 2m 20m --reps 2
+    python benchmarks/bench_recovery.py --sizes 2m 20m --reps 2 --large-reps 1
 
 Three replica groups ("providers") a, b, c with one process each, gloo on 127.0.0.1, the same
 MLP (AdamW inner optimizer) for two state sizes. Provider b is SIGKILLed at step 70 while the
@@ -273,6 +273,7 @@ def worker_rt(a: argparse.Namespace, log: Log) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = _model(a.width)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    log("model_built")
     trainer = rt.wrap(model, opt, rt.TrainerConfig(
         checkpoint=os.path.join(a.ckpt, a.group), every_n_steps=EVERY, keep_last=2, async_save=False,
         sync=rt.SyncConfig(mode="diloco", sync_every=H, codec="none"), group=a.group, membership=a.membership,
@@ -326,6 +327,7 @@ def worker_main(argv: list[str]) -> int:
         import resilient_train  # noqa: F401
     else:
         import torchft.local_sgd  # noqa: F401
+    torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())  # its first construction imports torch._dynamo: ~4 s here
     log = Log(os.path.join(a.out, f"w-{a.group}-{a.launch}.jsonl"))
     log("up", group=a.group, launch=a.launch, pid=os.getpid())  # imports done: what no library can save a restarted process
     {"torchrun": worker_torchrun, "torchft-ddp": worker_torchft_ddp, "torchft-diloco": worker_torchft_diloco, "rt": worker_rt}[a.method](a, log)
@@ -364,7 +366,19 @@ def read_rt_events(out: str) -> list[dict]:
     return sorted(evs, key=lambda e: e["t"])
 
 
-def run_one(method: str, width: int, out: str, torchft_hb_ms: int, rt_hb_s: float, timeout_s: float) -> dict:
+def back_in(method: str, e: dict) -> bool:
+    """A step of the relaunched b that counts as "back in the job": rt: any step (rt.wrap returns
+    once b is admitted with the live state); torchft: a committed step in a quorum of all three
+    (a torchft replica may commit steps in a quorum of its own or while healing again);
+    torchft-diloco: a committed round in a quorum of all three."""
+    if e["ev"] != "step" or e["g"] != "b" or e["launch"] != 1 or not e["c"]:
+        return False
+    if method == "rt":
+        return True
+    return (e.get("n") or 0) >= 3 and (method != "torchft-diloco" or bool(e.get("sync")))
+
+
+def run_one(method: str, width: int, out: str, torchft_hb_ms: int, rt_hb_s: float, timeout_s: float, rejoin_wait_s: float = 60.0) -> dict:
     os.makedirs(out, exist_ok=True)
     ckpt = os.path.join(out, "ckpt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -426,10 +440,14 @@ def run_one(method: str, width: int, out: str, torchft_hb_ms: int, rt_hb_s: floa
                         procs["b0"].wait(timeout=30)
                         time.sleep(1.0)  # the survivors train alone for a moment
                         relaunched_t = time.time()
+                        with open(os.path.join(out, "orchestrator.json"), "w") as f:
+                            json.dump({"relaunched_t": relaunched_t}, f)
                         launch("b1", wcmd("b", 1, False))
                         phase = "rejoin"
             if phase == "rejoin":
-                back = [e for e in evs if e["ev"] == "step" and e["g"] == "b" and e["launch"] == 1 and e["c"] and (method != "torchft-diloco" or e.get("sync"))]
+                back = [e for e in evs if back_in(method, e)]
+                if not back and time.time() - relaunched_t > rejoin_wait_s:
+                    back = [{"t": time.time()}]  # not back in: analyse() reports it
                 if back:
                     phase = "done_wait"
                     t_back = back[0]["t"]
@@ -517,15 +535,22 @@ def analyse(method: str, out: str, relaunched_t: float | None, wall_s: float) ->
     bups = [e for e in evs if e["g"] == "b" and e["launch"] == 1]
     up = next(e for e in bups if e["ev"] == "up")
     res["process_up_s"] = round(up["t"] - relaunched_t, 3)
-    back = [e for e in bups if e["ev"] == "step" and e["c"] and (method != "torchft-diloco" or e.get("sync"))]
+    back = [e for e in bups if back_in(method, e)]
     res["rejoin_s"] = round(back[0]["t"] - relaunched_t, 3) if back else None
+    if not back:
+        last = max(e["t"] for e in evs)
+        res["rejoin_note"] = f"b was not in a quorum of all three within {last - relaunched_t:.0f} s of its relaunch (run stopped then)"
+    if method.startswith("torchft"):
+        res["joiner_heals"] = sum(1 for e in bups if e["ev"] == "healed")
+        res["joiner_quorum_sizes"] = sorted({e.get("n") for e in bups if e["ev"] == "step" and e.get("n")})
     healed = [e for e in bups if e["ev"] == "healed"]
     if method.startswith("torchft"):
         res["bytes_moved"] = sum(e["bytes"] for e in healed)
-        res["bytes_note"] = "tensor bytes of the state the joiner received from a live peer (torchft HTTP transport)"
+        res["bytes_note"] = "tensor bytes of every state the joiner received from a live peer (torchft HTTP transport), all heals summed"
         if method == "torchft-diloco":
             first_b = [e for e in bups if e["ev"] == "step"]
-            res["joiner_inner_steps_before_first_round"] = sum(1 for e in first_b if e["t"] <= back[0]["t"]) if back else None
+            first_round = next((e for e in first_b if e.get("sync")), None)
+            res["joiner_inner_steps_before_first_round"] = sum(1 for e in first_b if e["t"] <= first_round["t"]) if first_round else None
         else:
             res["joiner_uncommitted_steps"] = sum(1 for e in bups if e["ev"] == "step" and not e["c"])
         return res
@@ -547,6 +572,81 @@ def analyse(method: str, out: str, relaunched_t: float | None, wall_s: float) ->
     return res
 
 
+SUMMARY_KEYS = ("fault_to_resumed_s", "sync_step_s", "steps_lost", "steps_redone", "rejoin_s", "process_up_s", "joined_s", "bytes_moved", "roll_call_s")
+
+
+def summarise(runs: dict) -> dict:
+    summary: dict[str, dict[str, dict]] = {}
+    for size, methods in runs.items():
+        summary[size] = {}
+        for method, rs in methods.items():
+            ok = [r for r in rs if "error" not in r]
+            row: dict[str, Any] = {"runs_ok": len(ok), "runs_failed": len(rs) - len(ok)}
+            for k in SUMMARY_KEYS:
+                vals = [r[k] for r in ok if r.get(k) is not None]
+                if vals:
+                    row[k] = statistics.median(vals)
+                    row[k + "_all"] = vals
+                elif k == "rejoin_s" and ok:
+                    row[k] = None
+            summary[size][method] = row
+    return summary
+
+
+def reanalyse(root: str, name: str) -> int:
+    """Recompute the per-run results from kept run folders (relaunch time from orchestrator.json,
+    or, for folders of older runs, from the stored process_up_s)."""
+    from common import RESULTS
+
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path) as f:
+        res = json.load(f)
+    for size, methods in res["runs"].items():
+        for method, rs in methods.items():
+            for rep, r in enumerate(rs):
+                out = os.path.join(root, f"{size}-{method}-{rep}")
+                if "error" in r or not os.path.isdir(out):
+                    continue
+                rel = None
+                if os.path.exists(os.path.join(out, "orchestrator.json")):
+                    with open(os.path.join(out, "orchestrator.json")) as f:
+                        rel = json.load(f)["relaunched_t"]
+                elif method != "torchrun":
+                    up = next(e for e in read_logs(out) if e["ev"] == "up" and e["g"] == "b" and e["launch"] == 1)
+                    rel = up["t"] - r["process_up_s"]
+                new = analyse(method, out, rel, r["wall_s"])
+                new["loadavg_before"] = r.get("loadavg_before")
+                rs[rep] = new
+    res["summary"] = summarise(res["runs"])
+    res["reanalysed_unix_s"] = int(time.time())
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1, sort_keys=True)
+    print(markdown_table(res["summary"], res["setup"]["params"]))
+    print(f"wrote {path}")
+    return 0
+
+
+def markdown_table(summary: dict, params: dict) -> str:
+    """The README table: medians per size and method."""
+    def fmt(v: Any, unit: str = "") -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:g}{unit}" if v.is_integer() else f"{v:.2f}{unit}"
+        return f"{v}{unit}"
+
+    rows = ["| state | method | fault -> survivors train again (s) | normal sync step (s) | steps lost / redone | relaunch -> back in (s) | of which process start + imports (s) | bytes moved | runs |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for size in sorted(summary, key=lambda k: params[k]):
+        for method in [m for m in METHODS if m in summary[size]]:
+            r = summary[size][method]
+            mb = r.get("bytes_moved")
+            rows.append(f"| {params[size] / 1e6:.1f}M params | {method} | {fmt(r.get('fault_to_resumed_s'))} | {fmt(r.get('sync_step_s'))} | "
+                        f"{fmt(r.get('steps_lost'))} / {fmt(r.get('steps_redone'))} | {fmt(r.get('rejoin_s')) if r.get('rejoin_s') is not None or 'rejoin_s' not in r else 'not back in'} | {fmt(r.get('process_up_s'))} | "
+                        f"{fmt(mb / 1e6 if mb is not None else None, ' MB')} | {r['runs_ok']} ok, {r['runs_failed']} failed |")
+    return "\n".join(rows)
+
+
 def machine_load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -559,13 +659,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--large-reps", type=int, default=1, help="repetitions of the largest size (at most --reps; it is the slow one)")
     p.add_argument("--torchft-heartbeat-ms", type=int, default=500, help="lighthouse heartbeat timeout (torchft default 5000)")
     p.add_argument("--rt-heartbeat-s", type=float, default=10.0, help="rt heartbeat_timeout_s (kept at its default to show recovery does not depend on it)")
     p.add_argument("--netns", choices=["auto", "yes", "no"], default="auto", help="run inside `unshare -n` with only loopback up")
     p.add_argument("--timeout", type=float, default=600.0, help="per run")
     p.add_argument("--keep", help="keep the run folders here")
     p.add_argument("--result", default="recovery")
+    p.add_argument("--reanalyse", metavar="ROOT", help="recompute results/<--result>.json from the run folders kept with --keep ROOT")
+    p.add_argument("--table", metavar="JSON", help="only print the markdown table of a results file")
     args = p.parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args.reanalyse, args.result)
+    if args.table:
+        with open(args.table) as f:
+            res = json.load(f)
+        print(markdown_table(res["summary"], res["setup"]["params"]))
+        return 0
     if args.netns != "no" and not os.environ.get("RT_BENCH_IN_NETNS") and (args.netns == "yes" or os.geteuid() == 0):
         if shutil.which("unshare") and shutil.which("ip"):
             env = dict(os.environ, RT_BENCH_IN_NETNS="1")
@@ -585,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for rep in range(args.reps):
         for size in args.sizes:
+            if size == args.sizes[-1] and len(args.sizes) > 1 and rep >= args.large_reps:
+                continue
             for method in args.methods:  # interleaved: A B C D A B C D
                 out = os.path.join(root, f"{size}-{method}-{rep}")
                 load = machine_load()
@@ -597,19 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.time() - t0:6.0f} s] rep {rep} {size} {method}: {json.dumps(r, sort_keys=True)}", flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
-    keys = ("fault_to_resumed_s", "sync_step_s", "steps_lost", "steps_redone", "rejoin_s", "process_up_s", "joined_s", "bytes_moved", "roll_call_s")
-    summary: dict[str, dict[str, dict]] = {}
-    for size in args.sizes:
-        summary[size] = {}
-        for method in args.methods:
-            ok = [r for r in runs[size][method] if "error" not in r]
-            row: dict[str, Any] = {"runs_ok": len(ok), "runs_failed": len(runs[size][method]) - len(ok)}
-            for k in keys:
-                vals = [r[k] for r in ok if r.get(k) is not None]
-                if vals:
-                    row[k] = statistics.median(vals)
-                    row[k + "_all"] = vals
-            summary[size][method] = row
+    summary = summarise(runs)
     import torch
 
     params = {s: sum(p.numel() for p in _model(SIZES[s]).parameters()) for s in args.sizes}
@@ -620,10 +720,11 @@ def main(argv: list[str] | None = None) -> int:
                   "fault": f"group b SIGKILLed during step index {FAULT_STEP - 1} while the others are inside that step's exchange",
                   "diloco_sync_every": H, "checkpoint_every": EVERY, "torchft_heartbeat_timeout_ms": args.torchft_heartbeat_ms,
                   "rt_heartbeat_timeout_s": args.rt_heartbeat_s, "netns": bool(os.environ.get("RT_BENCH_IN_NETNS")),
-                  "params": params, "state_bytes_fp32_with_adamw": {s: 3 * 4 * n for s, n in params.items()}, "reps": args.reps,
+                  "params": params, "state_bytes_fp32_with_adamw": {s: 3 * 4 * n for s, n in params.items()}, "reps": args.reps, "large_reps": args.large_reps,
                   "torchft_version": _version("torchft"), "torch": torch.__version__},
         "summary": summary, "runs": runs, "total_wall_s": round(time.time() - t0, 1)})
     print(json.dumps(summary, indent=1, sort_keys=True))
+    print(markdown_table(summary, params))
     print(f"wrote {path}")
     return 0
 
