@@ -666,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="per run")
     p.add_argument("--keep", help="keep the run folders here")
     p.add_argument("--result", default="recovery")
+    p.add_argument("--append", action="store_true", help="add these runs to the existing results/<--result>.json (same setup) and summarise all")
     p.add_argument("--reanalyse", metavar="ROOT", help="recompute results/<--result>.json from the run folders kept with --keep ROOT")
     p.add_argument("--table", metavar="JSON", help="only print the markdown table of a results file")
     args = p.parse_args(argv)
@@ -709,10 +710,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.time() - t0:6.0f} s] rep {rep} {size} {method}: {json.dumps(r, sort_keys=True)}", flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
+    reps_done = {s: args.reps if (s != args.sizes[-1] or len(args.sizes) == 1) else min(args.reps, args.large_reps) for s in args.sizes}
+    if args.append:
+        from common import RESULTS
+
+        with open(os.path.join(RESULTS, f"{args.result}.json")) as f:
+            old = json.load(f)
+        for size, methods in old["runs"].items():
+            for method, rs in methods.items():
+                runs.setdefault(size, {}).setdefault(method, [])[:0] = rs
+        for size, n in old["setup"].get("reps_by_size", {}).items():
+            reps_done[size] = reps_done.get(size, 0) + n
     summary = summarise(runs)
     import torch
 
-    params = {s: sum(p.numel() for p in _model(SIZES[s]).parameters()) for s in args.sizes}
+    params = {s: sum(p.numel() for p in _model(SIZES[s]).parameters()) for s in runs}
     from common import write_result
 
     path = write_result(args.result, {
@@ -720,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                   "fault": f"group b SIGKILLed during step index {FAULT_STEP - 1} while the others are inside that step's exchange",
                   "diloco_sync_every": H, "checkpoint_every": EVERY, "torchft_heartbeat_timeout_ms": args.torchft_heartbeat_ms,
                   "rt_heartbeat_timeout_s": args.rt_heartbeat_s, "netns": bool(os.environ.get("RT_BENCH_IN_NETNS")),
-                  "params": params, "state_bytes_fp32_with_adamw": {s: 3 * 4 * n for s, n in params.items()}, "reps": args.reps, "large_reps": args.large_reps,
+                  "params": params, "state_bytes_fp32_with_adamw": {s: 3 * 4 * n for s, n in params.items()}, "reps_by_size": reps_done,
                   "torchft_version": _version("torchft"), "torch": torch.__version__},
         "summary": summary, "runs": runs, "total_wall_s": round(time.time() - t0, 1)})
     print(json.dumps(summary, indent=1, sort_keys=True))
