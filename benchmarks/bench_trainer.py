@@ -2,10 +2,14 @@
 
     python benchmarks/bench_trainer.py --ranks 1 2 --steps 300 --every 100
 
-For each world size (real gloo ranks, one process each): plain loop (DDP when ranks > 1) vs
-the wrapped loop (``rt.wrap``: DDP inside, async checkpoints every --every steps to a local
-folder). Reports the median step time between checkpoints, the mean step time including
-checkpoints, and the overhead ratios. Results: benchmarks/results/trainer_overhead.json.
+For each world size (real gloo ranks, one process each), interleaved per repetition: plain loop
+(DDP when ranks > 1) vs the wrapped loop (``rt.wrap``: DDP inside, async checkpoints every --every
+steps to a local folder) vs the provider-group loop (``rt.wrap(..., group="a",
+membership="tcp://...")``: the same ranks as one provider's group, DiLoCo every --sync-every
+steps through a membership TCPStore hosted by this process; one provider, so the outer round
+has no peer to wait for). Reports the median step time between checkpoints, the mean step time
+including checkpoints (and the rounds), and the overhead ratios. Results:
+benchmarks/results/trainer_overhead.json.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def _model(width: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(256, width), torch.nn.GELU(), torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 256))
 
 
-def _loop(rank, world, mode, steps, every, width, root):
+def _loop(rank, world, mode, steps, every, width, root, membership=None, sync_every=10):
     import torch.distributed as dist
 
     import resilient_train as rt
@@ -44,8 +48,14 @@ def _loop(rank, world, mode, steps, every, width, root):
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         step_fn = opt.step
         trainer = None
-    else:
+    elif mode == "wrapped":
         trainer = rt.wrap(model, opt, checkpoint=os.path.join(root, f"ck-{world}"), every_n_steps=every, keep_last=1)
+        net = trainer.model
+        step_fn = trainer.step
+    else:
+        trainer = rt.wrap(model, opt, rt.TrainerConfig(
+            checkpoint=os.path.join(root, f"ckg-{world}-{membership.rsplit(':', 1)[1]}"), every_n_steps=every, keep_last=1,
+            group="a", membership=membership, sync=rt.SyncConfig(mode="diloco", sync_every=sync_every), start_groups=1))
         net = trainer.model
         step_fn = trainer.step
     times = []
@@ -74,30 +84,46 @@ def main() -> int:
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["plain", "wrapped", "group"], choices=["plain", "wrapped", "group"])
+    p.add_argument("--sync-every", type=int, default=10, help="DiLoCo round length of the group mode")
     args = p.parse_args()
+    from resilient_train.membership.kvstore import TCPKVStore
     from resilient_train.testing.ranks import run_ranks
 
     rows = {}
     with tempfile.TemporaryDirectory() as root:
         for world in args.ranks:
-            res = {"plain": [], "wrapped": []}
+            res: dict[str, list[float]] = {}
             for _ in range(args.reps):
-                for mode in ("plain", "wrapped"):
-                    out = run_ranks(_loop, world, mode, args.steps, args.every, args.width, root, timeout_s=1800)
-                    res[mode].append(max(o["median_step_s"] for o in out))
-                    res[mode + "_mean"] = res.get(mode + "_mean", []) + [max(o["mean_step_s"] for o in out)]
-            plain, wrapped = statistics.median(res["plain"]), statistics.median(res["wrapped"])
-            pm, wm = statistics.median(res["plain_mean"]), statistics.median(res["wrapped_mean"])
-            rows[str(world)] = {
-                "plain_median_step_s": plain, "wrapped_median_step_s": wrapped,
-                "overhead_between_checkpoints": wrapped / plain - 1,
-                "plain_mean_step_s": pm, "wrapped_mean_step_s_incl_checkpoints": wm,
-                "overhead_incl_checkpoints": wm / pm - 1,
-                "raw": res,
-            }
-            print(f"ranks={world}: plain {plain * 1e3:.2f} ms/step, wrapped {wrapped * 1e3:.2f} ms/step -> overhead between checkpoints {100 * (wrapped / plain - 1):+.1f}%, incl. checkpoints every {args.every} {100 * (wm / pm - 1):+.1f}%")
+                for mode in args.modes:  # interleaved
+                    kv = TCPKVStore.host(0) if mode == "group" else None  # a fresh membership store per run
+                    url = f"tcp://127.0.0.1:{kv.port}" if kv is not None else None
+                    out = run_ranks(_loop, world, mode, args.steps, args.every, args.width, root, url, args.sync_every, timeout_s=1800)
+                    del kv
+                    res.setdefault(mode, []).append(max(o["median_step_s"] for o in out))
+                    res.setdefault(mode + "_mean", []).append(max(o["mean_step_s"] for o in out))
+            row: dict = {"raw": res}
+            for mode in args.modes:
+                row[f"{mode}_median_step_s"] = statistics.median(res[mode])
+                row[f"{mode}_mean_step_s"] = statistics.median(res[mode + "_mean"])
+            line = f"ranks={world}:"
+            if "plain" in args.modes:
+                plain, pm = row["plain_median_step_s"], row["plain_mean_step_s"]
+                line += f" plain {plain * 1e3:.2f} ms/step"
+                for mode in args.modes:
+                    if mode == "plain":
+                        continue
+                    key = "" if mode == "wrapped" else f"{mode}_"
+                    row[f"{key}overhead_between_checkpoints"] = row[f"{mode}_median_step_s"] / plain - 1
+                    row[f"{key}overhead_incl_checkpoints"] = row[f"{mode}_mean_step_s"] / pm - 1
+                    line += (f", {mode} {row[f'{mode}_median_step_s'] * 1e3:.2f} ms/step -> overhead between checkpoints "
+                             f"{100 * row[f'{key}overhead_between_checkpoints']:+.1f}%, incl. checkpoints every {args.every} "
+                             f"{100 * row[f'{key}overhead_incl_checkpoints']:+.1f}%")
+            rows[str(world)] = row
+            print(line, flush=True)
     params = sum(p.numel() for p in _model(args.width).parameters())
-    out = write_result("trainer_overhead", {"steps": args.steps, "every_n_steps": args.every, "params": params, "reps": args.reps, "results": rows})
+    out = write_result("trainer_overhead", {"steps": args.steps, "every_n_steps": args.every, "params": params, "reps": args.reps,
+                                            "modes": args.modes, "group_sync_every": args.sync_every, "results": rows})
     print(f"wrote {out}")
     return 0
 
