@@ -271,9 +271,12 @@ class Membership:
             return self._comm
 
     def report_failure(self, *, deadline_s: float, silent_after_s: float | None = None,
-                       exclude: tuple[str, ...] = (), poll_s: float = 0.02) -> View:
-        """A collective of the adopted (or latest) epoch failed: run the roll call and return
-        the next view. Called on the training thread of every member that saw the failure.
+                       exclude: tuple[str, ...] = (), poll_s: float = 0.02, view: View | None = None) -> View:
+        """A collective of ``view``'s epoch (default: the adopted one; pass the view whose group
+        could not be connected) failed: run the roll call and return the next view. Called on
+        the training thread of every member that saw the failure. Rolling an epoch that the
+        others never adopted would let a lone member publish a view of itself, so the epoch
+        is always the one the failed operation ran in.
 
         Each caller writes ``rollcall/<epoch>/<member>``. Members of the failed epoch that have
         not answered are waited for while their heartbeat still advances (a live member that
@@ -286,8 +289,8 @@ class Membership:
         published meanwhile by anyone else wins and is returned instead). Raises
         :class:`MembershipError` when fewer than ``min_members`` answered by the deadline."""
         silent_after = 3 * self.heartbeat_interval_s + 0.05 if silent_after_s is None else silent_after_s
-        with self._cond:
-            view = self._latest if self._latest.epoch > self._view.epoch else self._view
+        if view is None:  # the epoch whose collective failed: the adopted one
+            view = self._view
         e, kv, me = view.epoch, self._kv, self.member_id
         if me not in view.members:
             return view  # already dropped: nothing to vote on

@@ -263,20 +263,22 @@ class ProviderGroup:
         self._bcast(torch.stack(result))
         return result
 
-    def _recover(self, exc: BaseException, attempt: int) -> None:
-        """A cross-group collective failed (leader): roll call, adopt the next view."""
+    def _recover(self, exc: BaseException, attempt: int, failed: View | None = None) -> None:
+        """A cross-group collective (or connecting the group of ``failed``, default the adopted
+        view) failed (leader): roll call over that epoch, adopt the next view."""
         m = self.membership
         assert m is not None
         t0 = time.perf_counter()
-        failed = m.view
+        failed = failed or m.view
         self._emit("round_failed", epoch=failed.epoch, members=list(failed.members), attempt=attempt,
                    error=f"{type(exc).__name__}: {str(exc)[:300]}")
         log.warning("group %s: cross-group round failed in epoch %d (%s); roll call", self.name, failed.epoch, exc)
+        rolled = failed  # the epoch whose operation failed: its members answer the roll call
         while True:
-            unsynced = tuple(j for j in m.latest.joiners if self._synced_epoch < m.latest.epoch)
+            unsynced = tuple(j for j in rolled.joiners if self._synced_epoch < rolled.epoch)
             try:
                 view = m.report_failure(deadline_s=self.round_deadline_s, silent_after_s=self.silent_after_s,
-                                        exclude=unsynced)
+                                        exclude=unsynced, view=rolled)
             except MembershipError as again:
                 raise DroppedFromJobError(f"group {self.name}: no new view after a failed round: {again}") from exc
             if self.name not in view.members:
@@ -287,6 +289,7 @@ class ProviderGroup:
                 break
             except MembershipError as again:
                 log.warning("group %s: epoch %d could not connect (%s); roll call again", self.name, view.epoch, again)
+                rolled = m.latest  # the group that could not connect is the one to roll next
         seconds = time.perf_counter() - t0
         rec = {"epoch": view.epoch, "members": list(view.members), "dropped": sorted(set(failed.members) - set(view.members)),
                "seconds": round(seconds, 4), "step": self.state.step, "steps_redone": 0}
@@ -341,11 +344,12 @@ class ProviderGroup:
             m.wait_for_change(self.round_deadline_s)
             if self.name not in m.latest.members:
                 raise DroppedFromJobError(f"group {self.name} is not in epoch {m.latest.epoch} {list(m.latest.members)}")
+            target = m.latest
             try:
                 self._adopt()
                 res = self._sync_view()
             except (MembershipError, DistributedError) as exc:
-                self._recover(exc, 1)
+                self._recover(exc, 1, failed=target)
                 continue
             received = received or self.name in res.receivers
             self._emit("membership", epoch=m.view.epoch, members=list(m.view.members), joiners=list(m.view.joiners),
