@@ -250,3 +250,19 @@ def test_coordinator_loss_and_restart_under_the_same_id():
             m.close()
         if "c2" in locals():
             c2.close()
+
+
+def test_a_member_id_used_twice_by_live_processes_is_refused_but_a_restart_is_not():
+    from resilient_train.errors import ConfigError
+
+    kv = MemoryKVStore()
+    kw = dict(heartbeat_interval_s=0.05, timeout_s=1.0)
+    first = Membership(kv, "a", "fp", **kw).start()
+    try:
+        with pytest.raises(ConfigError, match="already used by a live process"):
+            Membership(kv, "a", "fp", **kw).start()
+    finally:
+        first.close()
+    # the first process is gone (its heartbeat is still): a restart under the same id is fine
+    again = Membership(kv, "a", "fp", **kw).start()
+    again.close()
