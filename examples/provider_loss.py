@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
     return summary
 
 
-def plot_timeline(out: str, png: str) -> None:
+def plot_timeline(out: str, png: str, summary: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,6 +218,10 @@ def plot_timeline(out: str, png: str) -> None:
             ax.axvline(x, color="black", lw=1, ls="-.", label=f"provider {e['provider']} relaunched")
         elif e["event"] == "joined" and e["t"] > t_fault and e["who"].endswith("rank0") and e.get("received_bytes"):
             ax.axvline(x, color="tab:orange", lw=1, ls="--", label=f"provider {e['group']} back in (state from {e['state_from']})")
+    if summary:
+        ax.text(0.01, 0.02, f"steps redone: {summary['steps_redone']}   survivors training again {summary['recovery_s_from_fault']:.2f} s after the kill   "
+                f"rejoin: {summary['rejoin_wait_s']} s after its process was up" if summary.get("rejoin") else f"steps redone: {summary['steps_redone']}",
+                transform=ax.transAxes, fontsize=8, va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "grey"})
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("resilient-train: three providers (2 ranks each, AdamW, DiLoCo int8), one lost mid-round and back")
     handles, labels = ax.get_legend_handles_labels()
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'SIGKILLed during' if args.fault == 'kill' else 'leaves before'} round {args.fault_round}; output in {args.out}", flush=True)
     summary = run(args, providers, lambda n: local_storage_down(storage, n), lambda n: local_storage_up(storage, n))
     try:
-        plot_timeline(args.out, os.path.join(args.out, "timeline.png"))
+        plot_timeline(args.out, os.path.join(args.out, "timeline.png"), summary)
         summary["timeline_png"] = os.path.join(args.out, "timeline.png")
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
