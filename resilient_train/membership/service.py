@@ -300,7 +300,8 @@ class Membership:
         while True:
             raw = kv.get(self._k(f"view/{e + 1}"), timeout=self.store_timeout)
             if raw is not None:
-                return self._adopt_published(raw)
+                self._adopt_published(raw)
+                return decode_view(raw)[0]  # the next view of *that* epoch, not a later one
             now = time.monotonic()
             answered = [m for m in view.members if m == me or kv.get(self._k(f"rollcall/{e}/{m}"), timeout=self.store_timeout) is not None]
             waiting = []

@@ -99,6 +99,7 @@ class ProviderGroup:
                                          collective_timeout_s=round_deadline_s)
         self._comm: Any = None
         self._synced_epoch = -1
+        self._same_members = 0
         self.bytes_sent = 0
         self.rank = 0
         self.world_size = 1
@@ -245,6 +246,7 @@ class ProviderGroup:
                 else:
                     result = comm.allgather(buf).wait(self.round_deadline)
                 self.bytes_sent += comm.bytes_sent - before
+                self._same_members = 0
                 break
             except DistributedError as exc:
                 self.bytes_sent += comm.bytes_sent - before
@@ -281,9 +283,20 @@ class ProviderGroup:
                                         exclude=unsynced, view=rolled)
             except MembershipError as again:
                 raise DroppedFromJobError(f"group {self.name}: no new view after a failed round: {again}") from exc
-            if self.name not in view.members:
+            if self.name not in view.members or (self.name in m.latest.joiners and m.latest.epoch > failed.epoch):
+                # dropped (and perhaps already re-admitted as a joiner): take the state afresh
                 raise DroppedFromJobError(f"group {self.name} was dropped from the job in epoch {view.epoch} "
                                           f"(missed the round deadline of {self.round_deadline_s:g} s)") from exc
+            if view.members == failed.members:
+                self._same_members += 1
+                if self._same_members >= 3:
+                    # everyone answered, yet the round keeps failing: the members are not in the
+                    # same operation (or cannot reach each other). Rejoin: sync_state realigns them.
+                    self._same_members = 0
+                    raise DroppedFromJobError(f"group {self.name}: the round failed {attempt} times among the same members "
+                                              f"{list(view.members)}; rejoining to realign") from exc
+            else:
+                self._same_members = 0
             try:
                 self._adopt()
                 break
