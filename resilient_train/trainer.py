@@ -241,6 +241,7 @@ class Trainer:
         self.events = EventLog(None)
         self._ckpt: AsyncCheckpointer | None = None
         self._ckpt_group: Any = None
+        self._owns_default_pg = False
         self._started = False
         self._commits_seen = 0
         self._in_flight_step: int | None = None
@@ -259,6 +260,7 @@ class Trainer:
         adapt.check_model_layout(self._user_ddp, cfg.replica_groups)
         script_pg = dist.is_initialized()
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
+        self._owns_default_pg = not script_pg and dist.is_initialized()
         if self.world_size % cfg.replica_groups:
             raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
         self.events = EventLog(cfg.event_log, self.rank, on_event=cfg.on_event, storage_options=cfg.storage_options)
@@ -543,6 +545,26 @@ class Trainer:
         if self.cross is not None:
             self.cross.close()
         self.events.emit("close", step=self.step_count)
+        self._release_groups()
+
+    def _release_groups(self) -> None:
+        """Destroy the process groups this trainer created (all of them, with the default one,
+        when wrap initialised it): left to interpreter exit, gloo's threads can be torn down
+        in the wrong order and abort the process ("terminate called without an active
+        exception": seen in about 1 run in 10 before this). A script's own group is left alone."""
+        if not dist.is_initialized():
+            return
+        try:
+            if getattr(self, "_owns_default_pg", False):
+                dist.destroy_process_group()
+            else:
+                for name in ("_ckpt_group", "_intra", "_cross"):
+                    pg = getattr(self, name, None)
+                    if pg is not None:
+                        dist.destroy_process_group(pg)
+                        setattr(self, name, None)
+        except Exception as exc:  # noqa: BLE001 - closing must not fail the script at its very end
+            log.warning("releasing the process groups failed: %s", exc)
 
     def __enter__(self) -> "Trainer":
         return self
