@@ -92,7 +92,7 @@ class Membership:
 
     def __init__(self, store: KVStore, member_id: str, fingerprint: str, *, heartbeat_interval_s: float = 1.0,
                  timeout_s: float = 10.0, min_members: int = 1, collective_timeout_s: float = 30.0,
-                 store_timeout_s: float = 5.0, prefix: str = "rt-membership"):
+                 store_timeout_s: float = 5.0, prefix: str = "rt-membership", first_view_after_s: float | None = None):
         if not isinstance(member_id, str) or not member_id or "/" in member_id:
             raise ConfigError(f"member_id must be a non-empty str without '/', got {member_id!r}")
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -113,6 +113,7 @@ class Membership:
         self.fingerprint = fingerprint
         self.heartbeat_interval_s = float(heartbeat_interval_s)
         self.timeout_s = float(timeout_s)
+        self.first_view_after_s = self.timeout_s if first_view_after_s is None else min(float(first_view_after_s), self.timeout_s)
         self.min_members = min_members
         self.collective_timeout = timedelta(seconds=collective_timeout_s)
         self.store_timeout = timedelta(seconds=store_timeout_s)
@@ -145,6 +146,7 @@ class Membership:
         self._view = View(0)
         self._comm: ProcessGroupCommunicator | None = None
         self._adopt_lock = threading.Lock()
+        self._rolling_epoch = -1
 
     # ------------------------------------------------------------------ lifetime
 
@@ -294,6 +296,8 @@ class Membership:
         e, kv, me = view.epoch, self._kv, self.member_id
         if me not in view.members:
             return view  # already dropped: nothing to vote on
+        with self._cond:
+            self._rolling_epoch = e
         kv.set(self._k(f"rollcall/{e}/{me}"), self._token.encode(), timeout=self.store_timeout)
         t0 = time.monotonic()
         seen: dict[str, tuple[Any, float]] = {}
@@ -344,6 +348,12 @@ class Membership:
     def flag(self, name: str) -> bool:
         return self._kv.get(self._k(f"flag/{name}"), timeout=self.store_timeout) is not None
 
+    def _in_roll_call(self, epoch: int) -> bool:
+        """This member's training thread is running the roll call of ``epoch`` (it publishes
+        the next view itself; the heartbeat coordinator must not race it)."""
+        with self._cond:
+            return self._rolling_epoch == epoch
+
     def _adopt_published(self, raw: bytes) -> View:
         """Record a view read on the training thread (as the background thread's scan does)."""
         view, reason = decode_view(raw)
@@ -391,9 +401,9 @@ class Membership:
         with self._cond:
             nobody_yet = not self._latest.members
         # Observe for timeout_s before deciding, so that members not heard yet are not taken
-        # for dead; before the first view there is nobody to drop: gather the members that
-        # start together for a second (or timeout_s if shorter), then admit them.
-        if now - self._observe_from >= (min(self.timeout_s, 1.0) if nobody_yet else self.timeout_s):
+        # for dead; before the first view there is nobody to drop, so first_view_after_s
+        # (default timeout_s) may be shorter: the members that start together are gathered.
+        if now - self._observe_from >= (self.first_view_after_s if nobody_yet else self.timeout_s):
             self._coordinate(now)
 
     def _beat(self) -> None:
@@ -483,9 +493,7 @@ class Membership:
                        timeout=self.store_timeout)
                 self._notified.add((mid, token))
                 log.warning("membership: refused %s: %s", mid, why)
-        if d.view is not latest and kv.get(self._k(f"rollcall/{latest.epoch}/{self.member_id}"),
-                                           timeout=self.store_timeout) is None:
-            # (a member running the roll call of this epoch publishes the next view itself)
+        if d.view is not latest and not self._in_roll_call(latest.epoch):
             kv.compare_set(self._k(f"view/{d.view.epoch}"), None, encode_view(d.view, d.reason),
                            timeout=self.store_timeout)
             self._scan_views()

@@ -96,7 +96,8 @@ class ProviderGroup:
         if self.leader:
             self.membership = Membership(store, name, fingerprint, heartbeat_interval_s=heartbeat_interval_s,
                                          timeout_s=heartbeat_timeout_s, min_members=min_groups,
-                                         collective_timeout_s=round_deadline_s)
+                                         collective_timeout_s=round_deadline_s,
+                                         first_view_after_s=min(heartbeat_timeout_s, 1.0))  # start_groups gathers the rest
         self._comm: Any = None
         self._synced_epoch = -1
         self._same_members = 0
