@@ -340,6 +340,7 @@ class Trainer:
             from .recovery.provider_group import DiLoCoGlobalState
 
             self.cross.state = DiLoCoGlobalState(self.sync, lambda: self.step_count, self._set_step)
+            self.cross.resume_points, self.cross.restart_at = self._resume_points, self._restart_at
 
     def _set_step(self, step: int) -> None:
         self.step_count = step
@@ -382,12 +383,13 @@ class Trainer:
             return [ck.store(n) for n in ck.decide().read_order]
         return [open_store(ck, self.config.storage_options)]
 
-    def _resume(self) -> None:
+    def _resume(self, at_most: int | None = None) -> None:
         """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
         a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event) and
         uncommitted, since training will save that step again; an
         unreachable provider is skipped while another answers; when none answers, StorageError.
-        With ``group=`` this is the group's own checkpoint folder."""
+        With ``group=`` this is the group's own checkpoint folder. ``at_most``: only steps up to
+        this one (a job-wide consistent restart, see :meth:`_restart_at`)."""
         ck = self._checkpoint()
         pg = self._ckpt_group
         keys = as_keyring(self.config.verify_keys)
@@ -408,7 +410,10 @@ class Trainer:
                     except (StorageError, OSError) as exc:
                         log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
 
-        result = load_newest_verifiable(lambda: steps_newest_first(self._sources()), load_step, process_group=pg, on_skip=skipped)
+        def candidates() -> list[int]:
+            return [s for s in steps_newest_first(self._sources()) if at_most is None or s <= at_most]
+
+        result = load_newest_verifiable(candidates, load_step, process_group=pg, on_skip=skipped)
         if result is None:
             self.events.emit("no_checkpoint")
             return
@@ -419,6 +424,35 @@ class Trainer:
             served[prov] = served.get(prov, 0) + 1
         self.events.emit("resume", step=result.step, seconds=round(time.perf_counter() - t0, 4), world_size=self.world_size, saved_world_size=result.manifest.world_size, files_by_provider=served)
         log.info("resumed from step %d (saved by %d ranks) on %d ranks", result.step, result.manifest.world_size, self.world_size)
+
+    def _resume_points(self) -> list[int]:
+        """This group's committed steps, newest first (the group leader, for a consistent restart)."""
+        try:
+            return steps_newest_first(self._sources()) if self.resumed_from is not None else []
+        except (StorageError, OSError) as exc:
+            log.warning("could not list this group's checkpoints for the restart agreement: %s", exc)
+            return [self.resumed_from] if self.resumed_from is not None else []
+
+    def _restart_at(self, step: int) -> int:
+        """Collective over this group's ranks: the groups of a job that restarts as a whole agreed
+        to resume from ``step`` (the newest step every group has committed), older than the one
+        this group loaded. Load it; retire this group's newer checkpoints (their global state is
+        from a future the other groups never reached, and training will save those steps again).
+        Returns the step loaded."""
+        newer = self.resumed_from
+        self._resume(at_most=step)
+        loaded = self.resumed_from if self.resumed_from is not None else 0
+        self.events.emit("restart_agreed", step=loaded, agreed=step, loaded_before=newer)
+        if self.rank == 0:
+            for store in self._sources():
+                try:
+                    later = [s for s in steps_newest_first([store]) if s > loaded]
+                    for s in later:
+                        uncommit(store, s, f"newer than step {loaded}, where the job restarted (the other groups had not committed step {s})")
+                except (StorageError, OSError) as exc:
+                    log.warning("could not retire checkpoints newer than step %d on %s: %s", loaded, store.name, exc)
+        log.warning("the job restarted from step %d, the newest step every group had committed (this group had loaded step %s)", loaded, newer)
+        return loaded
 
     def save(self) -> bool:
         """Checkpoint the current step now (collective). Returns False if skipped.

@@ -176,8 +176,10 @@ def test_rank_dying_inside_a_group_takes_the_group_out_and_torchrun_brings_it_ba
 
 def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
     """Every provider (2 ranks each, AdamW, DiLoCo int8) SIGKILLed between checkpoints, then
-    relaunched: each resumes from its own last checkpoint and the result equals the
-    uninterrupted run bit for bit."""
+    relaunched. The kill lands between the groups' commits of step 40 (made certain here by
+    removing b's step-40 manifest, as a kill just before b's commit leaves it): the groups agree
+    on the newest step all of them committed (20), a and c go back to it, and the result equals
+    the uninterrupted run bit for bit."""
     from resilient_train.membership.kvstore import TCPKVStore
 
     provider_loss.warm_codec_cache()
@@ -198,10 +200,21 @@ def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
         subprocess.run(["pkill", "-9", "-f", f"provider_train.py.*{run_dir}"], check=False)
     for p in procs.values():
         p.wait(timeout=30)
+    b40 = run_dir / "ck" / "group-b" / "step-0000000040"
+    for name in ("manifest.json", "manifest.sig"):
+        if (b40 / name).exists():
+            (b40 / name).unlink()
     kv3 = TCPKVStore.host(0)
     _wait_all({g: _launch(run_dir, kv3.port, g, ranks=2) for g in "abc"})
     resumed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "resume"]
-    assert resumed and resumed[-1]["step"] >= 40
+    assert [e["step"] for e in resumed] == [40, 20]  # a's own newest checkpoint, then the agreed one
+    agreed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "restart_point"]
+    loaded = agreed[-1]["loaded"] if agreed else {}
+    assert agreed and agreed[-1]["agreed"] == 20 and loaded["a"] == 40 and loaded["b"] == 20 and loaded["c"] in (20, 40), agreed
+    for g in "ac":  # every rank of a (and of c if it had committed 40) went back to step 20
+        for rank in (0, 1) if loaded[g] == 40 else ():
+            back = [e for e in _events(run_dir, f"{g}-rank{rank}") if e["event"] == "restart_agreed"]
+            assert back and back[-1]["step"] == 20 and back[-1]["loaded_before"] == 40, (g, rank)
     for g in "abc":
         assert _same(load_file(ref_dir / f"final-{g}.safetensors"), load_file(run_dir / f"final-{g}.safetensors")), f"group {g} differs"
     del kv

@@ -52,7 +52,10 @@ __all__ = ["ProviderGroup", "open_membership_store"]
 log = logging.getLogger(__name__)
 
 # control messages on the group's own gloo group (leader -> the group's other ranks)
-_OK, _DROPPED, _STATE = 0, 1, 2
+_OK, _DROPPED, _STATE, _RESTART_AT = 0, 1, 2, 3
+
+# how many of its newest committed steps each group offers when a job restarts as a whole
+_RESUME_POINTS = 64
 
 
 def open_membership_store(url: str, timeout_s: float) -> Any:
@@ -106,6 +109,11 @@ class ProviderGroup:
         self.world_size = 1
         self.recoveries: list[dict[str, Any]] = []
         self.rejoins = 0
+        # set by the trainer: this group's committed steps, newest first (leader), and a
+        # collective over the group's ranks that loads an older one (see _agree_restart_point)
+        self.resume_points: Callable[[], list[int]] | None = None
+        self.restart_at: Callable[[int], int] | None = None
+        self._fresh = True
 
     # ------------------------------------------------------------------ helpers
 
@@ -169,11 +177,17 @@ class ProviderGroup:
         if self.leader:
             t0 = time.perf_counter()
             res = self._leader_join()
+            self._bcast_code(_STATE)
             flat, meta = self._bcast_state(self.state.flat(), self.state.meta_bytes())
             self._emit("joined", epoch=self.view.epoch, members=list(self.view.members), step=self.state.step,
                        state_from=res.source if res is not None else None,
                        received_bytes=res.received_bytes if res is not None else 0, seconds=round(time.perf_counter() - t0, 4))
         else:
+            while True:
+                code, step = self._bcast_code(_OK)[:2]
+                if code != _RESTART_AT:
+                    break
+                self.restart_at(step)
             flat, meta = self._bcast_state(torch.empty(0), b"")
             self.state.apply(flat, meta)
         return self.state.step
@@ -195,13 +209,51 @@ class ProviderGroup:
                 continue
             try:
                 self._adopt()
+                if self._fresh and set(m.view.joiners) == set(m.view.members):
+                    self._agree_restart_point()
                 res = self._sync_view()
                 self._vote_loop()  # as the members do after the switch that admitted us
                 m.set_flag("started")
+                self._fresh = False  # a later join (after being dropped) keeps the live state
                 return res
             except (MembershipError, DistributedError) as exc:
                 log.info("group %s: joining epoch %d failed (%s); waiting for the next view", self.name, m.latest.epoch, exc)
                 m.wait_for_change(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def _agree_restart_point(self) -> None:
+        """The job (re)starts: every member of the first view is a joiner, so nobody holds a live
+        state. Each group resumed from its own newest checkpoint, but a job killed as a whole
+        stops between one group's commit of step S and another's: resuming each from its own
+        newest would mix the global state of step S with the inner state (Adam moments, data
+        position) of an older step. The leaders exchange the steps they have committed; the
+        groups with a checkpoint all go back to the newest step every one of them has, which
+        makes the restart equal to an uninterrupted run. A group without any checkpoint (new to
+        the job) takes the state from a peer as joiners do. Without a common step the newest
+        state serves everyone (warning + ``restart_inconsistent`` event)."""
+        if self.resume_points is None or self.restart_at is None:
+            return
+        # steps newer than the one loaded did not verify (skipped on resume): not offered
+        mine = [int(s) for s in self.resume_points() if s <= self.state.step][:_RESUME_POINTS]
+        buf = torch.full((_RESUME_POINTS + 2,), -1, dtype=torch.int64)
+        buf[0], buf[1] = self.state.step, len(mine)
+        if mine:
+            buf[2:2 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        rows = [r.tolist() for r in self._comm.allgather(buf).wait(self.round_deadline)]
+        offers = {self.view.members[i]: set(r[2:2 + r[1]]) for i, r in enumerate(rows) if r[1] > 0}
+        loaded = {self.view.members[i]: r[0] for i, r in enumerate(rows) if r[1] > 0}
+        if len(set(loaded.values())) <= 1:
+            return  # nothing to agree on: one or no group has a checkpoint, or all loaded the same step
+        common = set.intersection(*offers.values())
+        if not common:
+            log.warning("group %s: the groups' checkpoints have no step in common (%s): the newest state serves "
+                        "everyone; the groups behind keep their older inner optimizer state", self.name, loaded)
+            self._emit("restart_inconsistent", loaded=loaded)
+            return
+        agreed = max(common)
+        self._emit("restart_point", agreed=agreed, loaded=loaded)
+        if self.state.step != agreed:
+            self._bcast_code(_RESTART_AT, agreed)
+            self.restart_at(agreed)
 
     def _sync_view(self) -> Any:
         """sync_state over the adopted view (leader): joiners and lagging members receive."""
