@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-at-round", type=int, default=None, help="SIGSTOP this provider's leader inside round R (a straggler)")
     p.add_argument("--stop-seconds", type=float, default=10.0)
     p.add_argument("--kill-rank-at-step", type=int, default=None, help="SIGKILL this group's last rank at step S (first torchrun attempt only)")
+    p.add_argument("--stop-file", default=None, help="a file the launcher writes a step number into: train until that step instead of --steps "
+                                                      "(read at every round boundary, so every provider stops at the same step)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.step()
         if args.step_delay:
             time.sleep(args.step_delay)
+        if args.stop_file and trainer.step_count % H == 0 and os.path.exists(args.stop_file):
+            with open(args.stop_file) as f:
+                args.steps = int(f.read().strip() or args.steps)
         if trainer.step_count % H == 0 and trainer.rank == 0:
             trainer.events.emit("loss", member=args.group, step=trainer.step_count, train_loss=round(loss.item(), 5), val_loss=round(val_loss(model, val), 5))
     summary = trainer.summary()
