@@ -45,6 +45,7 @@ from resilient_train.checkpoint.replicate import copy_checkpoint  # noqa: E402
 from resilient_train.checkpoint.writer import SaveOptions  # noqa: E402
 from resilient_train.format import step_dirname  # noqa: E402
 from resilient_train.storage import open_store  # noqa: E402
+from resilient_train.testing.proxy import FaultProxy  # noqa: E402
 
 
 def make_state(size_mib: int, seed: int = 0) -> TrainState:
@@ -71,60 +72,6 @@ def timed(fn) -> float:
 def summary(times: list[float], nbytes: int) -> dict:
     m = statistics.median(times)
     return {"median_s": m, "mb_per_s": nbytes / 1e6 / m, "runs_s": times}
-
-
-class CountingProxy:
-    """A TCP proxy in front of a server that counts the bytes the server sends back."""
-
-    def __init__(self, target_port: int):
-        import socket
-        import threading
-
-        self.target = target_port
-        self.served = 0
-        self._lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, src, dst, count: bool) -> None:
-        import socket
-
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if count:
-                    with self._lock:
-                        self.served += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _proxied_options(kind: str, srv, port: int) -> dict:
@@ -164,13 +111,13 @@ def load_only(args) -> None:
                 rt_t.append(timed(lambda: load(store, fresh, 1)))
                 cat_t.append(timed(lambda: fs.cat(paths)))
             assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), fresh.model.parameters()))
-            proxy = CountingProxy(srv.port)
+            proxy = FaultProxy(srv.port).start()
             try:
                 counted = open_store(srv.uri("bench", "rt"), _proxied_options(k, srv, proxy.port), name=k)
                 res = load(counted, fresh, 1)
-                served = proxy.served
+                served = proxy.bytes_to_client
             finally:
-                proxy.close()
+                proxy.stop()
             results[k] = {
                 "rt load (hash what you use)": summary(rt_t, nbytes),
                 "plain concurrent fs.cat": summary(cat_t, nbytes),

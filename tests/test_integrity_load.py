@@ -14,10 +14,8 @@ import json
 import os
 import random
 import shutil
-import socket
 import struct
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ from resilient_train import errors
 from resilient_train.checkpoint import SaveOptions
 from resilient_train.checkpoint.reader import verify_checkpoint
 from resilient_train.storage import LocalStore
+from resilient_train.testing.proxy import FaultProxy
 
 from .helpers import make_run, train_steps
 
@@ -506,52 +505,6 @@ def test_bad_chunk_comes_from_the_next_replica(tmp_path):
 # ---------------------------------------------------------------- remote: one download per byte
 
 
-class _CountingProxy:
-    """A TCP proxy that counts the bytes the server sends back (real sockets, real server)."""
-
-    def __init__(self, target_port: int):
-        self.target = target_port
-        self.served = 0
-        self._lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, src, dst, count):
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if count:
-                    with self._lock:
-                        self.served += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_s3_load_downloads_each_byte_once(servers, make_store):
@@ -560,7 +513,7 @@ def test_s3_load_downloads_each_byte_once(servers, make_store):
     state = _state()
     state.extra["big"] = torch.randn(1024 * 1024)  # 4 MiB
     rt.save(store, state, 1, options=SaveOptions(hash_chunk_bytes=1024 * 1024))
-    proxy = _CountingProxy(srv.port)
+    proxy = FaultProxy(srv.port).start()
     try:
         from resilient_train.storage import open_store
 
@@ -569,10 +522,10 @@ def test_s3_load_downloads_each_byte_once(servers, make_store):
         fresh = _state(seed=3)
         res = rt.load(via_proxy, fresh, 1)
     finally:
-        proxy.close()
+        proxy.stop()
     data_bytes = res.manifest.total_bytes
     assert torch.equal(fresh.extra["big"], state.extra["big"])
     assert res.bytes_fetched <= data_bytes + len(res.manifest.files)  # +1 byte asked past each file end
     # everything the server sent: bodies (each byte once) + manifest + listings + HTTP headers
     overhead = len(res.manifest.to_bytes()) + 200 * 1024
-    assert data_bytes <= proxy.served <= data_bytes + overhead, (proxy.served, data_bytes)
+    assert data_bytes <= proxy.bytes_to_client <= data_bytes + overhead, (proxy.bytes_to_client, data_bytes)

@@ -21,6 +21,7 @@ import pytest
 
 from resilient_train.errors import ConfigError, MembershipStoreError
 from resilient_train.membership import EtcdKVStore, MemoryKVStore, TCPKVStore, open_kvstore
+from resilient_train.testing.proxy import FaultProxy
 from resilient_train.testing.servers import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -382,52 +383,6 @@ def test_membership_over_etcd_survives_an_etcd_member_loss_and_drops_a_killed_me
             etcd_cluster.restart(leader)
 
 
-class _GateProxy:
-    """127.0.0.1 TCP proxy to one port that holds every byte while ``open`` is clear (a stalled
-    link: connections stay up, nothing moves) and forwards them once it is set."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.open = threading.Event()
-        self.open.set()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                up = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
-                up.settimeout(None)
-            except OSError:
-                conn.close()
-                continue
-            for src, dst in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                self.open.wait()
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.slow
 def test_an_etcd_outage_longer_than_the_timeout_drops_nobody(etcd_cluster):
     """etcd loses its majority for longer than the membership timeout, then comes back; b's
@@ -435,7 +390,7 @@ def test_an_etcd_outage_longer_than_the_timeout_drops_nobody(etcd_cluster):
     lands 2 s after a's first look. a must not take b's silence during the outage, which a
     shared, for b's death (a re-observes for timeout_s once the store answers again)."""
     prefix = "rt-membership-" + uuid.uuid4().hex[:6]
-    gates = [_GateProxy(p) for p in etcd_cluster.client_ports]
+    gates = [FaultProxy(p).start() for p in etcd_cluster.client_ports]  # b's stalled links (hold)
     b_url = "etcd://" + ",".join(f"127.0.0.1:{g.port}" for g in gates)
     run = _Members(etcd_cluster.url, prefix, {"a": 1.0}, urls={"b": b_url})
     kv = EtcdKVStore(etcd_cluster.endpoints)
@@ -448,7 +403,7 @@ def test_an_etcd_outage_longer_than_the_timeout_drops_nobody(etcd_cluster):
         time.sleep(1.0)
         lost = [i for i in range(3) if i != etcd_cluster.leader()][:2]
         for g in gates:
-            g.open.clear()
+            g.hold()
         for i in lost:
             etcd_cluster.kill(i)
         time.sleep(TIMEOUT_S + 2.0)  # longer than a member's store timeout (5 s) plus a beat: every call fails
@@ -465,7 +420,7 @@ def test_an_etcd_outage_longer_than_the_timeout_drops_nobody(etcd_cluster):
                 assert time.monotonic() < back, "etcd did not regain a majority within 60 s"
         time.sleep(2.0)
         for g in gates:
-            g.open.set()
+            g.release()
         etcd_cluster.wait_healthy(lost)
         lost = []
         time.sleep(TIMEOUT_S + 2.0)
@@ -476,8 +431,8 @@ def test_an_etcd_outage_longer_than_the_timeout_drops_nobody(etcd_cluster):
     finally:
         run.kill_all()
         for g in gates:
-            g.open.set()
-            g.close()
+            g.release()
+            g.stop()
         for i in lost:
             etcd_cluster.restart(i, wait=False)
         if lost:

@@ -7,7 +7,12 @@ while it runs):
   upload through it takes ``size / bytes_per_s`` seconds like a slow WAN link;
 * ``delay_s``: extra latency before each forwarded chunk;
 * :meth:`down` / :meth:`up`: while down, new connections are refused (closed at once) and open
-  ones are cut, as when a provider's endpoint is unreachable.
+  ones are cut, as when a provider's endpoint is unreachable;
+* :meth:`hold` / :meth:`release`: while held, connections are accepted and stay up but no byte
+  moves (a stalled link); held bytes are forwarded on release.
+
+Counters: ``bytes_to_server`` and ``bytes_to_client`` (what the server sent back: the bytes a
+download really cost), ``bytes_forwarded`` (both).
 
 Point a client at ``proxy.endpoint`` instead of the server's. For tests and benchmarks.
 """
@@ -37,7 +42,11 @@ class FaultProxy:
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.bytes_forwarded = 0
+        self.bytes_to_server = 0
+        self.bytes_to_client = 0
 
     @property
     def endpoint(self) -> str:
@@ -60,6 +69,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stop.set()
+        self._flowing.set()
         self._cut_all()
         if self._sock is not None:
             self._sock.close()
@@ -71,6 +81,13 @@ class FaultProxy:
 
     def up(self) -> None:
         self._down.clear()
+
+    def hold(self) -> None:
+        """Stall the link: keep connections up, move no byte until :meth:`release`."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     def __enter__(self) -> "FaultProxy":
         return self.start()
@@ -107,16 +124,17 @@ class FaultProxy:
                 continue
             with self._lock:
                 self._conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), name="rt-proxy-pump", daemon=True).start()
+            for a, b, to_client in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, to_client), name="rt-proxy-pump", daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_client: bool) -> None:
         try:
             src.settimeout(None)
             while not self._stop.is_set():
                 data = src.recv(_CHUNK)
                 if not data:
                     break
+                self._flowing.wait()
                 if self._down.is_set():
                     break
                 if self.delay_s:
@@ -136,6 +154,10 @@ class FaultProxy:
                     dst.sendall(data)
                 with self._lock:
                     self.bytes_forwarded += len(data)
+                    if to_client:
+                        self.bytes_to_client += len(data)
+                    else:
+                        self.bytes_to_server += len(data)
         except OSError:
             pass
         finally:
