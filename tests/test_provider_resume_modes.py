@@ -64,12 +64,12 @@ def _run(tmp_path, tag, mode, codec, stop_at):
     return out
 
 
-# int8 is also covered with real processes in
-# tests/test_provider_loss.py::test_whole_job_killed_and_relaunched_resumes_bit_for_bit; int4
-# carries error-feedback residuals that must come back from the checkpoint exactly
-@pytest.mark.parametrize("mode,codec", [("diloco", "none"), ("diloco", "bf16"), ("diloco", "int4"), ("localsgd", "none")])
+# every codec the config accepts (int8 also with real processes, 2 ranks per provider, in
+# tests/test_provider_loss.py::test_whole_job_killed_and_relaunched_resumes_bit_for_bit); the
+# quantising codecs carry error-feedback residuals that must come back from the checkpoint exactly
+@pytest.mark.parametrize("mode,codec", [("diloco", "none"), ("diloco", "bf16"), ("diloco", "int8"), ("diloco", "int4"), ("diloco", "topk"), ("localsgd", "none")])
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path, mode, codec):
-    if codec == "int4":  # build the CPU kernel here, not in two provider threads at once
+    if codec in ("int8", "int4"):  # build the CPU kernel here, not in two provider threads at once
         from resilient_train.compression import _ext
 
         _ext.load_cpu(required=False)
