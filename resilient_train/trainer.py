@@ -462,7 +462,7 @@ class Trainer:
         if self._ckpt is None:
             cfg = self.config
             self._ckpt = AsyncCheckpointer(
-                self._target(), process_group=self._ckpt_group, options=SaveOptions(signing_key=cfg.signing_key), on_failure="continue", keep_last=cfg.keep_last,
+                self._target(), process_group=self._ckpt_group, options=SaveOptions(signing_key=cfg.signing_key), on_failure="continue", keep_last=cfg.keep_last, verify_keys=as_keyring(cfg.verify_keys),
                 max_uncommitted_steps=cfg.max_uncommitted_steps, max_checkpoint_failures=cfg.max_checkpoint_failures,
                 start_step=self.resumed_from or 0, ledger=self.ledger, on_event=self.events.emit, copy_timeout_s=cfg.timeout_s,
             )

@@ -250,3 +250,21 @@ def test_wrap_signs_and_resumes_only_from_signed_checkpoints(tmp_path):
     fb = [e for e in ev if e["event"] == "resume_fallback"]
     assert [e["step"] for e in fb] == [10] and "SignatureError" in fb[0]["reason"]
     assert (ck / step_dirname(10) / SIGNATURE_NAME).exists()  # step 10 was saved again, signed
+
+
+def test_retention_counts_only_trusted_checkpoints(tmp_path):
+    """With verify_keys, unsigned (forged) newer steps are not checkpoints for retention: they
+    do not push the trusted ones out of keep_last (without keys, they would)."""
+    root = str(tmp_path / "ck")
+    state = make_train_state()
+    ed = SigningKey.generate_ed25519()
+    for step in (1, 2):
+        save(root, state, step, options=SaveOptions(signing_key=ed))
+    for step in (3, 4, 5):  # written by someone without the key
+        save(root, state, step)
+    store = LocalStore(root)
+    removed = CheckpointManager(root, every_n_steps=1, keep_last=2, verify_keys=ed.verify_key()).apply_retention()
+    assert removed == []  # both trusted steps kept; the forged ones are above the newest trusted: left alone
+    assert {1, 2} <= {int(n.split("-")[1]) for n in store.list("") if n.startswith("step-")}
+    # the same folder without keys: the unsigned newer steps count, and push 1 and 2 out
+    assert CheckpointManager(root, every_n_steps=1, keep_last=2).apply_retention() == [1, 2, 3]

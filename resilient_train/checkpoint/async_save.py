@@ -106,6 +106,7 @@ class AsyncCheckpointer:
         pin_memory: bool | None = None,
         on_failure: str = "raise",
         keep_last: int | None = None,
+        verify_keys: Any = None,
         max_uncommitted_steps: int | None = None,
         max_checkpoint_failures: int | None = None,
         start_step: int | None = None,
@@ -140,6 +141,7 @@ class AsyncCheckpointer:
         self.saves_committed = 0
         self.on_failure = on_failure
         self.keep_last = keep_last
+        self.verify_keys = verify_keys
         self.max_uncommitted_steps = max_uncommitted_steps
         self.max_checkpoint_failures = max_checkpoint_failures
         self.start_step = start_step
@@ -282,7 +284,7 @@ class AsyncCheckpointer:
     def _ensure_worker(self) -> CheckpointWorker:
         if self._worker is None:
             self._worker = CheckpointWorker(
-                self._placement, None if self._placement is not None else self._store, keep_last=self.keep_last, health_book=self.health_book,
+                self._placement, None if self._placement is not None else self._store, keep_last=self.keep_last, verify_keys=self.verify_keys, health_book=self.health_book,
                 ledger=self.ledger, on_event=self.on_event, probe_interval_s=self.probe_interval_s,
             )
         return self._worker

@@ -56,6 +56,7 @@ class CheckpointWorker:
         store: Store | None = None,
         *,
         keep_last: int | None = None,
+        verify_keys: Any = None,
         health_book: HealthBook | None = None,
         ledger: Ledger | None = None,
         on_event: EventSink | None = None,
@@ -68,6 +69,7 @@ class CheckpointWorker:
         self.placement = placement
         self.store = store
         self.keep_last = keep_last
+        self.verify_keys = verify_keys
         self.health_book = health_book if health_book is not None else HealthBook()
         self.ledger = ledger
         self.on_event = on_event
@@ -278,7 +280,7 @@ class CheckpointWorker:
             stores = [self.store]
         for store in stores:
             try:
-                removed = CheckpointManager(store, every_n_steps=1, keep_last=self.keep_last).apply_retention()
+                removed = CheckpointManager(store, every_n_steps=1, keep_last=self.keep_last, verify_keys=self.verify_keys).apply_retention()
             except (ResilientTrainError, OSError) as exc:
                 log.warning("retention on %s skipped: %s", store.name, _describe(exc))
                 continue

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from ..errors import CheckpointError, ConfigError, StorageError
+from ..errors import ConfigError, StorageError
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
 from ..storage import Store, open_store, redact
 from .collectives import Coordinator
 from .discovery import committed_steps, latest_step, load_newest_verifiable, uncommit
-from .reader import LoadResult, load, read_manifest
+from .reader import LoadResult, load
 from .state import TrainState
 from .writer import SaveOptions, SaveResult, save
 
@@ -125,20 +125,16 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         return latest_step(self.store, keys=self.verify_keys)
 
-    def _is_committed(self, step: int) -> bool:
-        try:
-            read_manifest(self.store, step)
-            return True
-        except CheckpointError:
-            return False
-
     def apply_retention(self) -> list[int]:
         """Delete what :func:`retention_plan` says; returns the deleted steps. Rank 0 only."""
+        # with verify_keys, a step whose manifest is not signed by a trusted key is not a
+        # checkpoint: forged newer steps must not push trusted ones out of keep_last
+        committed = set(committed_steps(self.store, keys=self.verify_keys))
         folders = {}
         for name in self.store.list(""):
             step = parse_step_dirname(name)
             if step is not None:
-                folders[step] = self._is_committed(step)
+                folders[step] = step in committed
         doomed = retention_plan(folders, self.keep_last)
         for step in doomed:
             folder = step_dirname(step)
