@@ -250,3 +250,29 @@ def test_wrap_signs_and_resumes_only_from_signed_checkpoints(tmp_path):
     fb = [e for e in ev if e["event"] == "resume_fallback"]
     assert [e["step"] for e in fb] == [10] and "SignatureError" in fb[0]["reason"]
     assert (ck / step_dirname(10) / SIGNATURE_NAME).exists()  # step 10 was saved again, signed
+
+
+def test_malformed_signature_files_and_short_secrets_are_refused():
+    """docs/format.md, Signed manifests: a signature file over 4 KiB, with other keys, duplicate
+    keys or bad base64 is refused; an HMAC secret is at least 32 bytes; the default HMAC key id."""
+    from resilient_train.errors import ConfigError
+
+    key = SigningKey.hmac_sha256(SECRET)
+    ring = KeyRing([key])
+    manifest = b'{\n "format": "x"\n}\n'
+    good = key.sign(manifest)
+    assert ring.verify(manifest, good) == key.key_id
+    assert key.key_id == "hmac:" + hmac.new(SECRET, b"resilient-train key id", hashlib.sha256).hexdigest()[:16]
+    body = json.loads(good)
+    bad = {
+        "over 4 KiB": good[:-2] + b" " * 4096 + b"}\n",
+        "other keys": json.dumps(dict(body, extra=1)).encode(),
+        "duplicate keys": good[:-2] + b', "sig": ' + json.dumps(body["sig"]).encode() + b"}\n",
+        "bad base64": json.dumps(dict(body, sig="not*base64!")).encode(),
+    }
+    for what, sig in bad.items():
+        with pytest.raises(SignatureError):
+            ring.verify(manifest, sig)
+            pytest.fail(f"a signature file with {what} was accepted")
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        SigningKey.hmac_sha256(SECRET[:31])
