@@ -61,3 +61,18 @@ def test_cli_replicate_from_config(tmp_path, capsys):
     path.write_text(json.dumps(cfg))
     assert main(["ckpt", "replicate", "--config", str(path)]) == 2
     assert "lower copies" in capsys.readouterr().err
+
+
+def test_cli_migrate_and_replicate_print_the_ledger(tmp_path, capsys):
+    """docs/storage.md, the ledger: `ckpt migrate` / `ckpt replicate` print it."""
+    a = tmp_path / "a"
+    save(str(a), make_train_state(), 3, options=SaveOptions(max_file_bytes=8192))
+    assert main(["ckpt", "migrate", str(a), str(tmp_path / "m"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(migration)" in out and "ledger: total cost" in out, out
+    cfg = {"providers": [{"name": "a", "uri": str(a), "region": "eu-west-1", "egress_cost_per_gb": 0.5},
+                         {"name": "b", "uri": str(tmp_path / "b"), "region": "eu-west-1"}], "policy": {"copies": 2}}
+    (tmp_path / "providers.json").write_text(json.dumps(cfg))
+    assert main(["ckpt", "replicate", "--config", str(tmp_path / "providers.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "ledger: a->b: " in out and "(replication)" in out and "ledger: total cost" in out, out

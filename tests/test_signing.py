@@ -268,3 +268,29 @@ def test_retention_counts_only_trusted_checkpoints(tmp_path):
     assert {1, 2} <= {int(n.split("-")[1]) for n in store.list("") if n.startswith("step-")}
     # the same folder without keys: the unsigned newer steps count, and push 1 and 2 out
     assert CheckpointManager(root, every_n_steps=1, keep_last=2).apply_retention() == [1, 2, 3]
+
+
+def test_malformed_signature_files_and_short_secrets_are_refused():
+    """docs/format.md, Signed manifests: a signature file over 4 KiB, with other keys, duplicate
+    keys or bad base64 is refused; an HMAC secret is at least 32 bytes; the default HMAC key id."""
+    from resilient_train.errors import ConfigError
+
+    key = SigningKey.hmac_sha256(SECRET)
+    ring = KeyRing([key])
+    manifest = b'{\n "format": "x"\n}\n'
+    good = key.sign(manifest)
+    assert ring.verify(manifest, good) == key.key_id
+    assert key.key_id == "hmac:" + hmac.new(SECRET, b"resilient-train key id", hashlib.sha256).hexdigest()[:16]
+    body = json.loads(good)
+    bad = {
+        "over 4 KiB": good[:-2] + b" " * 4096 + b"}\n",
+        "other keys": json.dumps(dict(body, extra=1)).encode(),
+        "duplicate keys": good[:-2] + b', "sig": ' + json.dumps(body["sig"]).encode() + b"}\n",
+        "bad base64": json.dumps(dict(body, sig="not*base64!")).encode(),
+    }
+    for what, sig in bad.items():
+        with pytest.raises(SignatureError):
+            ring.verify(manifest, sig)
+            pytest.fail(f"a signature file with {what} was accepted")
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        SigningKey.hmac_sha256(SECRET[:31])
