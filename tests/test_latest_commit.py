@@ -211,8 +211,6 @@ def test_no_verifiable_checkpoint_while_committed_ones_exist_is_an_error_not_a_f
         CheckpointManager(str(root), every_n_steps=1).restore(make_train_state(seed=4))
 
 
-@pytest.mark.xfail(strict=True, reason="docs/format.md promises a newer format version is an error, never skipped; "
-                   "discovery ignores such a manifest with a warning (ManifestError) and restore falls back to the older step")
 def test_a_newer_format_version_is_an_error_never_skipped(tmp_path):
     from resilient_train.errors import UnsupportedFormatVersionError
 

@@ -113,6 +113,8 @@ def _manifest(store: Store, step: int, keys: Any) -> Manifest | None:
         return read_manifest(store, step, keys=keys)
     except CheckpointNotFoundError:
         return None
+    except UnsupportedFormatVersionError:
+        raise  # a newer library wrote it: upgrading is the fix, not falling back to an older step
     except (ManifestError, SignatureError) as exc:
         log.warning("ignoring step %d under %s: %s", step, store.uri, redact(str(exc)))
         return None
