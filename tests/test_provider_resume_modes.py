@@ -27,12 +27,13 @@ def _model() -> torch.nn.Module:
     return m
 
 
-def _provider(name, store, ckpt, mode, codec, stop_at, out):
+def _provider(name, store, ckpt, mode, codec, stop_at, out, events=None):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     trainer = rt.wrap(model, opt, rt.TrainerConfig(
         checkpoint=ckpt, every_n_steps=EVERY, async_save=False, group=name, membership=store, start_groups=2,
-        sync=rt.SyncConfig(mode=mode, sync_every=H, codec=codec), heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0))
+        sync=rt.SyncConfig(mode=mode, sync_every=H, codec=codec), heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0,
+        on_event=(lambda e: events.append(dict(e, member=name))) if events is not None else None))
     while trainer.step_count < stop_at:
         g = torch.Generator().manual_seed(1000 * trainer.step_count + ord(name))
         x = torch.randn(8, 6, generator=g)
@@ -44,13 +45,13 @@ def _provider(name, store, ckpt, mode, codec, stop_at, out):
     trainer.close()
 
 
-def _run(tmp_path, tag, mode, codec, stop_at):
+def _run(tmp_path, tag, mode, codec, stop_at, events=None):
     store = f"memory://{uuid.uuid4().hex}"
     out, errors = {}, {}
 
     def body(name):
         try:
-            _provider(name, store, str(tmp_path / tag), mode, codec, stop_at, out)
+            _provider(name, store, str(tmp_path / tag), mode, codec, stop_at, out, events)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors[name] = exc
 
@@ -81,3 +82,43 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, mode, codec):
         a, b = ref[name][0], resumed[name][0]
         assert all(torch.equal(a[k], b[k]) for k in a), f"{mode}/{codec}: provider {name} differs after resuming"
     assert all(torch.equal(ref["a"][0][k], ref["b"][0][k]) for k in ref["a"][0])  # both hold the global weights
+
+
+def _unpublish(root, group, step):
+    """As a kill just before ``group``'s commit of ``step`` leaves it: the data, no manifest."""
+    (root / f"group-{group}" / f"step-{step:010d}" / "manifest.json").unlink()
+
+
+def test_restart_agreement_goes_back_to_the_newest_step_every_group_has(tmp_path):
+    """b's commit of step 16 is missing (the job died between a's and b's commits): at the
+    restart both groups agree on step 8, a goes back to it and retires its step 16, and the
+    result equals the uninterrupted run bit for bit (without the agreement a would bring the
+    global state of step 16 and b the inner state of step 8)."""
+    ref = _run(tmp_path, "ref", "diloco", "none", STEPS)
+    _run(tmp_path, "run", "diloco", "none", 17)          # checkpoints of steps 8, 16 and (close) 17
+    for group, step in (("a", 17), ("b", 17), ("b", 16)):  # killed before close, and before b's commit of 16
+        _unpublish(tmp_path / "run", group, step)
+    events: list[dict] = []
+    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events)
+    points = [e for e in events if e["event"] == "restart_point"]
+    assert points and all(e["agreed"] == 8 and e["loaded"] == {"a": 16, "b": 8} for e in points), points
+    back = [e for e in events if e["event"] == "restart_agreed"]
+    assert [(e["member"], e["step"], e["loaded_before"]) for e in back] == [("a", 8, 16)]
+    assert (tmp_path / "run" / "group-a" / "step-0000000016" / "rejected-manifest.json").exists()  # retired, then saved again
+    for name in "ab":
+        a, b = ref[name][0], resumed[name][0]
+        assert all(torch.equal(a[k], b[k]) for k in a), f"provider {name} differs after the agreed restart"
+
+
+def test_restart_without_a_common_step_warns_and_the_newest_state_serves(tmp_path):
+    """No step both groups committed (retention or loss took it): the restart goes on from the
+    most advanced state with a restart_inconsistent event naming what each group loaded."""
+    _run(tmp_path, "run", "diloco", "none", 17)
+    for group, step in (("a", 17), ("b", 17), ("b", 16), ("a", 8)):
+        _unpublish(tmp_path / "run", group, step)
+    events: list[dict] = []
+    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events)
+    bad = [e for e in events if e["event"] == "restart_inconsistent"]
+    assert bad and bad[0]["loaded"] == {"a": 16, "b": 8}
+    assert not [e for e in events if e["event"] == "restart_agreed"]
+    assert all(torch.equal(resumed["a"][0][k], resumed["b"][0][k]) for k in resumed["a"][0])  # one global state again
