@@ -6,6 +6,7 @@ real processes, two ranks per provider, int8 and SIGKILL: tests/test_provider_lo
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -45,12 +46,14 @@ def _provider(name, store, ckpt, mode, codec, stop_at, out, events=None):
     trainer.close()
 
 
-def _run(tmp_path, tag, mode, codec, stop_at, events=None):
+def _run(tmp_path, tag, mode, codec, stop_at, events=None, b_late_s=0.0):
     store = f"memory://{uuid.uuid4().hex}"
     out, errors = {}, {}
 
     def body(name):
         try:
+            if name == "b":
+                time.sleep(b_late_s)
             _provider(name, store, str(tmp_path / tag), mode, codec, stop_at, out, events)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors[name] = exc
@@ -89,17 +92,22 @@ def _unpublish(root, group, step):
     (root / f"group-{group}" / f"step-{step:010d}" / "manifest.json").unlink()
 
 
-def test_restart_agreement_goes_back_to_the_newest_step_every_group_has(tmp_path):
+@pytest.mark.parametrize("b_late_s", [0.0, 2.5], ids=["together", "b-later"])
+def test_restart_agreement_goes_back_to_the_newest_step_every_group_has(tmp_path, b_late_s):
     """b's commit of step 16 is missing (the job died between a's and b's commits): at the
     restart both groups agree on step 8, a goes back to it and retires its step 16, and the
     result equals the uninterrupted run bit for bit (without the agreement a would bring the
-    global state of step 16 and b the inner state of step 8)."""
+    global state of step 16 and b the inner state of step 8). Also when b comes up after the
+    first view was formed without it (a waits for start_groups in a view of its own)."""
     ref = _run(tmp_path, "ref", "diloco", "none", STEPS)
     _run(tmp_path, "run", "diloco", "none", 17)          # checkpoints of steps 8, 16 and (close) 17
     for group, step in (("a", 17), ("b", 17), ("b", 16)):  # killed before close, and before b's commit of 16
         _unpublish(tmp_path / "run", group, step)
     events: list[dict] = []
-    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events)
+    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events, b_late_s=b_late_s)
+    if b_late_s:
+        first = next(e for e in events if e["event"] == "joined" and e["member"] == "a")
+        assert first["epoch"] > 1, "b was not late enough to miss the first view"
     points = [e for e in events if e["event"] == "restart_point"]
     assert points and all(e["agreed"] == 8 and e["loaded"] == {"a": 16, "b": 8} for e in points), points
     back = [e for e in events if e["event"] == "restart_agreed"]

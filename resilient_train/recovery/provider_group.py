@@ -209,8 +209,6 @@ class ProviderGroup:
                 continue
             try:
                 self._adopt()
-                if self._fresh and set(m.view.joiners) == set(m.view.members):
-                    self._agree_restart_point()
                 res = self._sync_view()
                 self._vote_loop()  # as the members do after the switch that admitted us
                 m.set_flag("started")
@@ -221,25 +219,28 @@ class ProviderGroup:
                 m.wait_for_change(min(1.0, max(0.05, deadline - time.monotonic())))
 
     def _agree_restart_point(self) -> None:
-        """The job (re)starts: every member of the first view is a joiner, so nobody holds a live
-        state. Each group resumed from its own newest checkpoint, but a job killed as a whole
-        stops between one group's commit of step S and another's: resuming each from its own
-        newest would mix the global state of step S with the inner state (Adam moments, data
-        position) of an older step. The leaders exchange the steps they have committed; the
-        groups with a checkpoint all go back to the newest step every one of them has, which
-        makes the restart equal to an uninterrupted run. A group without any checkpoint (new to
-        the job) takes the state from a peer as joiners do. Without a common step the newest
-        state serves everyone (warning + ``restart_inconsistent`` event)."""
-        if self.resume_points is None or self.restart_at is None:
-            return
+        """Collective over the adopted view's leaders, at every view switch (one small
+        all-gather). It acts only when every member is *fresh* (has not trained since it
+        loaded its checkpoint): the job (re)starts and nobody holds a live state, whether the
+        groups arrived in one view or one by one. Each group resumed from its own newest
+        checkpoint, but a job killed as a whole stops between one group's commit of step S and
+        another's: resuming each from its own newest would mix the global state of step S with
+        the inner state (Adam moments, data position) of an older step. So the groups with a
+        checkpoint all go back to the newest step every one of them has, which makes the
+        restart equal to an uninterrupted run. A group without any checkpoint (new to the job)
+        takes the state from a peer as joiners do. Without a common step the newest state
+        serves everyone (warning + ``restart_inconsistent`` event)."""
+        fresh = self._fresh and self.resume_points is not None and self.restart_at is not None
         # steps newer than the one loaded did not verify (skipped on resume): not offered
-        mine = [int(s) for s in self.resume_points() if s <= self.state.step][:_RESUME_POINTS]
-        buf = torch.full((_RESUME_POINTS + 2,), -1, dtype=torch.int64)
-        buf[0], buf[1] = self.state.step, len(mine)
+        mine = [int(s) for s in self.resume_points() if s <= self.state.step][:_RESUME_POINTS] if fresh else []
+        buf = torch.full((_RESUME_POINTS + 3,), -1, dtype=torch.int64)
+        buf[0], buf[1], buf[2] = self.state.step, len(mine), int(fresh)
         if mine:
-            buf[2:2 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+            buf[3:3 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
         rows = [r.tolist() for r in self._comm.allgather(buf).wait(self.round_deadline)]
-        offers = {self.view.members[i]: set(r[2:2 + r[1]]) for i, r in enumerate(rows) if r[1] > 0}
+        if not all(r[2] == 1 for r in rows):
+            return  # a running job: joiners take the live state
+        offers = {self.view.members[i]: set(r[3:3 + r[1]]) for i, r in enumerate(rows) if r[1] > 0}
         loaded = {self.view.members[i]: r[0] for i, r in enumerate(rows) if r[1] > 0}
         if len(set(loaded.values())) <= 1:
             return  # nothing to agree on: one or no group has a checkpoint, or all loaded the same step
@@ -260,6 +261,7 @@ class ProviderGroup:
         m = self.membership
         assert m is not None
         view = m.view
+        self._agree_restart_point()
         flat = self.state.flat()
         res = sync_state(self._comm, view, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
                          fallback=lambda _flat: self.state.step, timeout=self.round_deadline)
