@@ -46,8 +46,8 @@ def _provider(name, store, ckpt, mode, codec, stop_at, out, events=None):
     trainer.close()
 
 
-def _run(tmp_path, tag, mode, codec, stop_at, events=None, b_late_s=0.0):
-    store = f"memory://{uuid.uuid4().hex}"
+def _run(tmp_path, tag, mode, codec, stop_at, events=None, b_late_s=0.0, store=None):
+    store = store or f"memory://{uuid.uuid4().hex}"
     out, errors = {}, {}
 
     def body(name):
@@ -92,19 +92,22 @@ def _unpublish(root, group, step):
     (root / f"group-{group}" / f"step-{step:010d}" / "manifest.json").unlink()
 
 
-@pytest.mark.parametrize("b_late_s", [0.0, 2.5], ids=["together", "b-later"])
-def test_restart_agreement_goes_back_to_the_newest_step_every_group_has(tmp_path, b_late_s):
+@pytest.mark.parametrize("b_late_s,same_store", [(0.0, False), (2.5, False), (7.0, True)], ids=["together", "b-later", "b-later-same-store"])
+def test_restart_agreement_goes_back_to_the_newest_step_every_group_has(tmp_path, b_late_s, same_store):
     """b's commit of step 16 is missing (the job died between a's and b's commits): at the
     restart both groups agree on step 8, a goes back to it and retires its step 16, and the
     result equals the uninterrupted run bit for bit (without the agreement a would bring the
     global state of step 16 and b the inner state of step 8). Also when b comes up after the
-    first view was formed without it (a waits for start_groups in a view of its own)."""
+    first view was formed without it (a waits for start_groups in a view of its own), and when
+    the membership store still holds the killed run's keys (views, the "started" flag: as an
+    etcd would), b coming up after the old members' heartbeat timeout (5 s)."""
+    store = f"memory://{uuid.uuid4().hex}" if same_store else None
     ref = _run(tmp_path, "ref", "diloco", "none", STEPS)
-    _run(tmp_path, "run", "diloco", "none", 17)          # checkpoints of steps 8, 16 and (close) 17
+    _run(tmp_path, "run", "diloco", "none", 17, store=store)  # checkpoints of steps 8, 16 and (close) 17
     for group, step in (("a", 17), ("b", 17), ("b", 16)):  # killed before close, and before b's commit of 16
         _unpublish(tmp_path / "run", group, step)
     events: list[dict] = []
-    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events, b_late_s=b_late_s)
+    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events, b_late_s=b_late_s, store=store)
     if b_late_s:
         first = next(e for e in events if e["event"] == "joined" and e["member"] == "a")
         assert first["epoch"] > 1, "b was not late enough to miss the first view"

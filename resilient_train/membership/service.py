@@ -139,6 +139,7 @@ class Membership:
         self._notified: set[tuple[str, str]] = set()
         self._seq = 0
         self._start_epoch = 0
+        self.cold_epoch = 0  # the latest view whose members were all joiners: the job's latest (re)start
         self._observe_from = 0.0
         self._last_ok = 0.0  # when the background thread last read the store successfully
         self._store_failed = False  # a store call failed since then
@@ -341,12 +342,20 @@ class Membership:
                                       f"failed collective (store error: {self.last_error!r})")
             time.sleep(poll_s)
 
-    def set_flag(self, name: str) -> None:
+    def set_flag(self, name: str, value: bytes = b"1") -> None:
         """Set a job-wide flag in the store (e.g. "started": the job has taken its first step)."""
-        self._kv.set(self._k(f"flag/{name}"), b"1", timeout=self.store_timeout)
+        self._kv.set(self._k(f"flag/{name}"), value, timeout=self.store_timeout)
 
     def flag(self, name: str) -> bool:
-        return self._kv.get(self._k(f"flag/{name}"), timeout=self.store_timeout) is not None
+        return self.flag_value(name) is not None
+
+    def flag_value(self, name: str) -> bytes | None:
+        return self._kv.get(self._k(f"flag/{name}"), timeout=self.store_timeout)
+
+    def _note_cold(self, view: View) -> None:
+        """Caller holds ``_cond``."""
+        if view.members and set(view.joiners) == set(view.members):
+            self.cold_epoch = max(self.cold_epoch, view.epoch)
 
     def _in_roll_call(self, epoch: int) -> bool:
         """This member's training thread is running the roll call of ``epoch`` (it publishes
@@ -360,6 +369,7 @@ class Membership:
         with self._cond:
             if view.epoch > self._latest.epoch:
                 self._latest, self._latest_reason = view, reason
+                self._note_cold(view)
                 if self.member_id not in view.members:
                     self._admitted = False
                 self._cond.notify_all()
@@ -451,6 +461,7 @@ class Membership:
             view, reason = decode_view(raw)
             with self._cond:
                 self._latest, self._latest_reason = view, reason
+                self._note_cold(view)
                 if self.member_id in view.joiners and view.epoch > self._start_epoch:
                     self._admitted = True
                 elif self.member_id not in view.members:

@@ -202,21 +202,37 @@ class ProviderGroup:
                 raise MembershipError(f"group {self.name}: could not join the job within {self.join_timeout_s} s "
                                       f"(latest view: epoch {m.latest.epoch} {list(m.latest.members)}; store error: {m.last_error!r})")
             m.wait_for_admission(left)
-            # start_groups holds back the job's first step only; a joiner of a running job
-            # (the flag below is set) joins whatever view admitted it
-            if len(m.latest.members) < self.start_groups and not m.flag("started"):
+            # start_groups holds back the job's first step only (and that of a job restarted as
+            # a whole, even against a store that remembers the last run); a joiner of a running
+            # job joins whatever view admitted it
+            if len(m.latest.members) < self.start_groups and not self._job_running():
                 time.sleep(0.05)
                 continue
             try:
                 self._adopt()
                 res = self._sync_view()
                 self._vote_loop()  # as the members do after the switch that admitted us
-                m.set_flag("started")
+                m.set_flag("started", str(m.view.epoch).encode())
                 self._fresh = False  # a later join (after being dropped) keeps the live state
                 return res
             except (MembershipError, DistributedError) as exc:
                 log.info("group %s: joining epoch %d failed (%s); waiting for the next view", self.name, m.latest.epoch, exc)
                 m.wait_for_change(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def _job_running(self) -> bool:
+        """The job has taken its first step since its latest (re)start: ``flag/started`` holds
+        the epoch of the view that started it, and a (re)start is a view whose members were all
+        joiners (``Membership.cold_epoch``). A whole job relaunched against an etcd that kept the
+        old run's keys is therefore a fresh start again, held back by ``start_groups``."""
+        m = self.membership
+        raw = m.flag_value("started")
+        if raw is None:
+            return False
+        try:
+            started = int(raw)
+        except ValueError:
+            started = 0
+        return started >= m.cold_epoch
 
     def _agree_restart_point(self) -> None:
         """Collective over the adopted view's leaders, at every view switch (one small
