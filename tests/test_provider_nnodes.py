@@ -74,20 +74,21 @@ def _has(folder, who, event, pred=lambda e: True) -> bool:
         return False
 
 
-@pytest.mark.parametrize("victim_rank", [1, 0], ids=["follower-node", "leader-node"])
-def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, victim_rank):
+@pytest.mark.parametrize("victim_rank, comes_back", [(1, False), (0, False), (1, True)], ids=["follower-node", "leader-node", "node-comes-back"])
+def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, victim_rank, comes_back):
     import torch.distributed as dist
 
     from resilient_train.membership.kvstore import TCPKVStore
 
     provider_loss.warm_codec_cache()
+    steps = STEPS + (60 if comes_back else 0)
     kv = TCPKVStore.host(0)
     rdzv = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)  # b's c10d rendezvous
     common = ("--step-delay", "0.15")
     elastic = ("--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv.port}", f"--rdzv-id=b-{os.urandom(4).hex()}",
                f"--rdzv-conf={RDZV_CONF}", "--local-addr=127.0.0.1")
-    procs = {g: _launch(tmp_path, kv.port, g, *common, steps=STEPS) for g in "ac"}
-    agents = [_launch(tmp_path, kv.port, "b", *common, steps=STEPS, restarts=1, launcher=elastic, log_name=f"log-b-node{i}.txt") for i in range(2)]
+    procs = {g: _launch(tmp_path, kv.port, g, *common, steps=steps) for g in "ac"}
+    agents = [_launch(tmp_path, kv.port, "b", *common, steps=steps, restarts=1, launcher=elastic, log_name=f"log-b-node{i}.txt") for i in range(2)]
     try:
         # b ran on 2 ranks, committed a checkpoint saved by both, and a few rounds passed
         _wait_for("b's 2-rank checkpoint of step 20", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["step"] >= 20), 150)
@@ -98,7 +99,13 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
         os.killpg(victim.pid, signal.SIGKILL)  # the agent (its session)
         os.kill(worker, signal.SIGKILL)  # its worker, in a session of its own
         assert victim.wait(timeout=10) == -signal.SIGKILL
-        _wait_all({**procs, "b": survivor}, timeout_s=200)
+        if comes_back:  # once b runs on 1 rank and has committed a checkpoint of its own, the node returns
+            _wait_for("b's 1-rank checkpoint", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["t"] > killed_at), 120)
+            returned_at = time.time()
+            agents.append(_launch(tmp_path, kv.port, "b", *common, steps=steps, restarts=1, launcher=elastic, log_name="log-b-node2.txt"))
+            _wait_all({**procs, "b": survivor, "b-returned": agents[-1]}, timeout_s=200)
+        else:
+            _wait_all({**procs, "b": survivor}, timeout_s=200)
     finally:
         for p in agents:
             if p.poll() is None:
@@ -110,14 +117,22 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
     a = _events(tmp_path, "a-rank0")
     out = [e for e in a if e["event"] == "reconfigured"]
     assert out and out[0]["members"] == ["a", "c"] and out[0]["dropped"] == ["b"], out
-    assert [e["step"] for e in a if e["event"] == "sync"] == list(range(10, STEPS + 1, 10)), "a redid or skipped a round"
+    assert [e["step"] for e in a if e["event"] == "sync"] == list(range(10, steps + 1, 10)), "a redid or skipped a round"
 
     after = [e for e in _events(tmp_path, "b-rank0") if e["t"] > killed_at]
     resumed = [e for e in after if e["event"] == "resume"]
     assert resumed and resumed[0]["saved_world_size"] == 2 and resumed[0]["world_size"] == 1, resumed  # resharded 2 -> 1
     back = [e for e in after if e["event"] == "joined" and e.get("received_bytes")]
     assert back and back[0]["state_from"] in ("a", "c") and back[0]["step"] > out[0]["step"], back
-    assert not os.path.exists(tmp_path / "events-b-rank1.jsonl") or all(e["t"] < killed_at for e in _events(tmp_path, "b-rank1"))
+    if not comes_back:
+        assert all(e["t"] < killed_at for e in _events(tmp_path, "b-rank1"))  # b went on with 1 rank
+    else:  # the survivor's agent restarted its worker for the returning node: 2 ranks again
+        again = [e for r in (0, 1) for e in _events(tmp_path, f"b-rank{r}") if e["event"] == "start" and e["t"] > returned_at]
+        assert len(again) == 2 and {e["world_size"] for e in again} == {2}, again
+        assert resumed[-1]["t"] > returned_at and resumed[-1]["saved_world_size"] == 1 and resumed[-1]["world_size"] == 2, resumed  # 1 -> 2
+        assert back[-1]["t"] > returned_at and back[-1]["state_from"] in ("a", "c"), back
+        print(f"the node returned {returned_at - killed_at:.2f} s after the kill; b rejoined on 2 ranks at step {back[-1]['step']} "
+              f"{back[-1]['t'] - returned_at:.2f} s later")
 
     finals = [load_file(tmp_path / f"final-{g}.safetensors") for g in "abc"]
     assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
