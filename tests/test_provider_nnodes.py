@@ -110,8 +110,8 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
             _wait_all({**procs, "b": survivor, "b-returned": agents[-1]}, timeout_s=200)
         else:
             _wait_all({**procs, "b": survivor}, timeout_s=200)
-    finally:
-        for p in agents:
+    finally:  # also when the test's timeout interrupts a wait
+        for p in [*procs.values(), *agents]:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
 
