@@ -13,7 +13,7 @@ later at the first checkpoint:
   :func:`forget_rendezvous_keys` deletes this attempt's rendezvous keys from the store, so a
   restarted attempt finds none and exchanges fresh addresses. Where the store cannot list keys
   and restarts are enabled, ``wrap`` refuses and says which line to remove. When ``wrap``
-  initialises the group itself it uses a store prefixed per attempt instead (see
+  initialises the group itself it uses a prefix per attempt in the shared store instead (see
   :func:`~resilient_train.trainer.init_distributed`).
 * **model**: a model already in ``DistributedDataParallel`` is accepted when the job is one
   replica group (plain DDP): the script's DDP stays in charge of the gradients and the wrapper

@@ -12,9 +12,10 @@
 What :func:`wrap` does, in order (the phases of :meth:`Trainer.start`):
 
 1. **distributed**: under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
-   set) it joins the job's store under a prefix per restart attempt
-   (``TORCHELASTIC_RESTART_COUNT``), so a restarted gloo job never reads the previous
-   attempt's peer addresses, and initialises the default process group. A group the script
+   set) it joins the job's store (under a prefix per restart attempt when the store is the
+   agent's, shared by every attempt: see :func:`init_distributed`), so a restarted gloo job
+   never reads the previous attempt's peer addresses, and initialises the default process
+   group. A group the script
    initialised itself is adopted instead, and a script's DDP model and DistributedSampler are
    accepted (see :mod:`resilient_train.adapt`).
 2. **layout**: ranks are split into ``replica_groups`` contiguous groups (one per provider).
@@ -192,10 +193,8 @@ class TrainerConfig:
 def init_distributed(timeout: timedelta, backend: str | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment, if not done yet.
 
-    Returns ``(rank, world_size)``; ``(0, 1)`` without a distributed environment. Under
-    torchrun the job's store is reused under the prefix ``resilient_train/attempt-N`` (N from
-    ``TORCHELASTIC_RESTART_COUNT``): gloo workers of a restarted attempt would otherwise read
-    the previous attempt's peer addresses and fail in connectFullMesh or hang.
+    Returns ``(rank, world_size)``; ``(0, 1)`` without a distributed environment. The store's
+    prefix is :func:`_store_prefix`'s.
     """
     env = os.environ if env is None else env
     if dist.is_initialized():
@@ -206,14 +205,33 @@ def init_distributed(timeout: timedelta, backend: str | None = None, env: Mappin
     if missing:
         raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun (or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
     use_agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=(rank == 0 and not use_agent_store), timeout=timeout, wait_for_workers=False)
-    store = dist.PrefixStore(f"resilient_train/attempt-{attempt}", base)
+    prefix = _store_prefix(env)
+    store = dist.PrefixStore(prefix, base)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    log.info("process group up: rank %d of %d, attempt %d, backend %s", rank, world, attempt, backend)
+    log.info("process group up: rank %d of %d, store prefix %s, backend %s", rank, world, prefix, backend)
     return rank, world
+
+
+def _store_prefix(env: Mapping[str, str]) -> str:
+    """The prefix under which the workers of one torchrun attempt meet in its store.
+
+    The agent's store (``TORCHELASTIC_USE_AGENT_STORE=True``, torch's default) outlives the
+    attempts: gloo workers of a restarted attempt would read the previous attempt's peer
+    addresses and fail in connectFullMesh or hang, so each attempt gets
+    ``resilient_train/attempt-N`` (N = ``TORCHELASTIC_RESTART_COUNT``). That count is the
+    agent's own, though: with several agents (``--nnodes``) a membership change restarts
+    workers without counting and an agent that comes back starts again at 0, so agents of one
+    round can disagree on N. Without the agent's store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``)
+    rank 0 of each round hosts a new store on a port its agent just chose: nothing of an
+    earlier attempt is in it, and the prefix names no attempt, so workers of agents with
+    different counts meet.
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return f"resilient_train/attempt-{int(env.get('TORCHELASTIC_RESTART_COUNT', '0'))}"
+    return "resilient_train"
 
 
 class Trainer:

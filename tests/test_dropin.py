@@ -156,3 +156,14 @@ def test_restart_safety_decision():
     assert restart_safety_problem(StoreWithoutListing(), {**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
     assert restart_safety_problem(StoreWithoutListing(), {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
     assert restart_safety_problem(dist.HashStore(), shared) is None
+
+
+def test_store_prefix_names_the_attempt_only_in_the_agents_shared_store():
+    """Agents of one elastic job (--nnodes) count restarts separately: workers whose agents
+    disagree on the count meet in a store of their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    from resilient_train.trainer import _store_prefix
+
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert _store_prefix(shared) == "resilient_train/attempt-2"
+    own = [{"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": n} for n in ("0", "1")]
+    assert _store_prefix(own[0]) == _store_prefix(own[1]) == _store_prefix({}) == "resilient_train"

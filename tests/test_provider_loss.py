@@ -104,13 +104,15 @@ def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
             assert _same(_ckpt(out, g, step), _ckpt(ref_out, g, step)), f"group {g} at step {step} differs from the clean-leave run"
 
 
-def _launch(tmp_path, kv_port, group, *extra, ranks=1, steps=60, restarts=0):
+def _launch(tmp_path, kv_port, group, *extra, ranks=1, steps=60, restarts=0, launcher=("--standalone",), log_name=None):
+    """One provider's torchrun job (``launcher``: its rendezvous flags; one agent of a
+    multi-node provider with ``--nnodes``/``--rdzv-*``), in its own session."""
     url = kv_port if isinstance(kv_port, str) else f"tcp://127.0.0.1:{kv_port}"
-    cmd = [provider_loss.TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", f"--max-restarts={restarts}", os.path.join(ROOT, "examples", "provider_train.py"),
+    cmd = [provider_loss.TORCHRUN, *launcher, f"--nproc-per-node={ranks}", f"--max-restarts={restarts}", os.path.join(ROOT, "examples", "provider_train.py"),
            "--group", group, "--membership", url, "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path),
            "--steps", str(steps), "--sync-every", "10", "--every", "20", "--start-groups", "3", "--keep-last", "10", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    log = open(tmp_path / f"log-{group}.txt", "a")
+    log = open(tmp_path / (log_name or f"log-{group}.txt"), "a")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -4,7 +4,9 @@ The sources ship inside the package (source checkout, editable install and wheel
 ``pip install resilient-train`` needs no compiler. Both extensions are JIT-built with
 :func:`torch.utils.cpp_extension.load` on first use, into a cache folder
 (``$RESILIENT_TRAIN_CACHE``, else ``$TORCH_EXTENSIONS_DIR/resilient_train``, else
-``~/.cache/resilient_train``), keyed by torch version so a cached build is reused across runs.
+``~/.cache/resilient_train``), keyed by torch version and by where the sources are, so a cached
+build is reused across runs and two checkouts or installs sharing the cache never rebuild over
+each other.
 A build takes ~30-60 s once and says so in one log line. The CUDA kernel is built only where a
 CUDA torch and ``nvcc`` exist. Without a C++ compiler, one log line says that the pure-torch
 reference codecs are used (slower, same results).
@@ -17,6 +19,7 @@ pure-torch reference). With ``required`` true a failure raises
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -68,7 +71,11 @@ def _build(kind: str) -> ModuleType:
     from torch.utils import cpp_extension  # lazy: pulls in setuptools
 
     src = csrc_dir()
-    build = cache_dir() / (kind + ("_avx2" if kind == "cpu" and _simd_flags() else ""))
+    # the build command names the sources' path, and ninja rebuilds when the command changes: one
+    # folder per source location, or two checkouts sharing the cache rebuild alternately, and a
+    # worker restarted mid-run spent a round's deadline compiling (30 s seen in a test)
+    where = hashlib.sha256(str(src).encode()).hexdigest()[:12]
+    build = cache_dir() / f"{kind}{'_avx2' if kind == 'cpu' and _simd_flags() else ''}-{where}"
     build.mkdir(parents=True, exist_ok=True)
     if kind == "cpu":
         sources = [src / "quant_cpu.cpp"]
