@@ -581,8 +581,9 @@ class Trainer:
     def close(self, save: bool | None = None) -> None:
         """Checkpoint the final step (collective) unless a checkpoint holds it already or ``save``
         (default ``config.save_on_close``) is false; finish the checkpoint in flight and rank 0's
-        copies (bounded by ``timeout_s``); release resources. A failed checkpoint is in the event
-        log and :meth:`summary`, not raised."""
+        copies (bounded by ``timeout_s``); release resources (the process groups it created are
+        destroyed, and ``trainer.model`` is the plain module again). A failed checkpoint is in
+        the event log and :meth:`summary`, not raised."""
         if self._started and (self.config.save_on_close if save is None else save) and self.step_count not in (self._in_flight_step, self.resumed_from, 0):
             self.save()
         if self._ckpt is not None:
