@@ -133,3 +133,20 @@ def test_restart_without_a_common_step_warns_and_the_newest_state_serves(tmp_pat
     assert bad and bad[0]["loaded"] == {"a": 16, "b": 8}
     assert not [e for e in events if e["event"] == "restart_agreed"]
     assert all(torch.equal(resumed["a"][0][k], resumed["b"][0][k]) for k in resumed["a"][0])  # one global state again
+
+
+def test_restart_with_a_group_that_has_no_checkpoint_takes_the_peers_state(tmp_path):
+    """b lost its whole checkpoint folder (a new provider, or its storage wiped): at the restart
+    nothing is agreed (only a has checkpoints), a resumes from its own newest, b starts fresh and
+    receives the global state from a; both then hold the same global weights."""
+    import shutil
+
+    _run(tmp_path, "run", "diloco", "none", 17)
+    shutil.rmtree(tmp_path / "run" / "group-b")
+    events: list[dict] = []
+    resumed = _run(tmp_path, "run", "diloco", "none", STEPS, events)
+    assert not [e for e in events if e["event"] in ("restart_point", "restart_agreed", "restart_inconsistent")]
+    assert resumed["a"][1] == 17 and resumed["b"][1] is None
+    got = [e for e in events if e["event"] == "joined" and e["member"] == "b"]
+    assert got and got[0]["state_from"] == "a" and got[0]["received_bytes"] > 0 and got[0]["step"] == 17
+    assert all(torch.equal(resumed["a"][0][k], resumed["b"][0][k]) for k in resumed["a"][0])
