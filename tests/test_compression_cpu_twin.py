@@ -133,19 +133,43 @@ def test_diloco_with_the_cpu_twin_equals_diloco_with_the_reference(ext):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_a_stale_build_lock_is_removed_not_waited_for_forever(tmp_path):
-    """A process killed mid-build leaves torch's FileBaton lock behind; every later build would
-    wait for it forever. A lock older than STALE_LOCK_S is removed; a fresh one is left alone."""
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load():
+    """A process SIGKILLed while loading the codec (torch's FileBaton ``lock`` file created, under
+    the library's kernel lock) leaves the baton behind; the next process's load removes it and
+    loads in seconds, where torch alone would wait for it forever. While the killed process was
+    alive, the next load waited for it."""
     import os
+    import signal
+    import subprocess
+    import sys
     import time
 
     from resilient_train.compression import _ext
 
-    lock = tmp_path / "lock"
-    lock.write_bytes(b"")
-    _ext._clear_stale_lock(tmp_path)
-    assert lock.exists()  # fresh: another process may be building
-    old = time.time() - _ext.STALE_LOCK_S - 10
-    os.utime(lock, (old, old))
-    _ext._clear_stale_lock(tmp_path)
-    assert not lock.exists()
+    assert _ext.load_cpu(required=False) is not None  # built (cached) before the fault
+    build = next(p for p in _ext.cache_dir().iterdir() if p.name.startswith("cpu") and p.name.endswith(
+        __import__("hashlib").sha256(str(_ext.csrc_dir()).encode()).hexdigest()[:12]))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from resilient_train.compression import _ext\n"
+        f"with _ext._build_lock(Path({str(build)!r})):\n"
+        f"    Path({str(build / 'lock')!r}).write_bytes(b'')\n"
+        "    print('holding', flush=True)\n"
+        "    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        load = [sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO)\n"
+                "from resilient_train.compression import _ext\nassert _ext.load_cpu(required=True) is not None"]
+        waiter = subprocess.Popen(load, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(3)
+        assert waiter.poll() is None, "the load did not wait for the live holder"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+        assert (build / "lock").exists()  # what torch's baton leaves behind
+        out, _ = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, out
+        assert "left by a process killed while loading" in out and not (build / "lock").exists(), (out, sorted(os.listdir(build)))
+    finally:
+        if holder.poll() is None:
+            holder.kill()

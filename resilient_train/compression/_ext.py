@@ -19,6 +19,8 @@ pure-torch reference). With ``required`` true a failure raises
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -27,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
@@ -91,30 +94,51 @@ def _build(kind: str) -> ModuleType:
         raise RuntimeError(f"no C++ compiler ({compiler} or g++) on PATH; install one (e.g. apt install g++) and ninja to use the compiled codec")
     if kind == "cuda" and not (shutil.which("nvcc") or cpp_extension.CUDA_HOME):
         raise RuntimeError("no nvcc found (CUDA_HOME unset and nvcc not on PATH)")
-    _clear_stale_lock(build)
     if not any(f.endswith(".so") for f in os.listdir(build)):
         log.warning("building the compiled %s codec once (~30-60 s) into %s", kind, build)
-    return cpp_extension.load(name=f"resilient_train_quant_{kind}", sources=[str(p) for p in sources],
-                              build_directory=str(build), verbose=False, **flags)
+    with _build_lock(build):
+        return cpp_extension.load(name=f"resilient_train_quant_{kind}", sources=[str(p) for p in sources],
+                                  build_directory=str(build), verbose=False, **flags)
 
 
-STALE_LOCK_S = 900.0
-"""A build lock older than this was left by a process killed mid-build: torch's FileBaton
-would wait for it forever, so it is removed (a real build takes a minute or two)."""
+BUILD_LOCK_WAIT_S = 600.0
+"""How long a process waits for another one's build of the same folder before it gives up on
+the compiled codec (and uses the pure-torch codecs, same results)."""
 
 
-def _clear_stale_lock(build: Path) -> None:
-    lock = build / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning("removing a stale build lock %s (%.0f s old, left by a process killed while building)", lock, age)
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Serialise :func:`torch.utils.cpp_extension.load` on one build folder with a kernel lock.
+
+    Every ``load`` (also of a finished build: it runs ninja to check) takes torch's FileBaton, a
+    plain ``lock`` file that a process killed while holding it leaves behind; every later load
+    then waits for it forever (a worker SIGKILLed in its first round, as torchrun does to a
+    group whose peer died, would leave every process started after it hung). An ``flock`` is released by the kernel when its holder dies, and
+    torch's baton is only taken under it, so a baton found by the holder of the flock was left
+    by a dead process and is removed."""
+    path = build / "build.flock"
+    with open(path, "a+b") as fh:
+        deadline, said = time.monotonic() + BUILD_LOCK_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building the codec in {build} for more than "
+                                       f"{BUILD_LOCK_WAIT_S:.0f} s") from None
+                if not said:
+                    log.info("waiting for another process's build of the codec in %s", build)
+                    said = True
+                time.sleep(0.1)
         try:
-            lock.unlink()
-        except FileNotFoundError:
-            pass
+            baton = build / "lock"
+            if baton.exists():
+                log.warning("removing the build lock %s left by a process killed while loading the codec", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _load(kind: str, required: bool) -> ModuleType | None:
