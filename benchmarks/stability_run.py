@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out or tempfile.mkdtemp(prefix="rt-stability-")
     os.makedirs(work, exist_ok=True)
     kv = TCPKVStore.host(0)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     deadline_steps = 10**9  # until the stop file names a step (below)
     stop_file = os.path.join(work, "stop-step")
     procs = {}

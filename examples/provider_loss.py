@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         json.dump(providers, f)
     warm_codec_cache()
     kv_host = TCPKVStore.host(0)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     H = args.sync_every
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Any] = {}

@@ -10,12 +10,15 @@ call and ``trainer.step()``. ``--providers`` describes the storage providers (JS
 ``{name, uri, region, egress_cost_per_gb}``); checkpoints are replicated to 2 of them, each
 group under its own ``group-<name>`` folder. Fault switches (for the demo and the tests):
 ``--kill-at-round R`` SIGKILLs this whole torchrun job (agent and workers) while round R is in
-flight; ``--leave-before-round R`` leaves cleanly before round R (the fault-free reference).
+flight; ``--leave-before-round R`` leaves cleanly before round R (the fault-free reference);
+``--hold-at-step S`` stops before step S and waits to be killed. A worker sent SIGUSR1 prints its
+threads' Python stacks to the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -153,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--leave-before-round", type=int, default=None)
     p.add_argument("--stop-at-round", type=int, default=None, help="SIGSTOP this provider's leader inside round R (a straggler)")
     p.add_argument("--stop-seconds", type=float, default=10.0)
+    p.add_argument("--hold-at-step", type=int, default=None, help="stop training before step S and wait to be killed (a whole-job kill at a known point)")
     p.add_argument("--kill-rank-at-step", type=int, default=None, help="SIGKILL this group's last rank at step S (first torchrun attempt only)")
     p.add_argument("--stop-file", default=None, help="a file the launcher writes a step number into: train until that step instead of --steps "
                                                       "(read at every round boundary, so every provider stops at the same step)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    # `kill -USR1 <worker pid>` prints every thread's Python stack to the log (the tests do it to a
+    # job that hangs, before they kill it)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     torch.manual_seed(0)
     model = CharLM()
@@ -181,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             arm_fault(trainer, args.kill_at_round, args.group, "kill")
         if args.stop_at_round is not None and s == args.stop_at_round * H - 1 and trainer.rank == 0:
             arm_fault(trainer, args.stop_at_round, args.group, "stop", args.stop_seconds)
+        if args.hold_at_step == s:
+            trainer.events.emit("fault", kind="hold", step=s, member=args.group, rank=trainer.rank)
+            while True:
+                time.sleep(1)
         if (args.kill_rank_at_step == s and trainer.rank == trainer.world_size - 1
                 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
             trainer.events.emit("fault", kind="kill-rank", step=s, member=args.group, rank=trainer.rank)

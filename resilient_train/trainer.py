@@ -206,7 +206,17 @@ def init_distributed(timeout: timedelta, backend: str | None = None, env: Mappin
         raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun (or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     use_agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=(rank == 0 and not use_agent_store), timeout=timeout, wait_for_workers=False)
+    host = rank == 0 and not use_agent_store
+    try:
+        base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=host, timeout=timeout, wait_for_workers=False)
+    except Exception as exc:
+        if host and "EADDRINUSE" in str(exc):
+            # torchrun picked this port and released it before this process could bind it
+            log.error("MASTER_PORT %s, which torchrun chose for this round's store, was taken by another process "
+                      "in between (a race inside torch when TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). torchrun's next "
+                      "attempt picks another port: launch with --max-restarts >= 1, or keep the agent's store "
+                      "(unset the variable) where a provider runs on one node", env["MASTER_PORT"])
+        raise
     prefix = _store_prefix(env)
     store = dist.PrefixStore(prefix, base)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
