@@ -237,11 +237,16 @@ def _store_prefix(env: Mapping[str, str]) -> str:
     round can disagree on N. Without the agent's store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``)
     rank 0 of each round hosts a new store on a port its agent just chose: nothing of an
     earlier attempt is in it, and the prefix names no attempt, so workers of agents with
-    different counts meet.
+    different counts meet. Either way the prefix names the job (``TORCHELASTIC_RUN_ID``: random
+    per ``--standalone`` launch, ``--rdzv-id`` otherwise), so a worker that reaches another job's
+    store (two agents on one machine can pick the same free port for it) waits for its own peers
+    instead of taking a rank in that job.
     """
+    run = env.get("TORCHELASTIC_RUN_ID", "")
+    base = f"resilient_train/{run}" if run else "resilient_train"
     if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
-        return f"resilient_train/attempt-{int(env.get('TORCHELASTIC_RESTART_COUNT', '0'))}"
-    return "resilient_train"
+        return f"{base}/attempt-{int(env.get('TORCHELASTIC_RESTART_COUNT', '0'))}"
+    return base
 
 
 class Trainer:

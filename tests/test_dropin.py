@@ -167,3 +167,8 @@ def test_store_prefix_names_the_attempt_only_in_the_agents_shared_store():
     assert _store_prefix(shared) == "resilient_train/attempt-2"
     own = [{"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": n} for n in ("0", "1")]
     assert _store_prefix(own[0]) == _store_prefix(own[1]) == _store_prefix({}) == "resilient_train"
+    # the job's id is in the prefix: a worker that reaches another job's store (two agents can
+    # pick the same free port) does not take a rank in that job
+    jobs = [dict(own[0], TORCHELASTIC_RUN_ID=r) for r in ("job-a", "job-b")]
+    assert _store_prefix(jobs[0]) == "resilient_train/job-a" != _store_prefix(jobs[1])
+    assert _store_prefix(dict(shared, TORCHELASTIC_RUN_ID="job-a")) == "resilient_train/job-a/attempt-2"
