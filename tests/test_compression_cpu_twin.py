@@ -157,6 +157,7 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load():
         f"    Path({str(build / 'lock')!r}).write_bytes(b'')\n"
         "    print('holding', flush=True)\n"
         "    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    waiter = None
     try:
         assert holder.stdout.readline().strip() == "holding"
         load = [sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO)\n"
@@ -171,5 +172,6 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load():
         assert waiter.returncode == 0, out
         assert "left by a process killed while loading" in out and not (build / "lock").exists(), (out, sorted(os.listdir(build)))
     finally:
-        if holder.poll() is None:
-            holder.kill()
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()

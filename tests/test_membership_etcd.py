@@ -84,7 +84,9 @@ def test_unreachable_stores_fail_within_the_timeout():
         t0 = time.monotonic()
         with pytest.raises(MembershipStoreError, match=f"{dead[0]}.*did not answer within"):
             open_kvstore(url, timeout_s=1.5)
-        assert time.monotonic() - t0 < 5.0, url
+        # the timeout plus headroom for a loaded machine (torch's own client retried with random
+        # back-off and took 5.2 s in a CI run)
+        assert time.monotonic() - t0 < 1.5 + 2.0, url
 
 
 # ---------------------------------------------------------------- failover

@@ -23,6 +23,7 @@ Implementations:
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -81,13 +82,31 @@ class TCPKVStore:
         if self._store is None:
             import torch.distributed as dist
 
+            left = self._wait_listening()
             try:
                 self._store = dist.TCPStore(self.host_name, self.port, None, is_master=False,
-                                            timeout=self.connect_timeout)
+                                            timeout=timedelta(seconds=max(left, 1.0)))
             except Exception as exc:
                 raise MembershipStoreError(f"cannot reach the TCPStore at {self.host_name}:{self.port} "
                                            f"within {self.connect_timeout}: {exc}") from exc
         return self._store
+
+    def _wait_listening(self) -> float:
+        """Wait until the server accepts a plain TCP connection; return the seconds left of
+        ``connect_timeout``. torch's client retries a refused connection with random back-off
+        and overshot a 1.5 s timeout by up to 3.7 s on a loaded machine, printing a C++ stack
+        per try; this check fails within the timeout and with one message."""
+        deadline = time.monotonic() + self.connect_timeout.total_seconds()
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                socket.create_connection((self.host_name, self.port), timeout=max(0.05, min(left, 1.0))).close()
+                return deadline - time.monotonic()
+            except OSError as exc:
+                if deadline - time.monotonic() <= 0:
+                    raise MembershipStoreError(f"cannot reach the TCPStore at {self.host_name}:{self.port} "
+                                               f"within {self.connect_timeout}: {exc}") from exc
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _call(self, what: str, key: str, timeout: timedelta, fn: Any) -> Any:
         with self._lock:
