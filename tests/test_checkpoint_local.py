@@ -91,6 +91,34 @@ def test_latest_is_highest_valid_manifest_and_retention(tmp_path):
     assert mgr.steps() == [8, 10]
 
 
+def test_a_failed_retention_does_not_fail_the_committed_save(tmp_path, caplog):
+    """The provider stops answering the listing of the checkpoint root (what retention reads)
+    after the checkpoint is committed: save returns (warning, nothing deleted), and the next
+    save's retention catches up."""
+    from resilient_train.storage import LocalStore, RetryingStore, RetryPolicy
+
+    class RootListingDown(LocalStore):
+        down = True
+
+        def list(self, path=""):
+            if self.down and path in ("", "."):
+                raise ConnectionResetError(104, "injected connection reset during list ''")
+            return super().list(path)
+
+    state = make_run()
+    inner = RootListingDown(str(tmp_path))
+    store = RetryingStore(inner, RetryPolicy(max_attempts=2, max_total_s=0.5, base_wait_s=0.01, max_wait_s=0.02, breaker_cooldown_s=0))
+    mgr = rt.CheckpointManager(store, every_n_steps=1, keep_last=1)
+    with caplog.at_level("WARNING", logger="resilient_train"):
+        for step in (1, 2):
+            assert mgr.save(step, state).step == step
+    assert "retention failed" in caplog.text
+    assert sorted(p.parent.name for p in tmp_path.glob("step-*/manifest.json")) == ["step-0000000001", "step-0000000002"]
+    inner.down = False
+    mgr.save(3, state)
+    assert sorted(p.parent.name for p in tmp_path.glob("step-*/manifest.json")) == ["step-0000000003"]
+
+
 def test_retention_plan_never_drops_newest():
     from resilient_train.checkpoint import retention_plan
 

@@ -76,11 +76,17 @@ class CheckpointManager:
         return step > 0 and step % self.every_n_steps == 0 and step != self.last_saved_step
 
     def save(self, step: int, state: TrainState) -> SaveResult:
-        """Save now (collective), then apply retention on rank 0."""
+        """Save now (collective), then apply retention on rank 0. Once the checkpoint is
+        committed, a storage failure of retention is a warning (the next save's retention
+        catches up), never an error of the save."""
         result = save(self.store, state, step, process_group=self.process_group, options=self.options)
         self.last_saved_step = step
         if Coordinator(self.process_group).rank == 0:
-            self.apply_retention()
+            try:
+                self.apply_retention()
+            except StorageError as exc:
+                log.warning("step %d is committed under %s, but retention failed (the next save retries it): %s",
+                            step, self.store.uri, redact(str(exc)))
         return result
 
     def maybe_save(self, step: int, state: TrainState) -> SaveResult | None:
