@@ -113,9 +113,9 @@ def _build_lock(build: Path) -> Iterator[None]:
     Every ``load`` (also of a finished build: it runs ninja to check) takes torch's FileBaton, a
     plain ``lock`` file that a process killed while holding it leaves behind; every later load
     then waits for it forever (a worker SIGKILLed in its first round, as torchrun does to a
-    group whose peer died, would leave every process started after it hung). An ``flock`` is released by the kernel when its holder dies, and
-    torch's baton is only taken under it, so a baton found by the holder of the flock was left
-    by a dead process and is removed."""
+    group whose peer died, would leave every process started after it hung). An ``flock`` is
+    released by the kernel when its holder dies, and torch's baton is only taken under it, so a
+    baton found by the holder of the flock was left by a dead process and is removed."""
     path = build / "build.flock"
     with open(path, "a+b") as fh:
         deadline, said = time.monotonic() + BUILD_LOCK_WAIT_S, False
