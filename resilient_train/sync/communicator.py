@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -82,30 +83,47 @@ class Communicator(Protocol):
     def allgather(self, buf: torch.Tensor) -> Handle: ...
 
 
-def _wait_work(work: Any, timeout: timedelta, what: str, rank: int) -> None:
-    try:
-        ok = work.wait(timeout)
-    except Exception as exc:  # gloo raises RuntimeError on timeout or a dead peer
-        raise DistributedError(f"{what} failed", {rank: f"{type(exc).__name__}: {exc}"}) from exc
-    if ok is False:
-        raise DistributedError(f"{what} did not complete", {rank: f"timed out after {timeout}"})
-
-
 class ProcessGroupCommunicator:
     """A Communicator over a torch.distributed process group (gloo on CPU, NCCL on GPU).
 
     ``group`` is a ``ProcessGroup`` (e.g. ``dist.new_group()``, or a backend such as
     ``ProcessGroupGloo(store, rank, size)``); ``None`` means the default group, looked up on
-    first use (the constructor does no I/O)."""
+    first use (the constructor does no I/O).
+
+    **Failure propagation.** Gloo cannot interrupt an operation in flight (``abort()`` and
+    ``shutdown()`` return but the operation runs on until its timeout), so this class makes the
+    *wait* cancellable instead and lets the caller close the group's connections:
+
+    * :meth:`abort` (any thread): every wait on this communicator, in flight or later, fails at
+      once with :class:`DistributedError` naming the reason. The operation itself stays in
+      flight inside the backend (:attr:`busy`) until it completes or times out; buffers it
+      writes (an all-reduce's input) must therefore not be reused by the caller.
+    * :meth:`release`: drop the process group once nothing is in flight, which closes its
+      connections: every peer blocked on this member fails at once ("connection closed by
+      peer"), so a failure cascades through the group instead of leaving a peer that was waiting
+      on *this* member in its collective until the timeout. Returns False (and keeps the group)
+      while an operation is still in flight; call again later.
+
+    The only strong reference to an in-flight backend ``Work`` is kept here (errors are raised
+    without chaining the backend's exception, whose traceback would keep it and its connections
+    alive)."""
 
     def __init__(self, group: Any = None):
         self._group = group
         self.bytes_sent = 0
         self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._inflight: dict[int, Any] = {}
+        self._abandoned: set[int] = set()  # waits that left (abort, timeout) before their work ended
+        self._next = 0
+        self._aborted: str | None = None
+        self._released = False
 
     @property
     def group(self) -> Any:
         if self._group is None:
+            if self._released:
+                raise DistributedError(f"this communicator was released ({self._aborted or 'its group is closed'})")
             import torch.distributed as dist
 
             if not dist.is_initialized():
@@ -122,38 +140,174 @@ class ProcessGroupCommunicator:
     def world_size(self) -> int:
         return int(self.group.size())
 
+    @property
+    def busy(self) -> bool:
+        """An operation started here has not completed in the backend yet."""
+        with self._cond:
+            return self._pending() > 0
+
+    @property
+    def aborted(self) -> str | None:
+        """The reason given to :meth:`abort`, or None."""
+        return self._aborted
+
+    def abort(self, reason: str) -> None:
+        """Fail every wait on this communicator, now and later, with ``reason`` (thread-safe,
+        idempotent: the first reason is kept)."""
+        with self._cond:
+            if self._aborted is None:
+                self._aborted = reason
+            self._cond.notify_all()
+
+    def release(self) -> bool:
+        """Drop the process group (closing its connections) if nothing is in flight; see the
+        class docstring. True when released (now or before)."""
+        with self._cond:
+            if self._pending():
+                return False
+            if self._aborted is None:
+                self._aborted = "released"
+            self._released = True
+            self._group = None
+            self._cond.notify_all()
+            return True
+
+    def _pending(self) -> int:
+        """Forget works that ended after their waiter left (aborted, timed out); count the rest.
+        Caller holds ``_cond``."""
+        for key in [k for k in self._abandoned if self._inflight[k].is_completed()]:
+            del self._inflight[key]
+            self._abandoned.discard(key)
+        return len(self._inflight)
+
     def _count(self, nbytes: int) -> None:
         with self._lock:
             self.bytes_sent += nbytes
 
+    def _refused(self, what: str) -> Handle | None:
+        """After :meth:`abort` nothing new is posted to the backend: the handle fails at once."""
+        reason = self._aborted
+        if reason is None:
+            return None
+        rank = -1 if self._group is None else self.rank
+
+        def fail(_timeout: timedelta) -> None:
+            raise DistributedError(f"{what} aborted", {rank: reason})
+
+        return Handle(fail)
+
+    def _track(self, work: Any, what: str, *, completes_in_wait: bool = False) -> Handle:
+        """Keep ``work`` and return a handle whose wait is cancellable by :meth:`abort`.
+        ``completes_in_wait``: the backend makes progress only inside ``work.wait()`` (gloo's
+        send/recv), so a helper thread waits on it and the caller's wait stays cancellable."""
+        rank = self.rank
+        if completes_in_wait:
+            work = _WaitedInThread(work, what, self._notify)
+        poll_s = 0.05  # a safety net: completion wakes the waiter
+        if not completes_in_wait:
+            try:  # wake the waiter when the backend completes the work
+                work.get_future().add_done_callback(lambda _f: self._notify())
+            except Exception:  # noqa: BLE001 - a backend or op without futures: poll instead
+                poll_s = 0.002
+        with self._cond:
+            key = self._next
+            self._next += 1
+            self._inflight[key] = work
+
+        def wait(timeout: timedelta) -> None:
+            self._wait(key, timeout, what, rank, poll_s)
+
+        return Handle(wait)
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait(self, key: int, timeout: timedelta, what: str, rank: int, poll_s: float) -> None:
+        deadline = time.monotonic() + timeout.total_seconds()
+        with self._cond:
+            while True:
+                work = self._inflight.get(key)
+                if work is None:
+                    raise DistributedError(f"{what} failed", {rank: "this operation was already waited for"})
+                if work.is_completed():
+                    del self._inflight[key]
+                    break
+                del work
+                if self._aborted is not None:
+                    self._abandoned.add(key)
+                    raise DistributedError(f"{what} aborted", {rank: self._aborted})
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._abandoned.add(key)
+                    raise DistributedError(f"{what} did not complete", {rank: f"timed out after {timeout}"})
+                self._cond.wait(min(poll_s, left))
+        error = None
+        try:
+            work.wait()
+        except Exception as exc:  # gloo raises RuntimeError on a dead peer or its own timeout
+            error = f"{type(exc).__name__}: {exc}"
+        del work  # nothing may keep the backend's work (and so the group's connections) alive
+        if error is not None:
+            raise DistributedError(f"{what} failed", {rank: error})
+
     def allreduce_sum(self, buf: torch.Tensor) -> Handle:
+        if (refused := self._refused("all-reduce")) is not None:
+            return refused
         n = self.world_size
         self._count(int(2 * (n - 1) * buf.numel() * buf.element_size() // n))
         import torch.distributed as dist
 
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
-        work = self.group.allreduce([buf], opts)
-        rank = self.rank
-
-        def wait(timeout: timedelta) -> torch.Tensor:
-            _wait_work(work, timeout, "all-reduce", rank)
-            return buf
-
-        return Handle(wait)
+        return self._track(self.group.allreduce([buf], opts), "all-reduce").then(lambda _: buf)
 
     def allgather(self, buf: torch.Tensor) -> Handle:
+        if (refused := self._refused("all-gather")) is not None:
+            return refused
         n = self.world_size
         self._count((n - 1) * buf.numel() * buf.element_size())
         outs = [torch.empty_like(buf) for _ in range(n)]
-        work = self.group.allgather([outs], [buf])
-        rank = self.rank
+        return self._track(self.group.allgather([outs], [buf]), "all-gather").then(lambda _: outs)
 
-        def wait(timeout: timedelta) -> list[torch.Tensor]:
-            _wait_work(work, timeout, "all-gather", rank)
-            return outs
+    def send(self, buf: torch.Tensor, dst: int, tag: int) -> Handle:
+        """Point to point (state transfer to a joiner; not counted in ``bytes_sent``, which counts
+        the collectives); cancellable like the collectives."""
+        if (refused := self._refused(f"send to rank {dst}")) is not None:
+            return refused
+        return self._track(self.group.send([buf], dst, tag), f"send to rank {dst}", completes_in_wait=True)
 
-        return Handle(wait)
+    def recv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:
+        if (refused := self._refused(f"receive from rank {src}")) is not None:
+            return refused
+        return self._track(self.group.recv([buf], src, tag), f"receive from rank {src}", completes_in_wait=True)
+
+
+class _WaitedInThread:
+    """A backend work whose ``wait()`` runs on a daemon thread (bounded by the group's own
+    timeout), seen through ``is_completed``/``wait``/``get_future`` like a collective's."""
+
+    def __init__(self, work: Any, what: str, notify: Callable[[], None]):
+        self._error: str | None = None
+        self._done = threading.Event()
+
+        def run(box: list) -> None:
+            try:
+                box.pop().wait()
+            except Exception as exc:  # noqa: BLE001 - reported by wait()
+                self._error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._done.set()
+                notify()
+
+        threading.Thread(target=run, args=([work],), name=f"rt-{what}", daemon=True).start()
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(self._error)
 
 
 def allreduce_mean(comm: Communicator, buf: torch.Tensor) -> Handle:
