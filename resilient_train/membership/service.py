@@ -28,6 +28,22 @@ The protocol (keys under ``prefix`` in the :class:`~.kvstore.KVStore`; docs/memb
   ``compare_set(expected=None)``: the first proposal wins and everyone adopts it.
 * ``refused/<member>``: JSON ``{token, reason}`` for a refused joiner.
 * ``epoch-<n>/...``: the gloo rendezvous of epoch ``n``'s process group (ranks by sorted id).
+* ``abort/<n>``: JSON ``{member, error}``, written (first writer wins) by the first member that
+  sees a collective of epoch ``n`` fail, before its roll call (``rollcall/<n>/<member>``).
+
+**Failure propagation** (a failure one member sees reaches every member at once). Gloo cannot
+interrupt an operation in flight, so two mechanisms work together (docs/membership.md):
+
+1. *Connections.* A member whose collective failed releases its epoch's process group before
+   the roll call, which closes its connections; every peer blocked on it fails at once
+   ("connection closed by peer") and does the same, so the failure cascades along the ring.
+2. *The store.* While a collective is in flight, a watcher thread reads ``abort/<epoch>`` every
+   ``abort_poll_s`` (default 0.02 s) and, when it appears, cancels this member's wait
+   (:meth:`ProcessGroupCommunicator.abort`): members not connected to the failure (a partition,
+   a peer waiting on a send) leave the collective within one poll, independent of the round
+   deadline and the heartbeat timeout. The cancelled operation stays in flight inside gloo; its
+   group is kept aside and dropped as soon as the operation ends (normally at once, when the
+   peers' released groups close their connections; at the latest at the group's timeout).
 
 Every thread observes all heartbeats on its own monotonic clock (a heartbeat counts as seen
 when its ``(token, seq)`` changes), runs :func:`~.decision.decide`, and publishes the result
@@ -92,7 +108,8 @@ class Membership:
 
     def __init__(self, store: KVStore, member_id: str, fingerprint: str, *, heartbeat_interval_s: float = 1.0,
                  timeout_s: float = 10.0, min_members: int = 1, collective_timeout_s: float = 30.0,
-                 store_timeout_s: float = 5.0, prefix: str = "rt-membership", first_view_after_s: float | None = None):
+                 store_timeout_s: float = 5.0, prefix: str = "rt-membership", first_view_after_s: float | None = None,
+                 abort_poll_s: float = 0.02):
         if not isinstance(member_id, str) or not member_id or "/" in member_id:
             raise ConfigError(f"member_id must be a non-empty str without '/', got {member_id!r}")
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -106,6 +123,8 @@ class Membership:
             raise ConfigError(f"min_members must be an int >= 1, got {min_members!r}")
         if not collective_timeout_s > 0 or not store_timeout_s > 0:
             raise ConfigError("collective_timeout_s and store_timeout_s must be > 0")
+        if not 0 < abort_poll_s <= 1.0:
+            raise ConfigError(f"abort_poll_s must be in (0, 1] seconds, got {abort_poll_s!r}")
         for name in ("set", "get", "add", "compare_set", "clone"):
             if not callable(getattr(store, name, None)):
                 raise ConfigError(f"store must implement the KVStore protocol; it lacks {name}()")
@@ -148,6 +167,10 @@ class Membership:
         self._comm: ProcessGroupCommunicator | None = None
         self._adopt_lock = threading.Lock()
         self._rolling_epoch = -1
+        # failure propagation (the watcher thread): groups whose operation is still in flight
+        self.abort_poll_s = float(abort_poll_s)
+        self._graveyard: list[ProcessGroupCommunicator] = []
+        self._watcher: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifetime
 
@@ -169,6 +192,9 @@ class Membership:
         self._beat()
         self._thread = threading.Thread(target=self._run, name=f"membership-{self.member_id}", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, args=(self._kv.clone(),), name=f"membership-watch-{self.member_id}",
+                                         daemon=True)
+        self._watcher.start()
         return self
 
     def _refuse_duplicate(self) -> None:
@@ -188,7 +214,18 @@ class Membership:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.store_timeout.total_seconds() + self.heartbeat_interval_s + 1)
-        self._comm = None
+        if self._watcher is not None:
+            self._watcher.join(timeout=self.store_timeout.total_seconds() + 1)
+        with self._adopt_lock:
+            if self._comm is not None:
+                self._retire(self._comm)
+            self._comm = None
+        # groups whose cancelled operation is still in flight: give them a moment to end (their
+        # peers closed their connections) so that no gloo thread is left inside an operation
+        # when the interpreter exits
+        deadline = time.monotonic() + min(5.0, self.collective_timeout.total_seconds())
+        while self._reap() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def __enter__(self) -> "Membership":
         return self.start() if self._thread is None else self
@@ -266,15 +303,19 @@ class Membership:
                 raise MembershipError(f"could not connect the group of epoch {latest.epoch} "
                                       f"{list(latest.members)} within {self.collective_timeout}: {exc}; "
                                       f"wait_for_change() and call communicator() again") from exc
-            self._comm = ProcessGroupCommunicator(pg)
+            if self._comm is not None:
+                self._retire(self._comm)
+            comm = ProcessGroupCommunicator(pg)
             with self._cond:
+                self._comm = comm
                 self._view = latest
             log.info("%s adopted epoch %d %s (rank %d)", self.member_id, latest.epoch, list(latest.members),
                      latest.rank_of(self.member_id))
             return self._comm
 
     def report_failure(self, *, deadline_s: float, silent_after_s: float | None = None,
-                       exclude: tuple[str, ...] = (), poll_s: float = 0.02, view: View | None = None) -> View:
+                       exclude: tuple[str, ...] = (), poll_s: float = 0.02, view: View | None = None,
+                       error: str = "") -> View:
         """A collective of ``view``'s epoch (default: the adopted one; pass the view whose group
         could not be connected) failed: run the roll call and return the next view. Called on
         the training thread of every member that saw the failure. Rolling an epoch that the
@@ -290,7 +331,12 @@ class Membership:
         answered is dropped (a hung or partitioned member). The lowest member that answered
         publishes ``view/<epoch+1>`` with the members that answered (``compare_set``: a view
         published meanwhile by anyone else wins and is returned instead). Raises
-        :class:`MembershipError` when fewer than ``min_members`` answered by the deadline."""
+        :class:`MembershipError` when fewer than ``min_members`` answered by the deadline.
+
+        Before the roll call it propagates the failure (module docstring): it publishes
+        ``abort/<epoch>`` (with ``error``, this member's view of what failed) so that every
+        member's watcher cancels its wait on that epoch's collective, and releases the epoch's
+        process group so that peers blocked on this member fail at once."""
         silent_after = 3 * self.heartbeat_interval_s + 0.05 if silent_after_s is None else silent_after_s
         if view is None:  # the epoch whose collective failed: the adopted one
             view = self._view
@@ -299,6 +345,7 @@ class Membership:
             return view  # already dropped: nothing to vote on
         with self._cond:
             self._rolling_epoch = e
+        self.abort_epoch(e, error)
         kv.set(self._k(f"rollcall/{e}/{me}"), self._token.encode(), timeout=self.store_timeout)
         t0 = time.monotonic()
         seen: dict[str, tuple[Any, float]] = {}
@@ -341,6 +388,64 @@ class Membership:
                 raise MembershipError(f"{me}: no view after epoch {e} was published within {deadline_s} s of a "
                                       f"failed collective (store error: {self.last_error!r})")
             time.sleep(poll_s)
+
+    def abort_epoch(self, epoch: int, error: str = "") -> None:
+        """Tell every member that a collective of ``epoch`` failed (``abort/<epoch>``; the first
+        report wins) and, if ``epoch`` is the adopted one, cancel this member's waits on it and
+        release its process group (module docstring). A store error here is logged, not
+        raised: the connections closing still reach the peers, and the roll call that follows
+        reports the store."""
+        body = json.dumps({"member": self.member_id, "error": error[:500]}).encode()
+        try:
+            self._kv.compare_set(self._k(f"abort/{epoch}"), None, body, timeout=self.store_timeout)
+        except MembershipStoreError as exc:
+            self.last_error = exc
+            log.warning("membership %s: could not publish the failure of epoch %d: %s", self.member_id, epoch, exc)
+        with self._adopt_lock:
+            if self._comm is not None and self._view.epoch == epoch:
+                self._comm.abort(f"{self.member_id} saw a collective of epoch {epoch} fail: {error[:300]}")
+                self._retire(self._comm)
+                self._comm = None
+
+    def _retire(self, comm: ProcessGroupCommunicator) -> None:
+        """Close ``comm``'s group now, or once its operation in flight ends (the watcher)."""
+        comm.abort("superseded by a newer epoch")
+        if not comm.release():
+            with self._cond:
+                self._graveyard.append(comm)
+
+    def _reap(self) -> int:
+        """Release the retired groups whose operation has ended; returns how many remain."""
+        with self._cond:
+            self._graveyard = [c for c in self._graveyard if not c.release()]
+            return len(self._graveyard)
+
+    def _watch(self, kv: KVStore) -> None:
+        """The watcher thread: cancel the adopted epoch's collective in flight as soon as
+        ``abort/<epoch>`` appears; release retired groups whose operation ended."""
+        timeout = timedelta(seconds=min(self.store_timeout.total_seconds(), 2.0))
+        while not self._stop.wait(self.abort_poll_s):
+            self._reap()
+            with self._cond:
+                comm, epoch = self._comm, self._view.epoch
+            if comm is None or comm.aborted is not None or not comm.busy:
+                continue
+            try:
+                raw = kv.get(self._k(f"abort/{epoch}"), timeout=timeout)
+            except MembershipStoreError as exc:
+                self.last_error = exc
+                log.debug("membership %s: abort watch: store call failed: %s", self.member_id, exc)
+                continue
+            if raw is None:
+                continue
+            try:
+                d = json.loads(raw)
+                who, why = str(d.get("member")), str(d.get("error", ""))
+            except (ValueError, AttributeError):
+                who, why = "a member", raw[:200].decode(errors="replace")
+            log.info("membership %s: %s reported a failed collective in epoch %d; leaving it (%s)",
+                     self.member_id, who, epoch, why)
+            comm.abort(f"{who} reported a failed collective in epoch {epoch}: {why}")
 
     def set_flag(self, name: str, value: bytes = b"1") -> None:
         """Set a job-wide flag in the store (e.g. "started": the job has taken its first step)."""

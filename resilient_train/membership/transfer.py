@@ -112,23 +112,20 @@ def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat:
                 else torch.empty(meta_len, dtype=torch.uint8))
     if meta_len:
         chunks.append(meta_buf)
-    pg = comm.group
     sent = received = 0
     try:
         if me == source:
             for dst in receivers:
                 for tag, chunk in enumerate(chunks):
-                    if not pg.send([chunk], dst, tag).wait(timeout):
-                        raise TimeoutError(f"send to rank {dst} timed out after {timeout}")
+                    comm.send(chunk, dst, tag).wait(timeout)
                     sent += chunk.numel()
         elif me in receivers:
             for tag, chunk in enumerate(chunks):
-                if not pg.recv([chunk], source, tag).wait(timeout):
-                    raise TimeoutError(f"receive from rank {source} timed out after {timeout}")
+                comm.recv(chunk, source, tag).wait(timeout)
                 received += chunk.numel()
-    except Exception as exc:  # gloo raises RuntimeError when the peer dies
+    except DistributedError as exc:  # a peer died, or another member reported the epoch's failure
         raise DistributedError(f"state transfer in epoch {view.epoch} from {view.members[source]} failed",
-                               {me: f"{type(exc).__name__}: {exc}"}) from exc
+                               exc.failures or {me: str(exc)}) from None
     if me in receivers:
         got = state_digest(flat)
         if got != ref[1]:

@@ -306,16 +306,20 @@ class ProviderGroup:
             out = torch.empty((n, *buf.shape), dtype=buf.dtype)
             self._bcast(out)
             return list(out.unbind(0))
+        # every attempt runs on its own copy of the input: an attempt that was cancelled (a peer
+        # reported the failure first) may still be in flight inside gloo and write into it
         original = buf.clone()
         attempt = 0
         while True:
             comm = self._comm
             before = comm.bytes_sent
+            mine = original.clone()
             try:
                 if op == "allreduce":
-                    result = comm.allreduce_sum(buf).wait(self.round_deadline)
+                    buf.copy_(comm.allreduce_sum(mine).wait(self.round_deadline))
+                    result = buf
                 else:
-                    result = comm.allgather(buf).wait(self.round_deadline)
+                    result = comm.allgather(mine).wait(self.round_deadline)
                 self.bytes_sent += comm.bytes_sent - before
                 self._same_members = 0
                 break
@@ -327,7 +331,6 @@ class ProviderGroup:
                 except DroppedFromJobError:
                     self._bcast_code(_DROPPED)
                     raise
-                buf.copy_(original)
         self._bcast_code(_OK)
         if op == "allreduce":
             self._bcast(buf)
@@ -351,7 +354,7 @@ class ProviderGroup:
             unsynced = tuple(j for j in rolled.joiners if self._synced_epoch < rolled.epoch)
             try:
                 view = m.report_failure(deadline_s=self.round_deadline_s, silent_after_s=self.silent_after_s,
-                                        exclude=unsynced, view=rolled)
+                                        exclude=unsynced, view=rolled, error=f"{type(exc).__name__}: {exc}")
             except MembershipError as again:
                 raise DroppedFromJobError(f"group {self.name}: no new view after a failed round: {again}") from exc
             if self.name not in view.members or (self.name in m.latest.joiners and m.latest.epoch > failed.epoch):
