@@ -19,14 +19,20 @@ job; "SIGKILL the provider" kills its agent and its worker.
 * ``torchft-diloco``: torchft's ``DiLoCo`` (sync every 10 steps, outer Nesterov SGD 0.7/0.9);
   b dies inside round 7's all-reduce, i.e. after the quorum of that round included it.
 * ``rt``: this library: one process per provider with ``rt.wrap(..., TrainerConfig(group=,
-  membership=tcp://..., sync=SyncConfig(mode="diloco", sync_every=10)))``, checkpoints every 50
-  steps; b dies in round 7's exchange (the hook of examples/provider_train.py).
+  membership=tcp://..., sync=SyncConfig(mode="diloco", sync_every=10, codec="none")))``
+  (the exchange is a ring all-reduce), checkpoints every 50 steps; b dies in round 7's
+  exchange (the hook of examples/provider_train.py). ``rt-int8``: the same with the int8
+  codec (the exchange is an all-gather).
 
 torchft's servers bind every interface: with ``--netns`` (default when run as root) the whole
 benchmark re-executes itself inside ``unshare -n`` with only the loopback up.
 
 Measured per run, from the workers' JSON-lines logs (wall-clock ``time.time()`` on one host):
-``fault_to_resumed_s`` (the SIGKILL to the first *committed* step finished by every survivor),
+``fault_to_resumed_s`` (the SIGKILL until every survivor has completed a training step past the
+failed one: its first committed step of index >= the fault step finished after the SIGKILL, or
+for torchrun its first step after the restart; the slowest survivor's, from its own log, with
+each survivor's own figure in ``resumed_s_by_survivor``: a run where any survivor stalled
+cannot report less than that stall),
 ``sync_step_s`` (median duration of a fault-free step of the same kind: the floor of the former),
 ``steps_lost`` (optimizer steps whose update the survivors threw away), ``steps_redone``
 (batches computed again), ``rejoin_s`` (b's relaunch to its first step inside the job),
@@ -56,7 +62,7 @@ sys.path.insert(0, HERE)
 
 GROUPS = ("a", "b", "c")
 SIZES = {"2m": 1024, "20m": 4096}  # MLP 512 -> w -> w -> 512: 2.1M and 20.0M parameters
-METHODS = ("torchrun", "torchft-ddp", "torchft-diloco", "rt")
+METHODS = ("torchrun", "torchft-ddp", "torchft-diloco", "rt", "rt-int8")
 H = 10  # DiLoCo round length
 FAULT_STEP = 70  # b dies during step index 69 (the 70th step; DiLoCo round 7's exchange)
 EVERY = 50  # checkpoints (torchrun, rt)
@@ -276,7 +282,7 @@ def worker_rt(a: argparse.Namespace, log: Log) -> None:
     log("model_built")
     trainer = rt.wrap(model, opt, rt.TrainerConfig(
         checkpoint=os.path.join(a.ckpt, a.group), every_n_steps=EVERY, keep_last=2, async_save=False,
-        sync=rt.SyncConfig(mode="diloco", sync_every=H, codec="none"), group=a.group, membership=a.membership,
+        sync=rt.SyncConfig(mode="diloco", sync_every=H, codec="int8" if a.method == "rt-int8" else "none"), group=a.group, membership=a.membership,
         start_groups=3, round_deadline_s=30.0, join_timeout_s=120.0, heartbeat_timeout_s=a.heartbeat_s,
         event_log=os.path.join(a.out, f"rt-{a.group}-{a.launch}-rank{{rank}}.jsonl"), timeout_s=120))
     log("wrapped", step=trainer.step_count)
@@ -323,14 +329,14 @@ def worker_main(argv: list[str]) -> int:
         a.launch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if a.method == "torchrun":
         import torch.distributed.checkpoint  # noqa: F401
-    elif a.method == "rt":
+    elif a.method.startswith("rt"):
         import resilient_train  # noqa: F401
     else:
         import torchft.local_sgd  # noqa: F401
     torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())  # its first construction imports torch._dynamo: ~4 s here
     log = Log(os.path.join(a.out, f"w-{a.group}-{a.launch}.jsonl"))
     log("up", group=a.group, launch=a.launch, pid=os.getpid())  # imports done: what no library can save a restarted process
-    {"torchrun": worker_torchrun, "torchft-ddp": worker_torchft_ddp, "torchft-diloco": worker_torchft_diloco, "rt": worker_rt}[a.method](a, log)
+    {"torchrun": worker_torchrun, "torchft-ddp": worker_torchft_ddp, "torchft-diloco": worker_torchft_diloco, "rt": worker_rt, "rt-int8": worker_rt}[a.method](a, log)
     return 0
 
 
@@ -373,7 +379,7 @@ def back_in(method: str, e: dict) -> bool:
     torchft-diloco: a committed round in a quorum of all three."""
     if e["ev"] != "step" or e["g"] != "b" or e["launch"] != 1 or not e["c"]:
         return False
-    if method == "rt":
+    if method.startswith("rt"):
         return True
     return (e.get("n") or 0) >= 3 and (method != "torchft-diloco" or bool(e.get("sync")))
 
@@ -432,7 +438,8 @@ def run_one(method: str, width: int, out: str, torchft_hb_ms: int, rt_hb_s: floa
             if phase == "fault" and fault:
                 phase = "resume"
             if phase == "resume":
-                after = [e for e in evs if e["ev"] == "step" and e["t"] > fault["t"] and e["c"] and e["g"] != "b" and e["launch"] == (1 if method == "torchrun" else 0)]
+                after = [e for e in evs if e["ev"] == "step" and e["t"] > fault["t"] and e["c"] and e["g"] != "b"
+                         and (e["launch"] == 1 if method == "torchrun" else e["launch"] == 0 and e["i"] >= FAULT_STEP - 1)]
                 if {e["g"] for e in after} >= {"a", "c"}:
                     if method == "torchrun":
                         phase = "done_wait"
@@ -490,14 +497,17 @@ def analyse(method: str, out: str, relaunched_t: float | None, wall_s: float) ->
     surv = ("a", "c")
     steps = [e for e in evs if e["ev"] == "step"]
     res: dict[str, Any] = {"fault_step_index": fault.get("step"), "wall_s": round(wall_s, 2)}
-    # resumed: first committed step finished after the fault, by every survivor
+    # resumed: every survivor completed a step past the failed one (a step that was already in
+    # flight before the fault and ends after it does not count), from each survivor's own log
     first = {}
     for g in surv:
-        first[g] = next(e for e in steps if e["g"] == g and e["t"] > tf and e["c"] and (method != "torchrun" or e["launch"] == 1))
+        first[g] = next(e for e in steps if e["g"] == g and e["t"] > tf and e["c"]
+                        and (e["launch"] == 1 if method == "torchrun" else e["i"] >= FAULT_STEP - 1))
+    res["resumed_s_by_survivor"] = {g: round(e["t"] - tf, 3) for g, e in first.items()}
     res["fault_to_resumed_s"] = round(max(e["t"] for e in first.values()) - tf, 3)
     # the floor: a fault-free step of the same kind (the sync step for DiLoCo, any step otherwise)
     pre = [e for e in steps if e["g"] in surv and e["t"] < tf and e["i"] >= 20 and e["launch"] == 0]
-    if method in ("rt", "torchft-diloco"):
+    if method in ("rt", "rt-int8", "torchft-diloco"):
         pre = [e for e in pre if (e["i"] + 1) % H == 0]
     res["sync_step_s"] = round(statistics.median(e["t"] - e["t0"] for e in pre), 3) if pre else None
     # steps lost / redone on the survivors
@@ -705,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_one(method, SIZES[size], out, args.torchft_heartbeat_ms, args.rt_heartbeat_s, args.timeout)
                 except Exception as exc:  # noqa: BLE001  (a failed run is a result too)
                     r = {"error": f"{type(exc).__name__}: {exc}"}
-                r["loadavg_before"] = load
+                r["loadavg_before"], r["loadavg_after"] = load, machine_load()
                 runs[size][method].append(r)
                 print(f"[{time.time() - t0:6.0f} s] rep {rep} {size} {method}: {json.dumps(r, sort_keys=True)}", flush=True)
                 if not args.keep:

@@ -109,7 +109,7 @@ def provider_loss_part(root: str) -> int:
     rejoin = s["rejoin"][0] if s["rejoin"] else {}
     print("\nsummary of the provider loss:")
     print(f"  provider {s['fault_member']}'s torchrun (agent + 2 workers) SIGKILLed inside round {s['fault_round']} (step {s['fault_step']}), its storage taken down")
-    print(f"  survivors a and c redid only that round among themselves and went on: {s['recovery_s_from_fault']:.2f} s from the kill to training again (roll call {s['roll_call_s']:.2f} s), steps redone = {s['steps_redone']}")
+    print(f"  survivors a and c redid only that round among themselves and went on: {s['recovery_s_from_fault']:.2f} s from the kill to every survivor rank training again (the redone round complete; roll call {s['roll_call_s']:.2f} s), steps redone = {s['steps_redone']}")
     print(f"  provider b relaunched: back in at step {rejoin.get('step')} with {rejoin.get('received_bytes', 0) / 1e6:.2f} MB of live state from {rejoin.get('state_from')}, {s['rejoin_s_after_relaunch']} s after its relaunch (process start and imports included)")
     print(f"  validation loss: {s['first_val_loss']} at the first round -> {s['final_val_loss']} at the end")
     print(f"  survivors' checkpoint at step {step} equals the run where b left cleanly, bit for bit: {same}")

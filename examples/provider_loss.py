@@ -168,7 +168,11 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         "fault_member": b,
         "fault_round": args.fault_round,
         "fault_step": fault["step"],
-        "recovery_s_from_fault": round(max(r["t"] for r in recovered) - t_fault, 3),
+        # what a user feels: every rank of every survivor completed a round again (the redone one),
+        # read from each rank's own events; the figure is the slowest rank's
+        "recovery_s_from_fault": round(max(min(e["t"] for e in evs if e["event"] == "sync" and e["who"] == who and e["t"] > t_fault)
+                                           for who in {e["who"] for e in evs if e["who"][0] in survivors}) - t_fault, 3),
+        "reconfigured_s_from_fault": round(max(r["t"] for r in recovered) - t_fault, 3),
         "roll_call_s": max(r["seconds"] for r in recovered),
         "steps_redone": redone,
         "survivor_epochs": sorted({r["epoch"] for r in recovered}),
