@@ -1059,7 +1059,7 @@ def _prepare_apply(state: TrainState, shared: dict[str, Any], plan: "_LoadPlan",
 def _prepare_per_rank(state: TrainState, rank_tree: dict[str, Any], out: _Prepared) -> None:
     """``extra_per_rank`` and ``stateful_per_rank`` from this rank's rank-state file (see
     TrainState for which saved rank that is)."""
-    if state.extra_per_rank and "extra_per_rank" in rank_tree:
+    if "extra_per_rank" in rank_tree:  # an empty live dict is filled too (like ``extra`` is)
         epr = decode_rank_tree(rank_tree["extra_per_rank"], "extra_per_rank", state.extra_per_rank)
         if not isinstance(epr, dict):
             raise StateFileError("rank state: 'extra_per_rank' must be an object")
