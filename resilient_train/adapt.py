@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .data import ResumableSampler
 from .errors import ConfigError
 
-__all__ = ["ResumableDistributedSampler", "adapt_sampler", "unwrap_model", "check_model_layout", "forget_rendezvous_keys", "restart_safety_problem", "start_epoch", "epochs"]
+__all__ = ["ResumableDistributedSampler", "adapt_sampler", "unwrap_model", "find_script_ddp", "check_model_layout", "forget_rendezvous_keys", "restart_safety_problem", "start_epoch", "epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,28 @@ def unwrap_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modu
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.module, model
     return model, None
+
+
+def find_script_ddp(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The DistributedDataParallel the script built around ``module``, if any.
+
+    A script that keeps its own ``model = DDP(model)`` but passes the bare module to ``wrap``
+    would otherwise get a second DDP from ``wrap``: two reducers each all-reducing every
+    gradient (twice the traffic, and a mismatch of hooks when one of them is skipped). ``wrap``
+    adopts the script's DDP instead (one warning says so); pass the DDP itself to silence it.
+    Scans the live objects once (a few milliseconds per 100k objects).
+    """
+    import gc
+
+    from .checkpoint.state import unwrap_model as canonical
+
+    target = canonical(module)
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.parallel.DistributedDataParallel) and obj.module is not None and canonical(obj.module) is target:
+            log.warning("the model passed to wrap is already inside a DistributedDataParallel the script built: wrap uses that DDP "
+                        "instead of adding a second one (pass the DDP itself to wrap to silence this)")
+            return obj
+    return None
 
 
 def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import signal
+import os
 import sys
 import threading
 from typing import Any, Sequence
@@ -529,6 +530,18 @@ def _print_error(exc: BaseException) -> None:
         print(f"  {redact(line)}", file=sys.stderr)
 
 
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (``ckpt inspect --json | head -c 10``): the command did
+    its work and the reader chose to stop, so exit 0 (not "not found"). stdout is pointed at
+    /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, starting_handler: Any = None) -> int:
     """Run the command line. ``starting_handler``: the SIGINT handler the console script set
     for start-up (:mod:`resilient_train._console`); Ctrl-C raises KeyboardInterrupt again once
@@ -547,6 +560,8 @@ def main(argv: Sequence[str] | None = None, *, starting_handler: Any = None) -> 
     try:
         log.debug("resilient-train %s: %s", __version__, " ".join(a for a in (args.command, getattr(args, "ckpt_command", None)) if a))
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        return _reader_went_away()
     except (ResilientTrainError, OSError) as exc:
         _print_error(exc)
         return _exit_code(exc)

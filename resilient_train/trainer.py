@@ -46,6 +46,8 @@ import torch.distributed as dist
 
 from . import adapt
 from .checkpoint import TrainState, load
+from .checkpoint.state import unwrap_model
+from .scripts import _after_resume, _check_script_options, _drop_visible_logging, _init_from, _init_script_parts, _optimizer_step, _script_extras, _visible_logging
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
 from .checkpoint.writer import SaveOptions
@@ -112,6 +114,17 @@ class TrainerConfig:
     until no checkpoint committed for more than this many steps / this many saves in a row
     failed; then :meth:`Trainer.step` raises CheckpointPolicyError naming the providers and
     causes. None (default): no limit.
+
+    Training scripts (see :mod:`resilient_train.scripts`): ``max_steps``: the run is finished
+    at this step (:attr:`Trainer.finished`; :meth:`Trainer.step` refuses to go past it, so a
+    relaunched finished job trains no extra step). ``init_from`` (+ ``init_step``): when the
+    checkpoint location holds no committed checkpoint yet, start from this torch.save file,
+    Hugging Face folder or DCP folder as step N (see :mod:`resilient_train.foreign`).
+    ``log``: ``"auto"`` (default) prints the library's messages (resume, fallback past a bad
+    checkpoint, reshard, storage trouble) to stderr, rank 0 from INFO and other ranks from
+    WARNING, when the script configured no logging; ``"off"`` never adds a handler.
+    ``keep_best``/``keep_best_mode``: retention also keeps the ``keep_best`` checkpoints with the
+    lowest (``"min"``) or highest (``"max"``) metric given to :meth:`Trainer.report_metric`.
     """
 
     checkpoint: Any = None
@@ -140,8 +153,16 @@ class TrainerConfig:
     on_event: Any = field(default=None, repr=False)
     max_uncommitted_steps: int | None = None
     max_checkpoint_failures: int | None = None
+    # see "Training scripts" in the class docstring
+    max_steps: int | None = None
+    init_from: str | None = None
+    init_step: int | None = None
+    log: str = "auto"
+    keep_best: int = 0
+    keep_best_mode: str = "min"
 
     def __post_init__(self) -> None:
+        _check_script_options(self)
         if self.checkpoint is None:
             raise ConfigError("TrainerConfig.checkpoint is required: a folder, an fsspec URL (s3://bucket/run) or a Placement of providers")
         if isinstance(self.checkpoint, str) and not self.checkpoint:
@@ -252,7 +273,8 @@ def _store_prefix(env: Mapping[str, str]) -> str:
 class Trainer:
     """See the module docstring. Construct with :func:`wrap` (or ``Trainer(...).start()``)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainerConfig, *, scheduler: Any = None, sampler: Any = None, extra: dict[str, Any] | None = None):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainerConfig, *, scheduler: Any = None, sampler: Any = None, extra: dict[str, Any] | None = None,
+                 scaler: Any = None, extra_per_rank: dict[str, Any] | None = None, stateful_per_rank: dict[str, Any] | None = None):
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -279,6 +301,7 @@ class Trainer:
         self._commits_seen = 0
         self._in_flight_step: int | None = None
         self.cross: Any = None
+        _init_script_parts(self, scaler, extra_per_rank, stateful_per_rank)
 
     # ------------------------------------------------------------------ start
 
@@ -290,9 +313,14 @@ class Trainer:
         distributed_needed = cfg.group is None and (cfg.replica_groups > 1 or cfg.sync.mode != "ddp")
         if distributed_needed and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
             raise ConfigError(f"sync mode {cfg.sync.mode!r} with {cfg.replica_groups} replica group(s) needs several ranks: launch with torchrun (WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT are not set)")
-        adapt.check_model_layout(self._user_ddp, cfg.replica_groups)
         script_pg = dist.is_initialized()
+        if script_pg and self._user_ddp is None:
+            self._user_ddp = adapt.find_script_ddp(self.module)  # a bare module inside the script's DDP
+            if self._user_ddp is not None:
+                self.model = self._user_ddp
+        adapt.check_model_layout(self._user_ddp, cfg.replica_groups)
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
+        _visible_logging(self)
         self._owns_default_pg = not script_pg and dist.is_initialized()
         if self.world_size % cfg.replica_groups:
             raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
@@ -322,7 +350,7 @@ class Trainer:
 
         store = open_membership_store(cfg.membership, cfg.timeout_s) if self.rank == 0 else None
         sc = cfg.sync
-        fingerprint = model_fingerprint(self.module, f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
+        fingerprint = model_fingerprint(unwrap_model(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
         # the group's other ranks wait on this group while the leader rejoins: bound it by that
         wait_s = max(cfg.timeout_s, cfg.join_timeout_s + 2 * cfg.round_deadline_s)
         control = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s)) if self.world_size > 1 else None
@@ -389,8 +417,10 @@ class Trainer:
 
     def train_state(self) -> TrainState:
         self.extra["resilient_train.step"] = self.step_count
+        _script_extras(self)
         stateful = {"sync": self.sync} if self.sync is not None else {}
-        return TrainState(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, stateful=stateful, extra=self.extra)
+        return TrainState(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, stateful=stateful, extra=self.extra,
+                          extra_per_rank=self.extra_per_rank, stateful_per_rank=self.stateful_per_rank)
 
     def _checkpoint(self) -> Any:
         """The configured checkpoint location; with ``group=``, the group's own sub-folder
@@ -449,7 +479,12 @@ class Trainer:
         result = load_newest_verifiable(candidates, load_step, process_group=pg, on_skip=skipped)
         if result is None:
             self.events.emit("no_checkpoint")
+            if at_most is None and self.config.init_from is not None:
+                _init_from(self)
+            else:
+                log.info("no checkpoint under %s: training starts at step 0", self._checkpoint() if isinstance(self._checkpoint(), str) else "the checkpoint location")
             return
+        _after_resume(self)
         self.step_count = int(self.extra.get("resilient_train.step", result.step))
         self.resumed_from = result.step
         served: dict[str, int] = {}
@@ -499,6 +534,8 @@ class Trainer:
                 max_uncommitted_steps=cfg.max_uncommitted_steps, max_checkpoint_failures=cfg.max_checkpoint_failures,
                 start_step=self.resumed_from or 0, ledger=self.ledger, on_event=self.events.emit, copy_timeout_s=cfg.timeout_s,
             )
+            if cfg.keep_best:
+                self._ckpt.protect = lambda: self._protected_steps  # a snapshot taken at each save (scripts._script_extras)
         started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
         self._note_commits()
         if started:
@@ -548,7 +585,9 @@ class Trainer:
         """Call where the loop called ``optimizer.step()``."""
         if not self._started:
             raise ConfigError("Trainer.start() (or resilient_train.wrap) must run before step()")
-        self.optimizer.step()
+        if self.finished:
+            raise ConfigError(f"the run is finished: step {self.step_count} reached max_steps={self.config.max_steps}; end the loop on `trainer.finished` (e.g. `while not trainer.finished:`)")
+        _optimizer_step(self)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step_count += 1
@@ -614,6 +653,7 @@ class Trainer:
             self.cross.close()
         self.events.emit("close", step=self.step_count)
         self._release_groups()
+        _drop_visible_logging(self)
 
     def _release_groups(self) -> None:
         """Destroy the process groups this trainer created (all of them, with the default one,
@@ -667,6 +707,27 @@ class Trainer:
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close(save=None if exc_type is None else False)
 
+    # ------------------------------------------------------------------ scripts (see scripts.py)
+
+    @property
+    def finished(self) -> bool:
+        """True once ``config.max_steps`` is set and reached (a resumed finished run is finished
+        at once); :meth:`step` refuses to go past it."""
+        return self.config.max_steps is not None and self.step_count >= self.config.max_steps
+
+    def report_metric(self, value: float, step: int | None = None) -> None:
+        """The metric of the checkpoint at ``step`` (default: the current step), e.g. a validation
+        loss; with ``keep_best`` retention keeps the best such checkpoints beside the last N."""
+        from .scripts import report_metric
+
+        report_metric(self, value, step)
+
+    def best_steps(self) -> set[int]:
+        """The steps ``keep_best`` protects from retention (empty without ``keep_best``)."""
+        from .scripts import protected_steps
+
+        return protected_steps(self)
+
     # ------------------------------------------------------------------ epochs
 
     @property
@@ -679,14 +740,19 @@ class Trainer:
         return adapt.epochs(self, count)
 
 
-def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainerConfig | None = None, *, scheduler: Any = None, sampler: Any = None, extra: dict[str, Any] | None = None, **config_kwargs: Any) -> Trainer:
+def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainerConfig | None = None, *, scheduler: Any = None, sampler: Any = None, extra: dict[str, Any] | None = None,
+         scaler: Any = None, extra_per_rank: dict[str, Any] | None = None, stateful_per_rank: dict[str, Any] | None = None, **config_kwargs: Any) -> Trainer:
     """Wrap a model and optimizer; initialise distributed, resume, and return the started Trainer.
 
     ``config`` or keyword arguments of :class:`TrainerConfig` (``checkpoint=...`` at least).
+    ``scaler``: the script's ``torch.amp.GradScaler``; :meth:`Trainer.step` then replaces
+    ``scaler.step(optimizer); scaler.update()``. ``extra_per_rank`` / ``stateful_per_rank``:
+    state kept per rank (see :class:`~resilient_train.checkpoint.state.TrainState`), e.g.
+    ``stateful_per_rank={"loader": StatefulDataLoader(...)}``. See :mod:`resilient_train.scripts`.
     """
     if config is None:
         config = TrainerConfig(**config_kwargs)
     elif config_kwargs:
         raise ConfigError("pass either config= or TrainerConfig keyword arguments, not both")
-    return Trainer(model, optimizer, config, scheduler=scheduler, sampler=sampler, extra=extra).start()
+    return Trainer(model, optimizer, config, scheduler=scheduler, sampler=sampler, extra=extra, scaler=scaler, extra_per_rank=extra_per_rank, stateful_per_rank=stateful_per_rank).start()
 

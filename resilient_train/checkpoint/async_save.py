@@ -287,6 +287,7 @@ class AsyncCheckpointer:
                 self._placement, None if self._placement is not None else self._store, keep_last=self.keep_last, verify_keys=self.verify_keys, health_book=self.health_book,
                 ledger=self.ledger, on_event=self.on_event, probe_interval_s=self.probe_interval_s,
             )
+            self._worker.protect = getattr(self, "protect", None)  # keep_best: steps retention keeps beside keep_last
         return self._worker
 
     def _run(self, snap: _Staged, step: int) -> None:

@@ -69,6 +69,7 @@ class CheckpointWorker:
         self.placement = placement
         self.store = store
         self.keep_last = keep_last
+        self.protect: Callable[[], Any] | None = None  # steps retention keeps beside keep_last (keep_best)
         self.verify_keys = verify_keys
         self.health_book = health_book if health_book is not None else HealthBook()
         self.ledger = ledger
@@ -280,7 +281,9 @@ class CheckpointWorker:
             stores = [self.store]
         for store in stores:
             try:
-                removed = CheckpointManager(store, every_n_steps=1, keep_last=self.keep_last, verify_keys=self.verify_keys).apply_retention()
+                mgr = CheckpointManager(store, every_n_steps=1, keep_last=self.keep_last, verify_keys=self.verify_keys)
+                mgr.protect = self.protect
+                removed = mgr.apply_retention()
             except (ResilientTrainError, OSError) as exc:
                 log.warning("retention on %s skipped: %s", store.name, _describe(exc))
                 continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import ConfigError, StorageError
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
@@ -63,6 +63,7 @@ class CheckpointManager:
         self.store = open_store(uri, storage_options)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
+        self.protect: Callable[[], Iterable[int]] | None = None
         self.process_group = process_group
         self.options = options or SaveOptions()
         self.last_saved_step: int | None = None
@@ -141,7 +142,8 @@ class CheckpointManager:
             step = parse_step_dirname(name)
             if step is not None:
                 folders[step] = step in committed
-        doomed = retention_plan(folders, self.keep_last)
+        protected = set(self.protect()) if self.protect is not None else set()  # keep_best (checkpoint/keep_best.py)
+        doomed = [s for s in retention_plan(folders, self.keep_last) if s not in protected]
         for step in doomed:
             folder = step_dirname(step)
             try:

@@ -65,7 +65,7 @@ from .collectives import Coordinator
 from .discovery import committed_steps, find_latest, latest_step
 from .signatures import check_signature
 from .planner import ReadOp, plan_reads, region_volume
-from .state import TrainState, _local_piece, _optimizer_fqns, rng_state, set_rng_state, unwrap_model
+from .state import TrainState, _local_piece, _optimizer_fqns, decode_rank_tree, rng_state, set_rng_state, unwrap_model
 
 __all__ = [
     "load",
@@ -91,7 +91,7 @@ MAX_RUN_BYTES = 64 * 1024**2
 """Largest single ranged read: consecutive chunks of one file are fetched together up to this."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LoadResult:
     step: int
     manifest: Manifest
@@ -101,6 +101,12 @@ class LoadResult:
     bytes_fetched: int = 0
     """Bytes of checkpoint files this rank fetched and hashed (headers and JSON included; the
     manifest, which has no digest of its own, not)."""
+
+    def __repr__(self) -> str:
+        # short: the manifest lists every tensor (kilobytes even for a tiny model)
+        return (f"LoadResult(step={self.step}, world_size={self.manifest.world_size}, files={len(self.manifest.files)}, "
+                f"tensors={len(self.manifest.tensors)}, providers={sorted(set(self.sources.values()))}, "
+                f"seconds={self.seconds:.3f}, bytes_fetched={self.bytes_fetched})")
 
 
 # ------------------------------------------------------------------ finding checkpoints
@@ -882,13 +888,13 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
             # with their headers, within the budget; the others header first, then the ranges.
             whole = _wholly_needed(manifest, plan.targets)
             whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
-            rank_file = _rank_state_name(manifest, coord) if state.rng else None
+            rank_file = _rank_state_name(manifest, coord) if state.has_rank_state else None
             if rank_file is not None and any(f.path == rank_file for f in manifest.files):
                 whole.add(rank_file)
             if whole and whole_bytes <= budget:
                 chunks.prefetch([(f, i) for f in sorted(whole) for i in range(len(chunks.ranges(f)))])
             headers = dict(zip(files, pool.map(chunks.header, files)))
-            rank_tree = _read_rank_state(chunks, manifest, coord) if state.rng else None
+            rank_tree = _read_rank_state(chunks, manifest, coord) if state.has_rank_state else None
             prepared = _prepare_apply(state, shared, plan, rank_tree)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError, MemoryError, RuntimeError) as exc:
             raise _typed(exc, f"checkpoint step {manifest.step}") from exc
@@ -999,6 +1005,7 @@ class _Prepared:
     objects: list[tuple[Any, Any]] = field(default_factory=list)
     extra: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
+    extra_per_rank: dict[str, Any] | None = None
 
 
 def _prepare_apply(state: TrainState, shared: dict[str, Any], plan: "_LoadPlan", rank_tree: Any) -> _Prepared:
@@ -1039,12 +1046,32 @@ def _prepare_apply(state: TrainState, shared: dict[str, Any], plan: "_LoadPlan",
         if not isinstance(extra, dict):
             raise StateFileError(f"{STATE_NAME}: 'extra' must be an object")
         out.extra = extra
-    if rank_tree is not None and "rng" in rank_tree:
+    if rank_tree is not None and "rng" in rank_tree and state.rng:
         rng = decode(rank_tree["rng"])
         if not isinstance(rng, dict):
             raise StateFileError("rank state: 'rng' must be an object")
         out.rng = rng
+    if rank_tree is not None:
+        _prepare_per_rank(state, rank_tree, out)
     return out
+
+
+def _prepare_per_rank(state: TrainState, rank_tree: dict[str, Any], out: _Prepared) -> None:
+    """``extra_per_rank`` and ``stateful_per_rank`` from this rank's rank-state file (see
+    TrainState for which saved rank that is)."""
+    if "extra_per_rank" in rank_tree:  # an empty live dict is filled too (like ``extra`` is)
+        epr = decode_rank_tree(rank_tree["extra_per_rank"], "extra_per_rank", state.extra_per_rank)
+        if not isinstance(epr, dict):
+            raise StateFileError("rank state: 'extra_per_rank' must be an object")
+        out.extra_per_rank = epr
+    saved = rank_tree.get("stateful_per_rank", {})
+    if not isinstance(saved, dict):
+        raise StateFileError("rank state: 'stateful_per_rank' must be an object")
+    for name, obj in state.stateful_per_rank.items():
+        if name not in saved:
+            log.warning("the checkpoint holds no per-rank state for %r: it keeps its current state", name)
+            continue
+        out.objects.append((obj, decode_rank_tree(saved[name], f"stateful_per_rank.{name}")))
 
 
 def _copy_state(sd: Any) -> Any:
@@ -1094,3 +1121,6 @@ def _apply_rest(state: TrainState, p: _Prepared) -> None:
     if p.extra is not None:
         state.extra.clear()
         state.extra.update(p.extra)
+    if p.extra_per_rank is not None:
+        state.extra_per_rank.clear()
+        state.extra_per_rank.update(p.extra_per_rank)

@@ -22,7 +22,7 @@ from ..format.jsontree import decode, encode
 from ..format.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE
 from .planner import PieceMeta
 
-__all__ = ["TrainState", "Piece", "Snapshot", "capture", "rng_state", "set_rng_state", "unwrap_model"]
+__all__ = ["TrainState", "Piece", "Snapshot", "capture", "rng_state", "set_rng_state", "unwrap_model", "encode_rank_tree", "decode_rank_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,23 @@ class TrainState:
     * ``stateful``: more such objects by name (e.g. a DiLoCo wrapper's outer optimizer).
     * ``extra``: a user dict (JSON-able values and tensors); restored in place.
     * ``rng``: save and restore the RNG states of python, numpy, torch and CUDA, per rank.
+    * ``extra_per_rank``: a dict like ``extra`` but kept per rank (a prefetched batch, a
+      running metric of this rank); restored in place.
+    * ``stateful_per_rank``: objects with ``state_dict()``/``load_state_dict()`` by name whose
+      state differs per rank (a data loader's position: torchdata's ``StatefulDataLoader``).
 
-    ``stateful``, ``extra``, ``scheduler`` and ``sampler`` are assumed identical on every rank;
-    rank 0's copy is stored.
+    **Which rank's value is saved.** ``extra``, ``scheduler`` and ``sampler`` are rank 0's,
+    every key, JSON values and tensors alike (other ranks' values are not looked at).
+    ``stateful`` objects must be identical on every rank (the library's sync state is): their
+    JSON is rank 0's, their tensors are written by whichever rank balances the write.
+    ``rng``, ``extra_per_rank`` and ``stateful_per_rank`` are saved by every rank into its own
+    ``rank-NNNNN.json`` (tensors inline, copied to CPU at capture: keep this state small) and
+    restored per rank. **On a world-size change** rank ``r`` takes the state saved by rank
+    ``r % saved_world_size`` (growing: new ranks repeat the first ranks' state; shrinking: the
+    state of ranks ``>= new world size`` is dropped). Per-rank tensors come back on the device
+    of the value the live dict holds under that key at load time (CPU otherwise). A
+    ``stateful_per_rank`` object the checkpoint holds no state for keeps its own (a warning
+    says so): a script may start saving its data loader on a run that has checkpoints.
     """
 
     model: torch.nn.Module | None = None
@@ -52,6 +66,8 @@ class TrainState:
     stateful: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     rng: bool = True
+    extra_per_rank: dict[str, Any] = field(default_factory=dict)
+    stateful_per_rank: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, torch.nn.Module):
@@ -60,11 +76,19 @@ class TrainState:
             raise ConfigError(f"TrainState.optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
         if self.optimizer is not None and self.model is None:
             raise ConfigError("TrainState.optimizer needs TrainState.model: optimizer state is keyed by parameter name")
-        for label, obj in (("scheduler", self.scheduler), ("sampler", self.sampler), *((f"stateful[{k!r}]", v) for k, v in self.stateful.items())):
+        for label, obj in (("scheduler", self.scheduler), ("sampler", self.sampler), *((f"stateful[{k!r}]", v) for k, v in self.stateful.items()),
+                           *((f"stateful_per_rank[{k!r}]", v) for k, v in self.stateful_per_rank.items())):
             if obj is not None and not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise ConfigError(f"TrainState.{label} must have state_dict() and load_state_dict()")
         if not isinstance(self.extra, dict):
             raise ConfigError("TrainState.extra must be a dict")
+        if not isinstance(self.extra_per_rank, dict) or not isinstance(self.stateful_per_rank, dict):
+            raise ConfigError("TrainState.extra_per_rank and TrainState.stateful_per_rank must be dicts")
+
+    @property
+    def has_rank_state(self) -> bool:
+        """Whether a load must read this rank's ``rank-NNNNN.json``."""
+        return bool(self.rng or self.extra_per_rank or self.stateful_per_rank)
 
 
 @dataclass
@@ -96,11 +120,22 @@ class Snapshot:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameter names are the checkpoint's keys (DDP's ``module.`` dropped)."""
-    inner = getattr(model, "module", None)
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and isinstance(inner, torch.nn.Module):
-        return inner
+    """The module whose parameter names are the checkpoint's keys: DDP's ``module.`` and
+    ``torch.compile``'s ``_orig_mod.`` dropped, in any nesting (DDP of a compiled model, a
+    compiled DDP), so a checkpoint loads with compile on or off and exports plain names."""
+    for _ in range(8):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
     return model
+
+
+def _is_compiled(model: Any) -> bool:
+    """A ``torch.compile``'d module (``torch._dynamo``'s OptimizedModule), without importing dynamo."""
+    return isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) and type(model).__name__ == "OptimizedModule"
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -225,10 +260,14 @@ def capture(state: TrainState, rank: int = 0, world_size: int = 1) -> Snapshot:
             groups.append(tree)
         shared["optimizer"] = {"param_groups": groups, "state": opt_state}
 
-    def add_tree(label: str, obj: Any) -> None:
+    def add_tree(label: str, obj: Any, every_rank: bool = False) -> None:
         tree, ts = encode(obj, path=label, tensor_key=lambda p: f"{label}/{p[len(label) + 1:]}" if p.startswith(label + ".") else label)
-        for key, t in ts.items():
-            pieces.append(_piece(key, "extra", key, t))
+        # Only rank 0's shared.json is written, so only rank 0's tensors may be (the planner
+        # would otherwise pick whichever rank balances the write: rank 1's tensors beside
+        # rank 0's JSON). ``stateful`` objects are identical on every rank by contract.
+        if every_rank or rank == 0:
+            for key, t in ts.items():
+                pieces.append(_piece(key, "extra", key, t))
         shared[label] = tree
 
     if state.scheduler is not None:
@@ -236,7 +275,7 @@ def capture(state: TrainState, rank: int = 0, world_size: int = 1) -> Snapshot:
     if state.sampler is not None:
         add_tree("sampler", state.sampler.state_dict())
     for name, obj in sorted(state.stateful.items()):
-        add_tree(f"stateful.{name}", obj.state_dict())
+        add_tree(f"stateful.{name}", obj.state_dict(), every_rank=True)
     if state.extra:
         add_tree("extra", state.extra)
 
@@ -244,7 +283,71 @@ def capture(state: TrainState, rank: int = 0, world_size: int = 1) -> Snapshot:
     if state.rng:
         tree, _ = encode(rng_state())
         rank_state["rng"] = tree
+    if state.extra_per_rank:
+        rank_state["extra_per_rank"] = encode_rank_tree(state.extra_per_rank, "extra_per_rank")
+    if state.stateful_per_rank:
+        rank_state["stateful_per_rank"] = {name: encode_rank_tree(obj.state_dict(), f"stateful_per_rank.{name}") for name, obj in sorted(state.stateful_per_rank.items())}
     return Snapshot(pieces, shared, rank_state)
+
+
+# ------------------------------------------------------------------ per-rank state
+
+_RANK_TENSOR = "__rank_tensor__"
+
+
+def encode_rank_tree(obj: Any, label: str) -> Any:
+    """A JSON tree of one rank's own state, tensors inline (copied to CPU now, so the tree is a
+    snapshot of this moment even while the save runs in the background)."""
+
+    def inline(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if _is_dtensor(x):
+                raise ConfigError(f"{label}: a DTensor cannot be per-rank state; keep per-rank tensors local")
+            t = x.detach().to("cpu").contiguous()
+            if t.dtype not in DTYPE_TO_ST:
+                raise ConfigError(f"{label}: tensor dtype {t.dtype} cannot be stored")
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            return {_RANK_TENSOR: {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data": raw}}
+        if isinstance(x, dict):
+            if _RANK_TENSOR in x:
+                raise ConfigError(f"{label}: the key {_RANK_TENSOR!r} is reserved")
+            return {k: inline(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [inline(v) for v in x]
+        if isinstance(x, tuple):
+            return tuple(inline(v) for v in x)
+        return x
+
+    tree, ts = encode(inline(obj), path=label)
+    assert not ts  # every tensor was inlined above
+    return tree
+
+
+def decode_rank_tree(tree: Any, label: str, like: Any = None) -> Any:
+    """Inverse of :func:`encode_rank_tree`. ``like``: the live value; a tensor found under the
+    same key there gives the device the restored tensor goes to. Raises StateFileError."""
+    from ..errors import StateFileError
+
+    def restore(x: Any, live: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {_RANK_TENSOR}:
+                spec = x[_RANK_TENSOR]
+                try:
+                    dtype = ST_TO_DTYPE[spec["dtype"]]
+                    shape = [int(d) for d in spec["shape"]]
+                    raw = spec["data"]
+                    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+                except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                    raise StateFileError(f"rank state {label}: malformed tensor ({type(exc).__name__}: {exc})") from None
+                return t.to(live.device) if isinstance(live, torch.Tensor) else t
+            return {k: restore(v, live.get(k) if isinstance(live, dict) else None) for k, v in x.items()}
+        if isinstance(x, list):
+            return [restore(v, live[i] if isinstance(live, (list, tuple)) and i < len(live) else None) for i, v in enumerate(x)]
+        if isinstance(x, tuple):
+            return tuple(restore(v, live[i] if isinstance(live, (list, tuple)) and i < len(live) else None) for i, v in enumerate(x))
+        return x
+
+    return restore(decode(tree), like)
 
 
 def decode_rng(tree: Any) -> dict[str, Any]:

@@ -30,8 +30,11 @@ replica sends zeros and a veto flag in the same exchange); the round is skipped 
 replica: ``G``, the outer optimizer and the residuals stay as they were, ``L_i <- G``, and the
 skip is logged and counted in ``skipped_rounds``. The replica whose pseudo-gradient was
 non-finite also calls ``on_local_veto()`` (the trainer clears its inner optimizer state there,
-so a poisoned Adam moment cannot veto every later round), and ``max_vetoes_in_a_row`` (> 0)
-consecutive vetoed rounds raise :class:`SyncVetoError`. A failed or timed-out exchange raises
+so a poisoned Adam moment cannot veto every later round); without one, a DiLoCo given its
+``inner_optimizer`` clears that optimizer's state itself (logged). ``max_vetoes_in_a_row``
+(default :data:`DEFAULT_MAX_VETOES_IN_A_ROW`; 0 turns the limit off) consecutive vetoed rounds
+raise :class:`SyncVetoError`: with the defaults a replica that keeps producing non-finite
+pseudo-gradients stops training loudly instead of skipping every later round. A failed or timed-out exchange raises
 :class:`DistributedError`.
 
 ``state_dict()`` returns ``{"meta": <JSON-able dict>, "tensors": {name: Tensor}}`` with the
@@ -138,6 +141,10 @@ def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
     return groups
 
 
+DEFAULT_MAX_VETOES_IN_A_ROW = 3
+"""Consecutive vetoed rounds after which :class:`DiLoCo` raises SyncVetoError (0: never)."""
+
+
 class DiLoCo:
     """DiLoCo with optional streaming fragments, overlap and compressed pseudo-gradients.
 
@@ -153,7 +160,7 @@ class DiLoCo:
                  outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None, *,
                  sync_every: int, comm: Communicator | None = None, codec: str | Codec = "none",
                  fragments: int = 1, overlap_steps: int = 0, mix: float = 0.5,
-                 timeout: timedelta = DEFAULT_TIMEOUT, max_vetoes_in_a_row: int = 0,
+                 timeout: timedelta = DEFAULT_TIMEOUT, max_vetoes_in_a_row: int = DEFAULT_MAX_VETOES_IN_A_ROW,
                  on_local_veto: Callable[[], None] | None = None):
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ConfigError(f"sync_every must be an int >= 1 (inner steps between syncs), got {sync_every!r}")
@@ -188,8 +195,11 @@ class DiLoCo:
         self._handshake_done = False
         self.local_veto = False
         self.vetoes_in_a_row = 0
+        if isinstance(max_vetoes_in_a_row, bool) or not isinstance(max_vetoes_in_a_row, int) or max_vetoes_in_a_row < 0:
+            raise ConfigError(f"max_vetoes_in_a_row must be an int >= 0 (0: never raise), got {max_vetoes_in_a_row!r}")
         self.max_vetoes_in_a_row = max_vetoes_in_a_row
         self.on_local_veto = on_local_veto
+        self._inner = inner_optimizer
         self._hook = None
         if inner_optimizer is not None:
             self._hook = inner_optimizer.register_step_post_hook(lambda *_: self._step())
@@ -298,6 +308,9 @@ class DiLoCo:
             _write(frag.params, g.detach())
             if self.local_veto and self.on_local_veto is not None:
                 self.on_local_veto()  # heal: the poisoned replica also drops its inner optimizer state
+            elif self.local_veto and self._inner is not None:
+                self._inner.state.clear()  # the default heal: a poisoned moment would veto every later round
+                log.warning("inner optimizer state cleared on this replica after its non-finite pseudo-gradient")
             if self.max_vetoes_in_a_row and self.vetoes_in_a_row >= self.max_vetoes_in_a_row:
                 raise SyncVetoError(f"{self.vetoes_in_a_row} synchronisation rounds in a row were vetoed by a "
                                     f"non-finite pseudo-gradient (last at step {pending.launched_at}, this replica "
