@@ -137,8 +137,11 @@ def find_script_ddp(module: torch.nn.Module) -> torch.nn.Module | None:
     from .checkpoint.state import unwrap_model as canonical
 
     target = canonical(module)
+    ddp = torch.nn.parallel.DistributedDataParallel
     for obj in gc.get_objects():
-        if isinstance(obj, torch.nn.parallel.DistributedDataParallel) and obj.module is not None and canonical(obj.module) is target:
+        # type(), not isinstance(): isinstance() dereferences a weak proxy, which raises
+        # ReferenceError when its object is gone (seen with a DataLoader's proxies)
+        if issubclass(type(obj), ddp) and obj.module is not None and canonical(obj.module) is target:
             log.warning("the model passed to wrap is already inside a DistributedDataParallel the script built: wrap uses that DDP "
                         "instead of adding a second one (pass the DDP itself to wrap to silence this)")
             return obj

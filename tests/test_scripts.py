@@ -386,3 +386,20 @@ def test_bare_diloco_defaults_heal_a_nan_replica_and_raise_on_persistent_nans():
     with pytest.raises(Exception) as info:
         run_thread_ranks(always, 2)
     assert "SyncVetoError" in str(info.value) and "3 synchronisation rounds in a row were vetoed" in str(info.value), info.value
+
+
+def test_finding_the_scripts_ddp_survives_dead_weak_proxies():
+    """The scan of live objects meets weak proxies whose object is gone (a DataLoader leaves
+    some): isinstance() on one raises ReferenceError, which failed wrap in test_dropin."""
+    import weakref
+
+    from resilient_train import adapt
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    dead = weakref.proxy(thing)
+    del thing
+    assert adapt.find_script_ddp(torch.nn.Linear(1, 1)) is None
+    assert type(dead) is weakref.ProxyType
