@@ -43,11 +43,12 @@ def _net(seed: int = 0) -> _Net:
 
 
 def _shard(model: torch.nn.Module, mesh, mp: bool = False) -> torch.nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kw = {"mesh": mesh}
-    if mp:
+    if mp:  # bf16 compute, sharded parameters and optimizer state offloaded to the CPU
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     for child in (model.fc1, model.fc2):
         fully_shard(child, **kw)
     fully_shard(model, **kw)
@@ -151,7 +152,7 @@ def test_ddp_checkpoint_loads_on_fsdp2_and_hsdp_on_fsdp2(tmp_path):
         _same(got, ref)
 
 
-def test_mixed_precision_keeps_full_precision_state(tmp_path):
+def test_mixed_precision_and_cpu_offload_keep_full_precision_state(tmp_path):
     root = str(tmp_path)
     ref = run_ranks(_save_fsdp, 2, root, False, True)[0]
     manifest = json.loads((tmp_path / "step-0000000007" / "manifest.json").read_text())
