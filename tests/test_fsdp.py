@@ -269,11 +269,11 @@ EXAMPLE = os.path.join(ROOT, "examples", "train_fsdp.py")
 HARNESS = os.path.join(ROOT, "tests", "torchrun_harness.py")
 
 
-def _torchrun(cwd: str, env_extra: dict, nproc: int = 2) -> None:
+def _torchrun(cwd: str, env_extra: dict, nproc: int = 2, epochs: int = 3) -> None:
     import subprocess
     import sys
 
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=1", HARNESS, EXAMPLE, "--epochs", "3"]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=1", HARNESS, EXAMPLE, "--epochs", str(epochs)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **env_extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -283,7 +283,8 @@ def _torchrun(cwd: str, env_extra: dict, nproc: int = 2) -> None:
 def test_fsdp_example_survives_sigkill_bit_for_bit(tmp_path):
     """examples/train_fsdp.py (fully_shard per block, 2 ranks, 48 steps, checkpoints every 10):
     rank 1 is SIGKILLed at step 25; torchrun restarts the job, which resumes from step 10 or 20
-    and ends with the same weights and AdamW moments, byte for byte, as an uninterrupted run."""
+    and ends with the same weights and AdamW moments, byte for byte, as an uninterrupted run.
+    Relaunched on one rank, it resumes that checkpoint resharded and trains on."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir(), run.mkdir()
     _torchrun(str(ref), {"RT_REPORT_DIR": str(ref)})
@@ -299,6 +300,12 @@ def test_fsdp_example_survives_sigkill_bit_for_bit(tmp_path):
     # the pieces are each rank's own: no file holds a whole sharded tensor
     manifest = json.loads((a / "manifest.json").read_text())
     assert all(t["shape"] != t["global_shape"] for t in manifest["tensors"] if t["key"].startswith("model/"))
+    # the job comes back on one rank (a lost node): it resumes the 2-rank checkpoint, resharded,
+    # and trains the next epoch (256 samples / batch 8 = 32 steps on one rank)
+    (run / "one").mkdir()
+    _torchrun(str(run), {"RT_REPORT_DIR": str(run / "one")}, nproc=1, epochs=4)
+    report = json.loads((run / "one" / "report-rank0-attempt0.json").read_text())
+    assert report == {"steps_run": 32, "resumed_from": 48, "step": 80, "world": 1}, report
 
 
 # ------------------------------------------------------------------ memory: never gathered
