@@ -18,8 +18,12 @@ later at the first checkpoint:
 * **model**: a model already in ``DistributedDataParallel`` is accepted when the job is one
   replica group (plain DDP): the script's DDP stays in charge of the gradients and the wrapper
   checkpoints its ``.module``. With several replica groups, DDP must span one group only, so
-  ``wrap`` refuses and asks for the bare model. FSDP models are refused (the checkpoint path
-  here saves whole or row-sharded tensors of a replicated model, not FSDP's flat shards).
+  ``wrap`` refuses and asks for the bare model. A model the script passed through FSDP2's
+  ``fully_shard`` (its parameters are DTensors: FSDP over a 1-D mesh, HSDP over a 2-D one) is
+  taken as it is: FSDP2 stays in charge of the gradients, ``wrap`` adds no DDP, and checkpoints
+  hold each rank's own pieces (never gathered; see :func:`model_layout`). FSDP1
+  (``FullyShardedDataParallel``) is refused with the fix (move to ``fully_shard``): its flat
+  parameters hide the tensors a checkpoint keys by name.
 * **sampler**: a ``DistributedSampler`` is converted in place (the DataLoader that holds it
   keeps working) into a :class:`ResumableDistributedSampler`: same dataset length, shuffle,
   seed, ``drop_last`` and epoch, hence the same order of samples, plus a position that a
@@ -43,7 +47,8 @@ import torch.distributed as dist
 from .data import ResumableSampler
 from .errors import ConfigError
 
-__all__ = ["ResumableDistributedSampler", "adapt_sampler", "unwrap_model", "find_script_ddp", "check_model_layout", "forget_rendezvous_keys", "restart_safety_problem", "start_epoch", "epochs"]
+__all__ = ["ResumableDistributedSampler", "adapt_sampler", "unwrap_model", "find_script_ddp", "model_layout", "check_model_layout",
+           "check_sharded_mesh", "forget_rendezvous_keys", "restart_safety_problem", "start_epoch", "epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +114,26 @@ def forget_rendezvous_keys(groups: list[Any], timeout: timedelta, env: Mapping[s
 # ---------------------------------------------------------------------- model
 
 
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    names = {cls.__name__ for cls in type(model).__mro__}
-    return bool(names & {"FullyShardedDataParallel", "FSDPModule"})
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    return any(cls.__name__ == "FullyShardedDataParallel" for cls in type(model).__mro__)
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and callable(getattr(t, "to_local", None))
 
 
 def unwrap_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """``(bare module, the script's DDP or None)``; FSDP is refused with the fix."""
-    if _is_fsdp(model) or any(_is_fsdp(m) for m in model.modules()):
-        raise ConfigError("wrap does not take FSDP models: its checkpoints hold whole or row-sharded tensors of a replicated model. Pass the bare model (wrap adds DDP itself), or save an FSDP model with resilient_train.save and its full state dict")
+    """``(module to checkpoint, the script's DDP or None)``. A DDP model gives its ``.module``;
+    an FSDP2 model (``fully_shard``) is its own module; FSDP1 is refused with the fix."""
+    if any(_is_fsdp1(m) for m in model.modules()):
+        raise ConfigError(
+            "wrap takes FSDP2 models (torch.distributed.fsdp.fully_shard), not FSDP1 (FullyShardedDataParallel): "
+            "its flat parameters hide the per-tensor layout a checkpoint keys by name. Replace "
+            "`FullyShardedDataParallel(model, ...)` by `fully_shard(block)` for each block and `fully_shard(model)`"
+        )
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if any(_is_dtensor(p) for p in model.module.parameters()):
+            raise ConfigError("the model is in DistributedDataParallel and its parameters are DTensors (fully_shard): remove `DDP(...)`, FSDP2 already averages the gradients")
         return model.module, model
     return model, None
 
@@ -148,8 +163,37 @@ def find_script_ddp(module: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int) -> None:
-    """The script's DDP spans every rank; that is right only for a single replica group."""
+def model_layout(module: torch.nn.Module) -> str:
+    """``"sharded"`` when the parameters are DTensors (FSDP2 / HSDP / a DTensor mesh), else
+    ``"replicated"`` (a plain model: each rank holds every tensor whole; DDP's case).
+
+    The checkpoint path is one for both: a replicated tensor is the one-piece case of a sharded
+    one (each distinct piece is written once, by one of the ranks that hold it, and a load
+    reads the region its live tensor covers). The layout decides only who averages gradients:
+    DDP (added by ``wrap`` when the script did not) or the script's FSDP2. A model with some
+    DTensor and some plain parameters is refused: its plain ones would never be averaged
+    (``fully_shard(model)`` on the root shards the rest).
+    """
+    params = list(module.parameters())
+    sharded = [_is_dtensor(p) for p in params]
+    if not any(sharded):
+        return "replicated"
+    if not all(sharded):
+        plain = [n for n, p in module.named_parameters() if not _is_dtensor(p)][:3]
+        raise ConfigError(f"some parameters are DTensors (fully_shard) and some are not ({', '.join(plain)}): call fully_shard(model) on the root module too, so every parameter is sharded and its gradient averaged")
+    return "sharded"
+
+
+def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int, layout: str = "replicated", sync_mode: str = "ddp", group: str | None = None) -> None:
+    """The script's DDP spans every rank; that is right only for a single replica group. A
+    sharded model trains inside one torchrun job: the exchange between providers (``group=``,
+    ``localsgd``/``diloco``) does not take sharded models yet, and is refused here."""
+    if layout == "sharded" and (sync_mode != "ddp" or group is not None or replica_groups > 1):
+        raise ConfigError(
+            f"an FSDP2 (fully_shard) model trains with sync mode 'ddp' inside one torchrun job (FSDP2 averages its gradients); "
+            f"sync mode {sync_mode!r}{' with group=' + repr(group) if group else ''} between providers does not take sharded models yet: "
+            "use TrainerConfig(sync=SyncConfig(mode='ddp')) without group=/membership="
+        )
     if user_ddp is None:
         return
     if replica_groups > 1:
@@ -157,6 +201,15 @@ def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int) ->
     pg = getattr(user_ddp, "process_group", None)
     if pg is not None and dist.is_initialized() and dist.get_world_size(pg) != dist.get_world_size():
         raise ConfigError("the model's DistributedDataParallel uses a process group smaller than the world: pass the bare model and let wrap build the groups (replica_groups)")
+
+
+def check_sharded_mesh(module: torch.nn.Module, world_size: int) -> None:
+    """Every DTensor parameter's mesh spans the whole job: FSDP2 over all ranks, or HSDP's
+    replicate x shard mesh. A mesh over fewer ranks would leave the other ranks' copies
+    unaveraged and the checkpoint's pieces ambiguous."""
+    for name, p in module.named_parameters():
+        if _is_dtensor(p) and p.device_mesh.size() != world_size:
+            raise ConfigError(f"parameter {name!r} is sharded over a mesh of {p.device_mesh.size()} ranks but the job has {world_size}: build the mesh over every rank (init_device_mesh(device, (world_size,)) or HSDP's (replicas, shards))")
 
 
 # ---------------------------------------------------------------------- sampler

@@ -16,7 +16,7 @@ What :func:`wrap` does, in order (the phases of :meth:`Trainer.start`):
    agent's, shared by every attempt: see :func:`init_distributed`), so a restarted gloo job
    never reads the previous attempt's peer addresses, and initialises the default process
    group. A group the script
-   initialised itself is adopted instead, and a script's DDP model and DistributedSampler are
+   initialised itself is adopted instead, and a script's DDP or FSDP2 (``fully_shard``) model and DistributedSampler are
    accepted (see :mod:`resilient_train.adapt`).
 2. **layout**: ranks are split into ``replica_groups`` contiguous groups (one per provider).
    Inside a group gradients are averaged every step by DDP over fast local links; between
@@ -282,7 +282,8 @@ class Trainer:
         if not isinstance(config, TrainerConfig):
             raise ConfigError(f"config must be a TrainerConfig, got {type(config).__name__}")
         self.config = config
-        self.module, self._user_ddp = adapt.unwrap_model(model)  # a script's DDP is kept; FSDP refused
+        self.module, self._user_ddp = adapt.unwrap_model(model)  # a script's DDP is kept; FSDP1 refused
+        self.layout = adapt.model_layout(self.module)  # "sharded": the script's FSDP2 (fully_shard) averages gradients
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.sampler = adapt.adapt_sampler(sampler)  # a DistributedSampler becomes resumable, in place
@@ -318,9 +319,10 @@ class Trainer:
             self._user_ddp = adapt.find_script_ddp(self.module)  # a bare module inside the script's DDP
             if self._user_ddp is not None:
                 self.model = self._user_ddp
-        adapt.check_model_layout(self._user_ddp, cfg.replica_groups)
+        adapt.check_model_layout(self._user_ddp, cfg.replica_groups, self.layout, cfg.sync.mode, cfg.group)
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
         _visible_logging(self)
+        adapt.check_sharded_mesh(self.module, self.world_size)
         self._owns_default_pg = not script_pg and dist.is_initialized()
         if self.world_size % cfg.replica_groups:
             raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
@@ -380,7 +382,8 @@ class Trainer:
                     self._cross = pg
         # A separate group for checkpoint collectives, which may run on a background thread.
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        if (self.group_size > 1 or (groups == 1 and self.world_size > 1)) and self._user_ddp is None:
+        # DDP is added for a replicated model only: a sharded (FSDP2) model's gradients are FSDP2's
+        if (self.group_size > 1 or (groups == 1 and self.world_size > 1)) and self._user_ddp is None and self.layout == "replicated":
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, process_group=self._intra)
 
     def _build_sync(self, timeout: timedelta) -> None:

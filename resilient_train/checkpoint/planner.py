@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 from ..format.manifest import TensorRecord
 from ..format.names import shard_filename
 
-__all__ = ["PieceMeta", "FilePlan", "SavePlan", "plan_save", "ReadOp", "plan_reads", "region_volume"]
+__all__ = ["PieceMeta", "FilePlan", "SavePlan", "plan_save", "ReadOp", "plan_reads", "region_volume", "tiling_problem"]
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -153,3 +153,36 @@ def plan_reads(records: Sequence[TensorRecord], target_offsets: Sequence[int], t
         ops.append(ReadOp(rec, tuple(l - o for l, o in zip(lo, rec.offsets)), tuple(l - t for l, t in zip(lo, target_offsets)), size))
         covered += region_volume(size)
     return ops, covered
+
+
+def tiling_problem(records: Sequence[TensorRecord]) -> str | None:
+    """Why the stored pieces of one logical tensor do not tile it exactly, or None.
+
+    Exact tiling: every piece lies inside the global shape, no two pieces share an element, and
+    their volumes add up to the tensor's (so together they cover every element once). A reader
+    that only counted covered elements could take two overlapping pieces for a gap they hide.
+    Pieces are swept in order of their first-dimension start, so pieces sharded along the first
+    dimension (FSDP2's ``Shard(0)``) are checked in ``n log n``.
+    """
+    if not records:
+        return "no stored pieces"
+    gshape = tuple(records[0].global_shape)
+    for r in records:
+        if tuple(r.global_shape) != gshape:
+            return f"pieces disagree on the global shape ({list(gshape)} vs {list(r.global_shape)})"
+        if len(r.offsets) != len(gshape) or any(o < 0 or o + s > g for o, s, g in zip(r.offsets, r.shape, gshape)):
+            return f"piece at offsets {list(r.offsets)} of shape {list(r.shape)} lies outside the global shape {list(gshape)}"
+    total = sum(region_volume(r.shape) for r in records)
+    if total != region_volume(gshape):
+        return f"pieces hold {total} elements, the tensor has {region_volume(gshape)}"
+    if len(gshape) == 0 or len(records) == 1:
+        return None
+    ordered = sorted((r for r in records if region_volume(r.shape) > 0), key=lambda r: r.offsets)
+    active: list[TensorRecord] = []
+    for r in ordered:
+        active = [a for a in active if a.offsets[0] + a.shape[0] > r.offsets[0]]
+        for a in active:
+            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.shape, r.offsets, r.shape)):
+                return f"pieces at offsets {list(a.offsets)} and {list(r.offsets)} overlap"
+        active.append(r)
+    return None

@@ -64,7 +64,7 @@ from ..storage import Store, open_store, redact
 from .collectives import Coordinator
 from .discovery import committed_steps, find_latest, latest_step
 from .signatures import check_signature
-from .planner import ReadOp, plan_reads, region_volume
+from .planner import ReadOp, plan_reads, region_volume, tiling_problem
 from .state import TrainState, _local_piece, _optimizer_fqns, decode_rank_tree, rng_state, set_rng_state, unwrap_model
 
 __all__ = [
@@ -625,6 +625,10 @@ def _build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any]
                 targets.append(_whole_target(key, recs))
                 tree_keys.append(key)
 
+    for key in sorted({t.key for t in targets}):
+        why = tiling_problem(by_key.get(key, []))  # before coverage: overlaps can fake it
+        if why is not None:
+            problems.append(f"{key}: stored pieces do not tile the tensor exactly: {why}")
     for t in targets:
         recs = by_key.get(t.key, [])
         _, covered = plan_reads(recs, t.offsets, tuple(t.dest.shape))
