@@ -201,6 +201,27 @@ def test_a_reported_failure_cancels_the_collective_of_members_not_connected_to_i
             m.close()
 
 
+def test_a_failed_epoch_is_never_connected_again():
+    """After a member reported a failure of its epoch, asking for that epoch's group again (a
+    store error cut the roll call short, the trainer rejoins) fails at once instead of
+    rendezvousing on keys that name the dead member (a 30 s connect timeout per try)."""
+    from resilient_train.errors import MembershipError
+
+    kv, ms = _members(2)
+    try:
+        _adopt_all(ms)
+        a = ms[0]
+        epoch = a.view.epoch
+        a.abort_epoch(epoch, "test: the exchange failed")
+        t0 = time.monotonic()
+        with pytest.raises(MembershipError, match=f"epoch {epoch} failed"):
+            a.communicator()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        for m in ms:
+            m.close()
+
+
 def test_abort_poll_is_validated():
     with pytest.raises(ConfigError, match="abort_poll_s"):
         Membership(object.__new__(TCPKVStore), "a", "fp", abort_poll_s=0)

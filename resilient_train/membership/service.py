@@ -170,6 +170,7 @@ class Membership:
         # failure propagation (the watcher thread): groups whose operation is still in flight
         self.abort_poll_s = float(abort_poll_s)
         self._graveyard: list[ProcessGroupCommunicator] = []
+        self._failed_epoch = -1  # the newest epoch whose collective failed: never connected again
         self._watcher: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifetime
@@ -290,6 +291,11 @@ class Membership:
                 latest, admitted = self._latest, self._admitted
             if self._comm is not None and latest.epoch == self._view.epoch:
                 return self._comm
+            if latest.epoch <= self._failed_epoch:
+                # its rendezvous keys name the dead member's address: connecting again would only
+                # wait out the connect timeout. The roll call publishes the next view.
+                raise MembershipError(f"{self.member_id}: epoch {latest.epoch} failed (a collective of it was aborted); "
+                                      "wait_for_change() for the next view and call communicator() again")
             if not admitted or self.member_id not in latest.members:
                 raise MembershipError(f"{self.member_id} is not a member of epoch {latest.epoch} "
                                       f"{list(latest.members)}: wait_for_admission() and rejoin")
@@ -395,6 +401,8 @@ class Membership:
         release its process group (module docstring). A store error here is logged, not
         raised: the connections closing still reach the peers, and the roll call that follows
         reports the store."""
+        with self._adopt_lock:
+            self._failed_epoch = max(self._failed_epoch, epoch)
         body = json.dumps({"member": self.member_id, "error": error[:500]}).encode()
         try:
             self._kv.compare_set(self._k(f"abort/{epoch}"), None, body, timeout=self.store_timeout)
