@@ -1,6 +1,6 @@
 """Membership at scale: roll call, view switch and store load against the number of groups.
 
-    python benchmarks/sim_membership_scale.py                      # 8 16 32 64 groups, TCPStore (+ etcd)
+    python benchmarks/sim_membership_scale.py                      # 8 16 32 (x2), 64, TCPStore; 8 on etcd
     python benchmarks/sim_membership_scale.py --groups 8 --runs 1 --no-etcd
 
 Each *group* is one replica group's leader: one real :class:`~resilient_train.membership.Membership`
@@ -35,7 +35,10 @@ Measured per run of N resident groups (every figure per run lands in the JSON):
 * ``rollcall`` (per cycle): the joined group is SIGKILLed -> every survivor holds the next view
   (``report_failure`` returned it) and -> every survivor has built that view's gloo group.
 
-Configurations are interleaved (8 16 32 64 64 32 16 8 ...), medians and spreads per N are in
+Configurations are interleaved (``--groups`` forward then backward, ``--runs`` times: 8 16 32
+32 16 8 by default), then ``--once`` sizes (64) and ``--etcd-groups`` (8) against a real
+3-member etcd. A run that does not reach a phase within its limit is recorded with the reason
+(what it measured before that phase is kept). Medians and spreads per N are in
 ``benchmarks/results/membership_scale.json`` with the machine and its load average.
 """
 
@@ -479,7 +482,8 @@ def run_once(n: int, store_spec: str, *, cycles: int = 2, workdir: str | None = 
                 cycle_error = str(exc)[:1500]
                 break
         errors = [e for e in r.log if e["ev"] == "error"]
-        return {"groups": n, "workers": nw, "logs": workdir, "heartbeat_interval_s": hb_s, "timeout_s": timeout_s, "store": store_spec.split(":")[0], "store_load": store,
+        return {"groups": n, "workers": nw, "logs": workdir, "heartbeat_interval_s": hb_s, "timeout_s": timeout_s,
+                "store": store_spec.split(":")[0], "store_load": store,
                 "abort_watch": abort_watch, "joins": joins, "rollcalls": rollcalls,
                 "member_errors": errors[:10], "loadavg_end": os.getloadavg(), "cycle_error": cycle_error}
     finally:
