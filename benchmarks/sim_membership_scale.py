@@ -38,7 +38,8 @@ Measured per run of N resident groups (every figure per run lands in the JSON):
 Configurations are interleaved (``--groups`` forward then backward, ``--runs`` times: 8 16 32
 32 16 8 by default), then ``--once`` sizes (64) and ``--etcd-groups`` (8) against a real
 3-member etcd. A run that does not reach a phase within its limit is recorded with the reason
-(what it measured before that phase is kept). Medians and spreads per N are in
+(the store load, abort watch and cycles measured before a failing join-and-kill cycle are
+kept). Medians and spreads per N are in
 ``benchmarks/results/membership_scale.json`` with the machine and its load average.
 """
 
