@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from .test_provider_loss import _events, _launch, _same, _wait_all, provider_loss
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 STEPS = 200
 # short rendezvous timings: a dead agent's keep-alive expires after 1 s x 5; a round with fewer
@@ -87,14 +87,22 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
     from resilient_train.membership.kvstore import TCPKVStore
 
     provider_loss.warm_codec_cache()
-    steps = STEPS + (60 if comes_back else 0)
+    steps = STEPS
+    stop_file = str(tmp_path / "stop-at-step")
+    if comes_back:
+        # Every job trains until the step this test writes once the returned node's b has
+        # rejoined (events decide: on a loaded machine the others must not finish first).
+        common_steps = provider_loss.UNTIL_STOP_FILE
+    else:
+        provider_loss.write_stop_step(stop_file, steps)
+        common_steps = steps
     kv = TCPKVStore.host(0)
     rdzv = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)  # b's c10d rendezvous
-    common = ("--step-delay", "0.15")
+    common = ("--step-delay", "0.15", "--stop-file", stop_file)
     elastic = ("--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv.port}", f"--rdzv-id=b-{os.urandom(4).hex()}",
                f"--rdzv-conf={RDZV_CONF}", "--local-addr=127.0.0.1")
-    procs = {g: _launch(tmp_path, kv.port, g, *common, steps=steps) for g in "ac"}
-    agents = [_launch(tmp_path, kv.port, "b", *common, steps=steps, restarts=1, launcher=elastic, log_name=f"log-b-node{i}.txt") for i in range(2)]
+    procs = {g: _launch(tmp_path, kv.port, g, *common, steps=common_steps) for g in "ac"}
+    agents = [_launch(tmp_path, kv.port, "b", *common, steps=common_steps, restarts=1, launcher=elastic, log_name=f"log-b-node{i}.txt") for i in range(2)]
     try:
         # b ran on 2 ranks, committed a checkpoint saved by both, and a few rounds passed
         _wait_for("b's 2-rank checkpoint of step 20", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["step"] >= 20), 150)
@@ -108,7 +116,12 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
         if comes_back:  # once b runs on 1 rank and has committed a checkpoint of its own, the node returns
             _wait_for("b's 1-rank checkpoint", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["t"] > killed_at), 120)
             returned_at = time.time()
-            agents.append(_launch(tmp_path, kv.port, "b", *common, steps=steps, restarts=1, launcher=elastic, log_name="log-b-node2.txt"))
+            agents.append(_launch(tmp_path, kv.port, "b", *common, steps=common_steps, restarts=1, launcher=elastic, log_name="log-b-node2.txt"))
+            _wait_for("b back on 2 ranks, rejoined", lambda: _has(tmp_path, "b-rank0", "joined", lambda e: e["t"] > returned_at and e.get("received_bytes")), 240)
+            joined = [e for e in _events(tmp_path, "b-rank0") if e["event"] == "joined" and e["t"] > returned_at and e.get("received_bytes")][0]
+            # a few rounds past the rejoin (each job reads the file at a round boundary), at least STEPS + 60
+            steps = max(STEPS + 60, (joined["step"] // 10 + 3) * 10)
+            provider_loss.write_stop_step(stop_file, steps)
             _wait_all({**procs, "b": survivor, "b-returned": agents[-1]}, timeout_s=200)
         else:
             _wait_all({**procs, "b": survivor}, timeout_s=200)

@@ -357,9 +357,10 @@ def test_commit_whose_response_was_lost_is_judged_by_the_objects_bytes(servers, 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("same_bytes", [True, False])
-def test_store_create_only_retry_reads_the_object_back(servers, same_bytes):
-    """The storage contract under the same fault, one call of ``write_bytes_exclusive``."""
+def test_lost_create_answer_over_another_writers_object_is_a_conflict(servers):
+    """The storage layer under the same fault, against S3: ``write_bytes_exclusive`` whose
+    response was lost, over another writer's object, must never report success (whichever
+    layer retried: botocore inside the call, or RetryingStore), and the object stays theirs."""
     from resilient_train.storage import open_store
     from resilient_train.testing.proxy import FaultProxy
 
@@ -368,13 +369,43 @@ def test_store_create_only_retry_reads_the_object_back(servers, same_bytes):
     direct = open_store(srv.uri("rt-commit", prefix), srv.storage_options)
     with FaultProxy(srv.port) as proxy:
         store = open_store(srv.uri("rt-commit", prefix), dict(srv.storage_options, endpoint_url=proxy.endpoint))
-        if not same_bytes:
-            direct.write_bytes("x/commit", b"theirs")
+        direct.write_bytes("x/commit", b"theirs")
         proxy.drop_response(f"PUT /rt-commit/{prefix}/x/commit".encode())
-        if same_bytes:
+        with pytest.raises(errors.StoreConflictError):
             store.write_bytes_exclusive("x/commit", b"mine")
-        else:
-            with pytest.raises(errors.StoreConflictError):
-                store.write_bytes_exclusive("x/commit", b"mine")
         assert proxy.responses_dropped == 1
-    assert direct.read_bytes("x/commit") == (b"mine" if same_bytes else b"theirs")
+    assert direct.read_bytes("x/commit") == b"theirs"
+
+
+@pytest.mark.parametrize("who", ["own", "another-writer"])
+def test_retry_layer_create_only_after_a_lost_attempt(tmp_path, who):
+    """RetryingStore over a real local store whose first create-only attempt fails in transit:
+    ``own``: the attempt created the object, then its answer was lost; the retry's conflict is
+    read back and is a success. ``another-writer``: the attempt never arrived, another writer
+    created the object meanwhile; the retry's conflict must stay a conflict."""
+    from resilient_train.storage import LocalStore, RetryingStore, RetryPolicy
+    from resilient_train.testing.faults import FaultyStore
+
+    inner = LocalStore(str(tmp_path / "s"))
+
+    class _LostAnswer(FaultyStore):
+        first = True
+
+        def write_bytes_exclusive(self, path, data):
+            if self.first:
+                self.first = False
+                if who == "own":
+                    inner.write_bytes_exclusive(path, data)  # it arrived ...
+                else:
+                    inner.write_bytes_exclusive(path, b"theirs")  # ... or someone else was first
+                raise ConnectionResetError("connection reset by peer")  # ... and the answer was lost
+            super().write_bytes_exclusive(path, data)
+
+    store = RetryingStore(_LostAnswer(inner), RetryPolicy(max_attempts=3, base_wait_s=0.0, max_wait_s=0.0))
+    if who == "own":
+        store.write_bytes_exclusive("x/commit", b"mine")
+        assert inner.read_bytes("x/commit") == b"mine"
+    else:
+        with pytest.raises(errors.StoreConflictError):
+            store.write_bytes_exclusive("x/commit", b"mine")
+        assert inner.read_bytes("x/commit") == b"theirs"

@@ -331,7 +331,7 @@ def _loads_manifest(data: bytes, where: str) -> Any:
     try:
         i = ws(text, 0).end()
         if text[i:i + 1] != "{":
-            raise fail("top level must be a JSON object")
+            raise ValueError("its top level must be a JSON object")
         i = ws(text, i + 1).end()
         if text[i:i + 1] == "}":
             i += 1

@@ -167,29 +167,19 @@ class FsspecStore:
     def write_bytes_exclusive(self, path: str, data: bytes) -> None:
         """One create-only PUT: ``mode="create"`` of s3fs (``If-None-Match: *``), gcsfs
         (``ifGenerationMatch=0``) and adlfs (``overwrite=False``: ``If-None-Match: *``).
-        memory:// and local fsspec paths get an exists check under a lock (one process only).
-
-        The clients retry a request whose response was lost inside this one call (botocore
-        does): the retry of a PUT that did reach the server finds its own object. So on a
-        conflict the object is read back: if it holds exactly ``data``, the create succeeded
-        (whoever wrote those bytes, the object is what this call was to create); any other
-        content, or a failed read-back, raises StoreConflictError."""
+        memory:// and local fsspec paths get an exists check under a lock (one process only)."""
         full = self._full(path)
-        data = bytes(data)
         try:
             fs = self.fs
             if _is_conditional_backend(fs):
-                self._run("pipe_file", full, data, mode="create")
+                self._run("pipe_file", full, bytes(data), mode="create")
             else:
                 with _EXCLUSIVE_LOCK:
                     if fs.exists(full):
                         raise FileExistsError(full)
-                    fs.pipe_file(full, data)
+                    fs.pipe_file(full, bytes(data))
         except Exception as exc:  # noqa: BLE001
             if _is_conflict(exc):
-                if self._holds(full, data):
-                    log.info("[%s] create-only write of %r found its own bytes there: the lost first attempt had succeeded", self.name, path)
-                    return
                 raise StoreConflictError(f"{path!r} already exists under {self.uri}", provider=self.name, path=path) from None
             raise self._wrap(exc, path) from exc
         finally:
@@ -197,14 +187,6 @@ class FsspecStore:
                 self.fs.invalidate_cache(full)
             except Exception:  # noqa: BLE001 - the cache is only an optimisation
                 pass
-
-    def _holds(self, full: str, data: bytes) -> bool:
-        """Whether the object ``full`` holds exactly ``data`` (False when it cannot be read)."""
-        try:
-            self.fs.invalidate_cache(full)
-            return bytes(self._run("cat_file", full, start=0, end=len(data) + 1)) == data
-        except Exception:  # noqa: BLE001 - unknown content is not ours
-            return False
 
     def exists(self, path: str) -> bool:
         full = self._full(path, allow_empty=True)
