@@ -296,3 +296,31 @@ def test_malformed_signature_files_and_short_secrets_are_refused():
             pytest.fail(f"a signature file with {what} was accepted")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         SigningKey.hmac_sha256(SECRET[:31])
+
+
+def test_hmac_signature_under_an_ed25519_key_id_keyed_with_the_public_key_is_refused(tmp_path):
+    """Algorithm confusion: the public key is no secret. A ``manifest.sig`` that claims
+    ``hmac-sha256`` under the trusted Ed25519 key's id, with an HMAC keyed by that public key,
+    over a forged manifest, must be refused (by load, the manager and ``ckpt verify``); the
+    verifier uses the trusted key's algorithm, never the one the file claims."""
+    from resilient_train.format.signing import SIGNATURE_DOMAIN
+
+    ed = _write_keys(tmp_path)
+    root = str(tmp_path / "ck")
+    state = make_train_state()
+    save(root, state, 1, options=SaveOptions(signing_key=ed))
+    pub = str(tmp_path / "pub.pem")
+    public = ed.verify_key()._material  # the raw Ed25519 public key: anyone can read it
+    assert len(public) == 32
+    folder = tmp_path / "ck" / step_dirname(1)
+    manifest = (folder / MANIFEST_NAME).read_bytes()
+    forged = manifest  # the attacker could MAC any bytes; the real ones keep the rest of the checks quiet
+    mac = hmac.new(public, SIGNATURE_DOMAIN + forged, hashlib.sha256).digest()
+    sig = json.dumps({"alg": "hmac-sha256", "key_id": ed.key_id, "sig": base64.b64encode(mac).decode()}).encode()
+    (folder / SIGNATURE_NAME).write_bytes(sig)
+    ring = load_verify_keys([pub])
+    with pytest.raises(SignatureError):
+        ring.verify(forged, sig)
+    with pytest.raises(SignatureError):
+        load(root, make_train_state(seed=5), 1, verify_keys=pub)
+    assert cli(["ckpt", "verify", root, "--step", "1", "--verify-key", pub]) != 0
