@@ -324,3 +324,35 @@ def test_hmac_signature_under_an_ed25519_key_id_keyed_with_the_public_key_is_ref
     with pytest.raises(SignatureError):
         load(root, make_train_state(seed=5), 1, verify_keys=pub)
     assert cli(["ckpt", "verify", root, "--step", "1", "--verify-key", pub]) != 0
+
+
+def test_retention_run_by_wraps_background_worker_counts_only_trusted_checkpoints(tmp_path):
+    """The retention users run is the one ``wrap``'s background worker runs after each commit:
+    with ``verify_keys``, unsigned steps written into the folder mid-run (newer than every
+    trusted one) must not push the trusted checkpoints out of ``keep_last``."""
+    import torch
+
+    import resilient_train as rt
+    from resilient_train import TrainerConfig
+
+    root = str(tmp_path / "ck")
+    ed = SigningKey.generate_ed25519()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = rt.wrap(model, opt, TrainerConfig(checkpoint=root, every_n_steps=1, keep_last=2, signing_key=ed, verify_keys=ed.verify_key()))
+
+    def step() -> None:
+        model(torch.randn(2, 8)).sum().backward()
+        trainer.step()
+        opt.zero_grad()
+
+    step()  # step 1, signed
+    for forged in (100, 101, 102):  # written by someone without the key, after the resume
+        save(root, make_train_state(), forged)
+    for _ in range(3):
+        step()  # steps 2..4, each commit followed by retention in the background
+    trainer.close()
+    steps = sorted(int(n.split("-")[1]) for n in LocalStore(root).list("") if n.startswith("step-"))
+    assert {3, 4} <= set(steps), steps  # the two newest trusted checkpoints survive
+    assert not {1, 2} & set(steps), steps  # and retention did run on the trusted ones
