@@ -87,15 +87,19 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
     from resilient_train.membership.kvstore import TCPKVStore
 
     provider_loss.warm_codec_cache()
-    steps = STEPS
+    # Every job trains until the step this test writes once b has rejoined (on the returning
+    # node too, when it comes back): events decide, so that on a loaded machine a and c cannot
+    # finish before b is admitted again.
     stop_file = str(tmp_path / "stop-at-step")
-    if comes_back:
-        # Every job trains until the step this test writes once the returned node's b has
-        # rejoined (events decide: on a loaded machine the others must not finish first).
-        common_steps = provider_loss.UNTIL_STOP_FILE
-    else:
-        provider_loss.write_stop_step(stop_file, steps)
-        common_steps = steps
+    common_steps = provider_loss.UNTIL_STOP_FILE
+
+    def stop_after_rejoin(since: float, at_least: int) -> int:
+        _wait_for("b rejoined with the live state", lambda: _has(tmp_path, "b-rank0", "joined", lambda e: e["t"] > since and e.get("received_bytes")), 240)
+        joined = [e for e in _events(tmp_path, "b-rank0") if e["event"] == "joined" and e["t"] > since and e.get("received_bytes")][0]
+        n = max(at_least, (joined["step"] // 10 + 3) * 10)  # a few rounds on (each job reads the file at a round boundary)
+        provider_loss.write_stop_step(stop_file, n)
+        return n
+
     kv = TCPKVStore.host(0)
     rdzv = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)  # b's c10d rendezvous
     common = ("--step-delay", "0.15", "--stop-file", stop_file)
@@ -117,13 +121,10 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
             _wait_for("b's 1-rank checkpoint", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["t"] > killed_at), 120)
             returned_at = time.time()
             agents.append(_launch(tmp_path, kv.port, "b", *common, steps=common_steps, restarts=1, launcher=elastic, log_name="log-b-node2.txt"))
-            _wait_for("b back on 2 ranks, rejoined", lambda: _has(tmp_path, "b-rank0", "joined", lambda e: e["t"] > returned_at and e.get("received_bytes")), 240)
-            joined = [e for e in _events(tmp_path, "b-rank0") if e["event"] == "joined" and e["t"] > returned_at and e.get("received_bytes")][0]
-            # a few rounds past the rejoin (each job reads the file at a round boundary), at least STEPS + 60
-            steps = max(STEPS + 60, (joined["step"] // 10 + 3) * 10)
-            provider_loss.write_stop_step(stop_file, steps)
+            steps = stop_after_rejoin(returned_at, STEPS + 60)
             _wait_all({**procs, "b": survivor, "b-returned": agents[-1]}, timeout_s=200)
         else:
+            steps = stop_after_rejoin(killed_at, STEPS)
             _wait_all({**procs, "b": survivor}, timeout_s=200)
     finally:  # also when the test's timeout interrupts a wait
         for p in [*procs.values(), *agents]:
