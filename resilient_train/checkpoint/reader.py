@@ -459,7 +459,8 @@ def _check_listed(sources: Sequence[Store], manifest: Manifest) -> None:
         )
 
 
-_NUMERIC_GROUP_KEYS = ("lr", "initial_lr", "weight_decay", "eps", "momentum", "dampening")
+# numbers in every torch optimizer that has them (not "eps": Adafactor keeps a tuple there)
+_NUMERIC_GROUP_KEYS = ("lr", "initial_lr", "weight_decay", "momentum", "dampening")
 
 
 def _is_number_or_scalar(v: Any, scalars: set[str]) -> bool:
