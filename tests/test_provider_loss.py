@@ -40,9 +40,11 @@ H, EVERY, FAULT_ROUND = 10, 20, 3
 
 def _args(out, fault):
     # The reference (b leaves cleanly) needs no relaunch and no delay: neither changes the maths.
+    # keep_last: every checkpoint stays (the survivors train until b has rejoined, however long
+    # that takes on a loaded machine; the comparison below reads their step-40 checkpoints).
     return argparse.Namespace(out=str(out), steps=220, ranks=2, sync_every=H, every=EVERY, fault=fault, fault_member="b",
                               fault_round=FAULT_ROUND, rejoin_after_rounds=1, round_deadline=30.0,
-                              step_delay=0.1 if fault == "kill" else 0.0, keep_last=20, relaunch=fault == "kill")
+                              step_delay=0.1 if fault == "kill" else 0.0, keep_last=1000, relaunch=fault == "kill")
 
 
 def _scenario(tmp_path, fault):
