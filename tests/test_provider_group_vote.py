@@ -83,14 +83,14 @@ def test_a_joiner_is_admitted_at_one_round_boundary_by_every_leader():
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors[g] = exc
 
-    threads = {g: threading.Thread(target=run, args=(g,), name=f"leader-{g}") for g in "ab"}
+    threads = {g: threading.Thread(target=run, args=(g,), name=f"leader-{g}", daemon=True) for g in "ab"}
     for t in threads.values():
         t.start()
     deadline = time.monotonic() + 60
     while len(results["a"]) < 3:  # c starts once a and b are well into the run
         assert time.monotonic() < deadline and not errors, errors
         time.sleep(0.01)
-    threads["c"] = threading.Thread(target=run, args=("c",), name="leader-c")
+    threads["c"] = threading.Thread(target=run, args=("c",), name="leader-c", daemon=True)
     threads["c"].start()
     for t in threads.values():
         t.join(90)
