@@ -87,6 +87,18 @@ def warm_codec_cache() -> None:
         print(f"(built the CPU codec kernel in {time.perf_counter() - t0:.0f} s; cached for next time)")
 
 
+UNTIL_STOP_FILE = 10**7
+"""--steps of a provider that trains until the launcher writes the stop file."""
+
+
+def write_stop_step(path: str, step: int) -> None:
+    """Write the step every provider stops at (atomically: a reader never sees half a number)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(step))
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[[str], None], storage_up: Callable[[str], None]) -> dict:
     """Run the scenario; ``storage_down(name)``/``storage_up(name)`` stop and restart a provider's storage."""
     from resilient_train.membership.kvstore import TCPKVStore
@@ -102,10 +114,22 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Any] = {}
 
+    # Every provider trains until the step written into this file (read at round boundaries):
+    # when the lost provider is relaunched, only once it has rejoined, so that on a slow machine
+    # the survivors cannot finish before it is admitted (events decide, not how many steps fit
+    # in a time). Without a relaunch, it holds --steps from the start.
+    stop_file = os.path.join(args.out, "stop-at-step")
+    relaunch = getattr(args, "relaunch", True)
+    if os.path.exists(stop_file):
+        os.unlink(stop_file)
+    if not relaunch:
+        write_stop_step(stop_file, args.steps)
+
     def launch(name: str, *extra: str) -> None:
         logs[name] = open(os.path.join(args.out, f"log-{name}.txt"), "a")
         cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={args.ranks}", os.path.join(HERE, "provider_train.py"), "--group", name,
-               "--membership", f"tcp://127.0.0.1:{kv_host.port}", "--providers", spec, "--out", args.out, "--steps", str(args.steps),
+               "--membership", f"tcp://127.0.0.1:{kv_host.port}", "--providers", spec, "--out", args.out,
+               "--steps", str(UNTIL_STOP_FILE if relaunch else args.steps), "--stop-file", stop_file,
                "--sync-every", str(H), "--every", str(args.every), "--start-groups", "3", "--step-delay", str(args.step_delay),
                "--round-deadline", str(args.round_deadline), "--keep-last", str(args.keep_last), *extra]
         procs[name] = subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
@@ -135,9 +159,15 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         if args.fault == "kill":
             storage_up(b)
             orch("storage_up", provider=b)
-        if getattr(args, "relaunch", True):
+        if relaunch:
             launch(b)
             orch("relaunched", provider=b)
+            joined = wait_for(args.out, lambda e: e["event"] == "joined" and e.get("group") == b and e["t"] > fault["t"], 600, f"{b} to rejoin", procs)
+            # a few rounds past the rejoin (every provider reads the file at a round boundary,
+            # at most one round apart), and never fewer than --steps
+            stop_at = max(args.steps, (joined["step"] // H + 3) * H)
+            write_stop_step(stop_file, stop_at)
+            orch("stop_at", step=stop_at)
         for n, p in procs.items():
             code = p.wait(timeout=900)
             if code != 0:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from .test_provider_loss import _events, _launch, _same, _wait_all, provider_loss
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 STEPS = 200
 # short rendezvous timings: a dead agent's keep-alive expires after 1 s x 5; a round with fewer
@@ -87,14 +87,26 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
     from resilient_train.membership.kvstore import TCPKVStore
 
     provider_loss.warm_codec_cache()
-    steps = STEPS + (60 if comes_back else 0)
+    # Every job trains until the step this test writes once b has rejoined (on the returning
+    # node too, when it comes back): events decide, so that on a loaded machine a and c cannot
+    # finish before b is admitted again.
+    stop_file = str(tmp_path / "stop-at-step")
+    common_steps = provider_loss.UNTIL_STOP_FILE
+
+    def stop_after_rejoin(since: float, at_least: int) -> int:
+        _wait_for("b rejoined with the live state", lambda: _has(tmp_path, "b-rank0", "joined", lambda e: e["t"] > since and e.get("received_bytes")), 240)
+        joined = [e for e in _events(tmp_path, "b-rank0") if e["event"] == "joined" and e["t"] > since and e.get("received_bytes")][0]
+        n = max(at_least, (joined["step"] // 10 + 3) * 10)  # a few rounds on (each job reads the file at a round boundary)
+        provider_loss.write_stop_step(stop_file, n)
+        return n
+
     kv = TCPKVStore.host(0)
     rdzv = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)  # b's c10d rendezvous
-    common = ("--step-delay", "0.15")
+    common = ("--step-delay", "0.15", "--stop-file", stop_file)
     elastic = ("--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv.port}", f"--rdzv-id=b-{os.urandom(4).hex()}",
                f"--rdzv-conf={RDZV_CONF}", "--local-addr=127.0.0.1")
-    procs = {g: _launch(tmp_path, kv.port, g, *common, steps=steps) for g in "ac"}
-    agents = [_launch(tmp_path, kv.port, "b", *common, steps=steps, restarts=1, launcher=elastic, log_name=f"log-b-node{i}.txt") for i in range(2)]
+    procs = {g: _launch(tmp_path, kv.port, g, *common, steps=common_steps) for g in "ac"}
+    agents = [_launch(tmp_path, kv.port, "b", *common, steps=common_steps, restarts=1, launcher=elastic, log_name=f"log-b-node{i}.txt") for i in range(2)]
     try:
         # b ran on 2 ranks, committed a checkpoint saved by both, and a few rounds passed
         _wait_for("b's 2-rank checkpoint of step 20", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["step"] >= 20), 150)
@@ -108,9 +120,11 @@ def test_provider_loses_one_of_its_two_nodes_and_rejoins_on_the_other(tmp_path, 
         if comes_back:  # once b runs on 1 rank and has committed a checkpoint of its own, the node returns
             _wait_for("b's 1-rank checkpoint", lambda: _has(tmp_path, "b-rank0", "checkpoint_committed", lambda e: e["t"] > killed_at), 120)
             returned_at = time.time()
-            agents.append(_launch(tmp_path, kv.port, "b", *common, steps=steps, restarts=1, launcher=elastic, log_name="log-b-node2.txt"))
+            agents.append(_launch(tmp_path, kv.port, "b", *common, steps=common_steps, restarts=1, launcher=elastic, log_name="log-b-node2.txt"))
+            steps = stop_after_rejoin(returned_at, STEPS + 60)
             _wait_all({**procs, "b": survivor, "b-returned": agents[-1]}, timeout_s=200)
         else:
+            steps = stop_after_rejoin(killed_at, STEPS)
             _wait_all({**procs, "b": survivor}, timeout_s=200)
     finally:  # also when the test's timeout interrupts a wait
         for p in [*procs.values(), *agents]:

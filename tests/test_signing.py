@@ -85,6 +85,8 @@ def test_sign_verify_refuse_and_rotate(tmp_path):
     mpath = f"{step_dirname(2)}/{MANIFEST_NAME}"
     m = json.loads(store.read_bytes(mpath))
     m["files"][0]["sha256"] = "0" * 64
+    if len(m["files"][0].get("chunk_sha256", [])) == 1:
+        m["files"][0]["chunk_sha256"] = ["0" * 64]  # consistent with itself: only the signature can tell
     (tmp_path / "ck" / step_dirname(2) / MANIFEST_NAME).write_bytes(json.dumps(m, sort_keys=True, indent=1).encode() + b"\n")
     with pytest.raises(SignatureError, match="does not match the manifest"):
         load(root, make_train_state(seed=5), 2, verify_keys=pub)
@@ -294,3 +296,63 @@ def test_malformed_signature_files_and_short_secrets_are_refused():
             pytest.fail(f"a signature file with {what} was accepted")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         SigningKey.hmac_sha256(SECRET[:31])
+
+
+def test_hmac_signature_under_an_ed25519_key_id_keyed_with_the_public_key_is_refused(tmp_path):
+    """Algorithm confusion: the public key is no secret. A ``manifest.sig`` that claims
+    ``hmac-sha256`` under the trusted Ed25519 key's id, with an HMAC keyed by that public key,
+    over a forged manifest, must be refused (by load, the manager and ``ckpt verify``); the
+    verifier uses the trusted key's algorithm, never the one the file claims."""
+    from resilient_train.format.signing import SIGNATURE_DOMAIN
+
+    ed = _write_keys(tmp_path)
+    root = str(tmp_path / "ck")
+    state = make_train_state()
+    save(root, state, 1, options=SaveOptions(signing_key=ed))
+    pub = str(tmp_path / "pub.pem")
+    public = ed.verify_key()._material  # the raw Ed25519 public key: anyone can read it
+    assert len(public) == 32
+    folder = tmp_path / "ck" / step_dirname(1)
+    manifest = (folder / MANIFEST_NAME).read_bytes()
+    forged = manifest  # the attacker could MAC any bytes; the real ones keep the rest of the checks quiet
+    mac = hmac.new(public, SIGNATURE_DOMAIN + forged, hashlib.sha256).digest()
+    sig = json.dumps({"alg": "hmac-sha256", "key_id": ed.key_id, "sig": base64.b64encode(mac).decode()}).encode()
+    (folder / SIGNATURE_NAME).write_bytes(sig)
+    ring = load_verify_keys([pub])
+    with pytest.raises(SignatureError):
+        ring.verify(forged, sig)
+    with pytest.raises(SignatureError):
+        load(root, make_train_state(seed=5), 1, verify_keys=pub)
+    assert cli(["ckpt", "verify", root, "--step", "1", "--verify-key", pub]) != 0
+
+
+def test_retention_run_by_wraps_background_worker_counts_only_trusted_checkpoints(tmp_path):
+    """The retention users run is the one ``wrap``'s background worker runs after each commit:
+    with ``verify_keys``, unsigned steps written into the folder mid-run (newer than every
+    trusted one) must not push the trusted checkpoints out of ``keep_last``."""
+    import torch
+
+    import resilient_train as rt
+    from resilient_train import TrainerConfig
+
+    root = str(tmp_path / "ck")
+    ed = SigningKey.generate_ed25519()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = rt.wrap(model, opt, TrainerConfig(checkpoint=root, every_n_steps=1, keep_last=2, signing_key=ed, verify_keys=ed.verify_key()))
+
+    def step() -> None:
+        model(torch.randn(2, 8)).sum().backward()
+        trainer.step()
+        opt.zero_grad()
+
+    step()  # step 1, signed
+    for forged in (100, 101, 102):  # written by someone without the key, after the resume
+        save(root, make_train_state(), forged)
+    for _ in range(3):
+        step()  # steps 2..4, each commit followed by retention in the background
+    trainer.close()
+    steps = sorted(int(n.split("-")[1]) for n in LocalStore(root).list("") if n.startswith("step-"))
+    assert {3, 4} <= set(steps), steps  # the two newest trusted checkpoints survive
+    assert not {1, 2} & set(steps), steps  # and retention did run on the trusted ones

@@ -150,3 +150,41 @@ def test_trainer_summary_and_event_log_carry_the_ledger(tmp_path):
     from resilient_train.checkpoint.reader import committed_steps
 
     assert committed_steps(pl.store("b")) == [4, 6]  # copies and retention ran in the background
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_provider_group_sync_path_records_each_rounds_bytes_once(tmp_path):
+    """The sync path itself (not a hand call of ``record_sync``): two providers, each a real
+    process of examples/provider_train.py (one rank, DiLoCo int8 through a TCP membership
+    store). Every round, each leader records what it sent in that round only: the ledger's
+    sync bytes per round equal the growth of the provider group's ``bytes_sent``, and the
+    pair's total equals the final ``bytes_sent`` (a ledger that re-counted everything sent so
+    far every round would grow quadratically)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from resilient_train.membership.kvstore import TCPKVStore
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kv = TCPKVStore.host(0)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, os.path.join(root, "examples", "provider_train.py"), "--group", g, "--membership", f"tcp://127.0.0.1:{kv.port}",
+                               "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path), "--steps", "40", "--sync-every", "10", "--every", "20", "--start-groups", "2"],
+                              env=env, stdout=open(tmp_path / f"log-{g}.txt", "w"), stderr=subprocess.STDOUT) for g in "ab"]
+    try:
+        assert [p.wait(timeout=360) for p in procs] == [0, 0], [(tmp_path / f"log-{g}.txt").read_text()[-2000:] for g in "ab"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for me, peer in (("a", "b"), ("b", "a")):
+        events = [json.loads(line) for line in open(tmp_path / f"events-{me}-rank0.jsonl")]
+        sent = [e["bytes_sent"] for e in events if e["event"] == "sync"]
+        recorded = [e["bytes"] for e in events if e["event"] == "bytes" and e.get("purpose") == "sync"]
+        assert len(sent) == 4 and len(recorded) == 4, (sent, recorded)
+        assert recorded == [b - a for a, b in zip([0] + sent, sent)], (recorded, sent)  # one peer: all of it, once
+        ledger = [e for e in events if e["event"] == "done"][0]["summary"]["ledger"]
+        assert ledger["pairs"][f"{me}->{peer}"]["by_purpose"]["sync"]["bytes"] == sent[-1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -33,9 +34,9 @@ from ..format.safetensors_io import MAX_HEADER_BYTES, parse_header
 from ..format.signing import as_keyring
 from ..storage import Store, open_store, redact
 from ..storage.transfer import sha256_of
-from .signatures import read_signature
+from .signatures import SIGNATURE_NAME, read_signature
 
-__all__ = ["AuditReport", "audit_checkpoint", "manifest_problems"]
+__all__ = ["AuditReport", "audit_checkpoint", "manifest_problems", "is_format_file_name"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,24 @@ def _volume(shape: tuple[int, ...]) -> int:
     return n
 
 
+_FORMAT_FILE = re.compile(r"^(?:rank-\d{5}\.json|(?:" + "|".join(re.escape(s) for s in GROUPS.values()) + r")-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def is_format_file_name(name: str) -> bool:
+    """Whether a save of this format writes files named ``name`` (manifest.json aside)."""
+    return name in (STATE_NAME, HF_INDEX_NAME) or bool(_FORMAT_FILE.match(name))
+
+
 def manifest_problems(manifest: Manifest) -> Iterator[str]:
     """What is wrong with a (schema-valid) manifest on its own."""
     listed = {f.path for f in manifest.files}
+    for name in sorted(listed):
+        if not is_format_file_name(name):
+            yield f"lists {name}, which is not a file name of this format"
     if STATE_NAME not in listed:
         yield f"{STATE_NAME} is not listed"
+    if HF_INDEX_NAME not in listed and any(t.file.startswith(GROUPS["model"] + "-") and not t.file.startswith(GROUPS["model_shards"] + "-") for t in manifest.tensors):
+        yield f"it has whole model tensors but does not list {HF_INDEX_NAME}"
     for r in range(manifest.world_size):
         if rank_state_filename(r) not in listed:
             yield f"world size {manifest.world_size} but {rank_state_filename(r)} is not listed"
@@ -123,6 +137,13 @@ def _read_json(store: Store, path: str, size: int) -> Any:
     if size > _MAX_JSON_BYTES:
         raise ValueError("too large")
     return json.loads(store.read_bytes(path).decode("utf-8"))
+
+
+def _same_bytes(store: Store, path: str, size: int, sha256: str) -> bool:
+    try:
+        return store.size(path) == size and sha256_of(store, path) == (size, sha256)
+    except (ResilientTrainError, OSError):
+        return False
 
 
 def _tensor_refs(tree: Any, out: set[str], depth: int = 0) -> None:
@@ -171,6 +192,19 @@ def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[
         report.problems.append((MANIFEST_NAME, p))
 
     _, file_problems = verify_checkpoint(store, step, io_threads=io_threads, progress=progress)
+    from .reader import _manifest_problems
+
+    # What verify found in the manifest itself (its whole-file digests against the verified
+    # chunks), less the completeness problems manifest_problems reported above.
+    already = set(_manifest_problems(manifest))
+    for p in file_problems:
+        if p.startswith(MANIFEST_NAME + ":") and p not in already:
+            report.problems.append((MANIFEST_NAME, p[len(MANIFEST_NAME) + 1:].strip()))
+    try:
+        on_disk = set(store.list(folder))
+    except (ResilientTrainError, OSError):
+        on_disk = None
+    listed = {r.path for r in manifest.files}
     intact = set()
     for rec in manifest.files:
         mine = [p for p in file_problems if p.startswith(rec.path + ":")]
@@ -181,7 +215,22 @@ def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[
             size, digest = sha256_of(store, f"{folder}/{rec.path}")
         except (ResilientTrainError, OSError):
             size, digest = -1, ""
-        if size == rec.size_bytes and digest == rec.sha256:
+        if size < 0 and on_disk is not None and rec.path not in on_disk:
+            # A listed file that does not exist: lost, or named wrong in the manifest.
+            twin = next((u for u in sorted(on_disk - listed - {MANIFEST_NAME, SIGNATURE_NAME}) if _same_bytes(store, f"{folder}/{u}", rec.size_bytes, rec.sha256)), None)
+            if twin is not None:
+                report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist; {twin}, which it does not list, has exactly the size and SHA-256 recorded for it: the manifest names it wrong"))
+            elif not is_format_file_name(rec.path):
+                report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist (and is not a file name of this format)"))
+            else:
+                report.problems.append((rec.path, "does not exist (listed in the manifest)"))
+            continue
+        content_only = rec.path == STATE_NAME or (rec.path.startswith("rank-") and rec.path.endswith(".json"))
+        if size == rec.size_bytes and digest == rec.sha256 and content_only and all("StateFileError" in p and "referenced by the JSON state is missing" not in p for p in mine):
+            # The file holds the bytes the manifest recorded, and they are invalid on their own
+            # (not against the manifest): the file was written so.
+            report.problems.extend((rec.path, f"its content is invalid although its bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}") for p in mine)
+        elif size == rec.size_bytes and digest == rec.sha256:
             # The bytes are the ones the manifest recorded: what disagrees is the manifest.
             intact.add(rec.path)
             for p in mine:

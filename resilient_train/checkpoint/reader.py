@@ -382,6 +382,31 @@ class _Chunks:
             raise StateFileError(f"{where}: {rec.size_bytes} bytes exceeds the {MAX_JSON_BYTES}-byte limit for a JSON file")
         return loads_strict(self.whole(file), where=where)
 
+    def check_whole(self, file: str, digest: Any = None) -> None:
+        """Check the manifest's whole-file SHA-256 of ``file`` against its verified chunks (all
+        cached, or hashed into ``digest`` by the caller in order). A file of one chunk was
+        checked when the manifest was parsed (its chunk digest must equal the whole-file one).
+        The chunks matched their own digests, so a mismatch is the manifest contradicting
+        itself: ManifestError."""
+        rec = self.manifest.file(file)
+        r = self.ranges(file)
+        if digest is None:
+            if len(r) == 1:
+                return
+            digest = hashlib.sha256()
+            for idx in range(len(r)):
+                with self._lock:
+                    data = self.cache.get((file, idx))
+                if data is None:
+                    data = self.get(file, idx)
+                digest.update(data)
+        got = digest.hexdigest()
+        if got != rec.sha256:
+            raise ManifestError(
+                f"{self.folder}/{MANIFEST_NAME}: the whole-file SHA-256 it records for {file} ({rec.sha256}) differs from the "
+                f"SHA-256 of the bytes its chunk digests verify ({got}): the manifest contradicts itself"
+            )
+
     def source_names(self) -> dict[str, str]:
         return {f: self.sources[max(by, key=lambda i: by[i])].name for f, by in self.served.items() if by}
 
@@ -415,18 +440,97 @@ def _check_index(index: Any, manifest: Manifest, where: str) -> None:
             raise StateFileError(f"{where}: maps {name!r} to {fname!r}, which does not hold it per the manifest")
 
 
+def _check_listed(sources: Sequence[Store], manifest: Manifest) -> None:
+    """Every file the manifest lists exists in the step folder of some replica (one listing
+    per replica, stopping once all are found). A load reads only the files it needs: without
+    this, a file renamed in the manifest (or lost) would go unnoticed. When no replica can be
+    listed, the reads that follow decide."""
+    folder = step_dirname(manifest.step)
+    missing = {f.path for f in manifest.files}
+    listed_any = False
+    for store in sources:
+        try:
+            names = set(store.list(folder))
+        except (StorageError, OSError) as exc:
+            log.warning("could not list %s on %s: %s", folder, store.name, redact(str(exc)))
+            continue
+        listed_any = True
+        missing -= names
+        if not missing:
+            return
+    if listed_any and missing:
+        raise CorruptCheckpointError(
+            f"{folder}/{MANIFEST_NAME} lists {sorted(missing)[:5]}, which no replica holds (a file lost, or a name "
+            f"changed in the manifest: `ckpt verify` tells which)"
+        )
+
+
+# numbers in every torch optimizer that has them (not "eps": Adafactor keeps a tuple there)
+_NUMERIC_GROUP_KEYS = ("lr", "initial_lr", "weight_decay", "momentum", "dampening")
+
+
+def _is_number_or_scalar(v: Any, scalars: set[str]) -> bool:
+    """A JSON number (not a bool), a tagged non-finite float, or a reference to a one-element tensor."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return True
+    if isinstance(v, dict) and len(v) == 1:
+        if "__float__" in v:
+            return v["__float__"] in ("nan", "inf", "-inf")
+        if "__tensor__" in v:
+            return v["__tensor__"] in scalars
+    return False
+
+
+def _check_rng(rng: Any, where: str) -> None:
+    """An RNG state as :func:`~resilient_train.checkpoint.state.set_rng_state` applies it, tried
+    on fresh generators (no global state changes): what set_rng_state would refuse, this refuses."""
+    import random
+
+    if not isinstance(rng, dict):
+        raise StateFileError(f"{where}: 'rng' must be an object")
+    try:
+        if "python" in rng:
+            v = rng["python"]
+            random.Random().setstate((v[0], tuple(v[1]), v[2]))
+        if "numpy" in rng:
+            np.random.RandomState().set_state(tuple(rng["numpy"]))
+        if "torch" in rng:
+            torch.Generator().set_state(torch.frombuffer(bytearray(rng["torch"]), dtype=torch.uint8))
+        if "cuda" in rng and not (isinstance(rng["cuda"], list) and all(isinstance(b, bytes) for b in rng["cuda"])):
+            raise TypeError("'cuda' must be a list of byte strings")
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError, OverflowError) as exc:
+        raise StateFileError(redact(f"{where}: 'rng' is not a valid RNG state ({type(exc).__name__}: {exc})")) from None
+
+
 def _check_state_tree(obj: Any, manifest: Manifest, where: str) -> None:
-    """A state / rank-state file: an object whose trees decode (tags well-formed, every
-    ``__tensor__`` reference stored in the checkpoint, optimizer tree well-shaped)."""
+    """The one parse-and-validate of a state / rank-state file that ``load`` and ``verify``
+    both run (everything but the live objects): an object whose trees decode (tags
+    well-formed, every ``__tensor__`` reference stored in the checkpoint), an optimizer tree
+    well-shaped with numeric ``step`` values and hyper-parameters, RNG states that fresh
+    generators accept. Raises StateFileError naming ``where``."""
     if not isinstance(obj, dict):
         raise StateFileError(f"{where}: top level must be a JSON object")
-    if "optimizer" in obj and not _optimizer_tree_ok(obj["optimizer"]):
-        raise StateFileError(f"{where}: 'optimizer' must hold 'param_groups' (objects with a 'params' list of names) and 'state' (an object of objects)")
+    if "optimizer" in obj:
+        opt = obj["optimizer"]
+        if not _optimizer_tree_ok(opt):
+            raise StateFileError(f"{where}: 'optimizer' must hold 'param_groups' (objects with a 'params' list of names) and 'state' (an object of objects)")
+        scalars = {t.key for t in manifest.tensors if region_volume(t.global_shape) == 1}
+        for fqn, entry in opt.get("state", {}).items():
+            if "step" in entry and not _is_number_or_scalar(entry["step"], scalars):
+                raise StateFileError(f"{where}: optimizer state of {fqn!r}: 'step' must be a number or a one-element tensor, got {str(entry['step'])[:40]!r}")
+        for i, g in enumerate(opt["param_groups"]):
+            for k in _NUMERIC_GROUP_KEYS:
+                if k in g and not _is_number_or_scalar(g[k], scalars):
+                    raise StateFileError(f"{where}: optimizer param group {i}: {k!r} must be a number, got {str(g[k])[:40]!r}")
     keys = {t.key: None for t in manifest.tensors}
     try:
-        decode(obj, keys)  # type: ignore[arg-type]
+        decoded = decode(obj, keys)  # type: ignore[arg-type]
     except StateFileError as exc:
         raise StateFileError(f"{where}: {exc}") from None
+    if "rng" in decoded:
+        _check_rng(decoded["rng"], where)
+
+
 
 
 def _manifest_problems(manifest: Manifest) -> list[str]:
@@ -473,11 +577,17 @@ def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Map
                     else:
                         _check_state_tree(obj, manifest, rec.path)
                 n = len(chunks.ranges(rec.path))
+                whole = hashlib.sha256()  # the whole-file digest, over the verified chunks in order
                 for first in range(0, n, threads):  # a window of chunks at a time, hashed in parallel
                     window = [(rec.path, i) for i in range(first, min(n, first + threads))]
                     chunks.prefetch(window)
                     for key in window:
+                        whole.update(chunks.get(*key))
                         chunks.drop(key)
+                try:
+                    chunks.check_whole(rec.path, whole)
+                except ManifestError as exc:  # the bytes match their chunk digests: the manifest is at fault
+                    return redact(f"{MANIFEST_NAME}: {exc}")
                 return None
             except (ResilientTrainError, OSError) as exc:
                 return redact(f"{rec.path}: {type(exc).__name__}: {exc}")
@@ -859,9 +969,11 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
             chunks0 = _Chunks(sources, manifest, pool)
             small = [STATE_NAME] + [HF_INDEX_NAME for f in manifest.files if f.path == HF_INDEX_NAME]
             chunks0.prefetch([(f, i) for f in small for i in range(len(chunks0.ranges(f)))])  # one round trip
+            _check_listed(sources, manifest)
+            for f in small:
+                chunks0.check_whole(f)
             shared = chunks0.json(manifest.file(STATE_NAME).path)
-            if not isinstance(shared, dict):
-                raise StateFileError(f"{step_dirname(s)}/{STATE_NAME}: top level must be a JSON object")
+            _check_state_tree(shared, manifest, f"{step_dirname(s)}/{STATE_NAME}")
             if any(f.path == HF_INDEX_NAME for f in manifest.files):
                 _check_index(chunks0.json(HF_INDEX_NAME), manifest, f"{step_dirname(s)}/{HF_INDEX_NAME}")
             found = (manifest.to_bytes(), shared)
@@ -897,6 +1009,8 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
                 whole.add(rank_file)
             if whole and whole_bytes <= budget:
                 chunks.prefetch([(f, i) for f in sorted(whole) for i in range(len(chunks.ranges(f)))])
+                # Files read whole: their whole-file SHA-256 too (concurrently, from the cache).
+                list(pool.map(chunks.check_whole, sorted(f for f in whole if len(chunks.ranges(f)) > 1)))
             headers = dict(zip(files, pool.map(chunks.header, files)))
             rank_tree = _read_rank_state(chunks, manifest, coord) if state.has_rank_state else None
             prepared = _prepare_apply(state, shared, plan, rank_tree)
@@ -996,8 +1110,7 @@ def _read_rank_state(chunks: _Chunks, manifest: Manifest, coord: Coordinator) ->
     if manifest.world_size != coord.world_size:
         log.info("world size changed %d -> %d: rank %d takes RNG state from %s", manifest.world_size, coord.world_size, coord.rank, name)
     tree = chunks.json(name)
-    if not isinstance(tree, dict):
-        raise StateFileError(f"{step_dirname(manifest.step)}/{name}: top level must be a JSON object")
+    _check_state_tree(tree, manifest, f"{step_dirname(manifest.step)}/{name}")
     return tree
 
 

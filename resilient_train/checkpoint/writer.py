@@ -247,7 +247,20 @@ def _commit(store: Store, folder: str, manifest_bytes: bytes, key: SigningKey | 
     store.sync_folder(folder)
     if key is not None:
         write_signature(store, folder, manifest_bytes, key)
-    store.write_bytes_exclusive(f"{folder}/{MANIFEST_NAME}", manifest_bytes)
+    mpath = f"{folder}/{MANIFEST_NAME}"
+    try:
+        store.write_bytes_exclusive(mpath, manifest_bytes)
+    except StoreConflictError:
+        # A client that lost the response to its PUT retries it inside the same call (botocore
+        # does): the retry finds the object the first attempt created. Holding exactly this
+        # save's bytes, it is this commit; anything else is another writer's.
+        try:
+            ours = store.read_bytes(mpath, 0, len(manifest_bytes) + 1) == manifest_bytes
+        except (ResilientTrainError, OSError):
+            ours = False
+        if not ours:
+            raise
+        log.info("%s: the manifest already holds this save's bytes (a create whose response was lost): committed", mpath)
     store.sync_folder(folder)
 
 

@@ -17,13 +17,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ManifestError, UnsafePathError, UnsupportedFormatVersionError
-from .jsontree import dumps_canonical, loads_strict
+from .jsontree import dumps_canonical
 from .names import FORMAT_NAME, FORMAT_VERSION, HASH_ALGORITHM, READABLE_FORMAT_VERSIONS
 from .safetensors_io import ITEMSIZE
 
-__all__ = ["FileRecord", "TensorRecord", "Manifest", "check_filename", "chunk_count", "MAX_MANIFEST_BYTES", "DEFAULT_HASH_CHUNK_BYTES"]
+__all__ = ["FileRecord", "TensorRecord", "Manifest", "check_filename", "chunk_count", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "MAX_MANIFEST_FILES", "MAX_MANIFEST_TENSORS", "TOP_LEVEL_KEYS", "DEFAULT_HASH_CHUNK_BYTES"]
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+MAX_MANIFEST_FILES = 100_000
+"""Most files one manifest may list (a step of world size 99,000 with its tensor files fits)."""
+
+MAX_MANIFEST_TENSORS = 1_000_000
+"""Most stored tensor pieces one manifest may list."""
+
+MAX_MANIFEST_CONTAINERS = 4 * MAX_MANIFEST_TENSORS + 2 * MAX_MANIFEST_FILES + 16
+"""Most JSON objects and arrays (counted as ``{`` and ``[`` bytes, before parsing) a manifest
+may hold: each tensor record is an object with three lists, each file record an object with
+one list. A manifest padded with millions of empty objects is refused before it is parsed."""
+
+TOP_LEVEL_KEYS = frozenset({"files", "format", "format_version", "hash", "step", "tensors", "world"})
+"""The top-level keys of formats 1 and 2. Any other key is refused before its value is parsed
+(a writer that needs a new key writes a new format version)."""
 
 DEFAULT_HASH_CHUNK_BYTES = 8 * 1024 * 1024
 """Chunk size of the per-chunk digests written by default (see docs/format.md for the measurement)."""
@@ -158,8 +173,14 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "manifest.json") -> "Manifest":
-        """Parse and validate. Raises ManifestError (or a subclass) naming ``where``."""
-        obj = loads_strict(data, where=where, max_bytes=MAX_MANIFEST_BYTES, error=ManifestError)
+        """Parse and validate. Raises ManifestError (or a subclass) naming ``where``.
+
+        Bounded before and while parsing, not only in bytes: at most
+        :data:`MAX_MANIFEST_BYTES`, :data:`MAX_MANIFEST_CONTAINERS` objects and arrays (counted
+        before parsing), :data:`~resilient_train.format.jsontree.MAX_JSON_DEPTH` levels, only
+        the :data:`TOP_LEVEL_KEYS` (another key is refused before its value is parsed), at most
+        :data:`MAX_MANIFEST_FILES` files and :data:`MAX_MANIFEST_TENSORS` tensor pieces."""
+        obj = _loads_manifest(data, where)
         return cls.from_json(obj, where=where)
 
     @classmethod
@@ -195,9 +216,14 @@ class Manifest:
         world = obj.get("world")
         if not isinstance(world, dict) or type(world.get("world_size")) is not int or world["world_size"] < 1:
             raise fail("'world.world_size' must be a positive integer")
+        unknown = sorted(set(obj) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise fail(f"unknown top-level keys {[k[:40] for k in unknown[:5]]} (format {version} has exactly {sorted(TOP_LEVEL_KEYS)})")
         files_raw, tensors_raw = obj.get("files"), obj.get("tensors")
         if not isinstance(files_raw, list) or not isinstance(tensors_raw, list):
             raise fail("'files' and 'tensors' must be lists")
+        if len(files_raw) > MAX_MANIFEST_FILES or len(tensors_raw) > MAX_MANIFEST_TENSORS:
+            raise fail(f"lists {len(files_raw)} files and {len(tensors_raw)} tensor pieces; at most {MAX_MANIFEST_FILES} and {MAX_MANIFEST_TENSORS} are read")
         files = []
         seen: set[str] = set()
         for i, f in enumerate(files_raw):
@@ -219,6 +245,9 @@ class Manifest:
                 if not isinstance(raw, list) or len(raw) != want or not all(isinstance(d, str) and _SHA256.match(d) for d in raw):
                     raise fail(f"file {path!r}: 'chunk_sha256' must list {want} digests of 64 lowercase hex digits")
                 chunk_sha = tuple(raw)
+                if len(chunk_sha) == 1 and chunk_sha[0] != sha:
+                    # One chunk is the whole file: the two digests are of the same bytes.
+                    raise fail(f"file {path!r}: 'sha256' {sha} differs from the digest of its only chunk {chunk_sha[0]} (the manifest contradicts itself)")
                 extra_keys = set(f) - {"path", "sha256", "size_bytes", "chunk_sha256"}
             else:
                 extra_keys = set(f) - {"path", "sha256", "size_bytes"}
@@ -270,3 +299,82 @@ class Manifest:
             if whole > key_bytes[key]:
                 raise fail(f"tensor {key!r}: global shape {list(first.global_shape)} holds more than its stored pieces")
         return cls(step=step, world_size=world["world_size"], files=tuple(files), tensors=tuple(tensors), format_version=version, chunk_bytes=chunk_bytes)
+
+
+def _loads_manifest(data: bytes, where: str) -> Any:
+    """``loads_strict`` for a manifest, bounded in objects and top-level keys (see
+    :meth:`Manifest.from_bytes`). The top-level object is walked key by key with the C
+    scanner, so an unknown key is refused before its value is parsed."""
+    import gc
+    import json
+
+    from .jsontree import MAX_JSON_DEPTH, _finite_float, _no_duplicates, _refuse_constant
+
+    def fail(msg: str) -> ManifestError:
+        return ManifestError(f"{where}: {msg}")
+
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise fail(f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit for this JSON file")
+    data = bytes(data)
+    containers = data.count(b"{") + data.count(b"[")  # an upper bound (brackets inside strings count too)
+    if containers > MAX_MANIFEST_CONTAINERS:
+        raise fail(f"holds {containers} JSON objects and arrays; a manifest has at most {MAX_MANIFEST_CONTAINERS}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"is not valid JSON (strict: UTF-8): {exc}") from None
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant, parse_float=_finite_float)
+    ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+    out: dict[str, Any] = {}
+    was_enabled = gc.isenabled()
+    gc.disable()  # millions of containers, none of them cyclic: no collection passes while parsing
+    try:
+        i = ws(text, 0).end()
+        if text[i:i + 1] != "{":
+            raise ValueError("its top level must be a JSON object")
+        i = ws(text, i + 1).end()
+        if text[i:i + 1] == "}":
+            i += 1
+        else:
+            while True:
+                if text[i:i + 1] != '"':
+                    raise ValueError(f"expected a key at character {i}")
+                key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+                if key not in TOP_LEVEL_KEYS:
+                    raise fail(f"unknown top-level key {key[:40]!r} (format versions 1 and 2 have exactly {sorted(TOP_LEVEL_KEYS)}); refused before reading its value")
+                if key in out:
+                    raise ValueError(f"duplicate key {key!r}")
+                i = ws(text, i).end()
+                if text[i:i + 1] != ":":
+                    raise ValueError(f"expected ':' at character {i}")
+                i = ws(text, i + 1).end()
+                try:
+                    out[key], i = decoder.scan_once(text, i)
+                except StopIteration as exc:
+                    raise ValueError(f"expected a value at character {exc.value}") from None
+                i = ws(text, i).end()
+                sep = text[i:i + 1]
+                i = ws(text, i + 1).end()
+                if sep == "}":
+                    break
+                if sep != ",":
+                    raise ValueError(f"expected ',' or '}}' at character {i}")
+        if text[i:].strip(" \t\n\r"):
+            raise ValueError(f"extra data after the top-level object at character {i}")
+    except RecursionError:
+        raise fail(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        if isinstance(exc, ManifestError):
+            raise
+        raise fail(f"is not valid JSON (strict: UTF-8, no duplicate keys, no NaN or Infinity): {exc}") from None
+    finally:
+        if was_enabled:
+            gc.enable()
+    stack = [(v, 2) for v in out.values()]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise fail(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return out

@@ -59,7 +59,7 @@ def _verify(src: Store, src_path: str, dst: Store, n: int, digest: str, size_byt
     if size_bytes is not None and n != size_bytes:
         raise TruncatedFileError(f"{src.name}:{src_path} is {n} bytes, expected {size_bytes}; not copied to {dst.name}")
     if sha256 is not None and digest != sha256:
-        raise HashMismatchError(f"{src.name}:{src_path} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; not copied to {dst.name}")
+        raise HashMismatchError(f"{src.name}:{src_path} has SHA-256 {digest}, expected {sha256}; not copied to {dst.name}")
 
 
 def _copy_once(src: Store, src_path: str, dst: Store, dst_path: str, size_bytes: int | None, sha256: str | None, chunk_bytes: int, on_bytes: Callable[[int], None] | None) -> tuple[int, str]:

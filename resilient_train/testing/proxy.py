@@ -9,7 +9,11 @@ while it runs):
 * :meth:`down` / :meth:`up`: while down, new connections are refused (closed at once) and open
   ones are cut, as when a provider's endpoint is unreachable;
 * :meth:`hold` / :meth:`release`: while held, connections are accepted and stay up but no byte
-  moves (a stalled link); held bytes are forwarded on release.
+  moves (a stalled link); held bytes are forwarded on release;
+* :meth:`drop_response` (``match``, ``count``): the next ``count`` requests whose bytes contain
+  ``match`` reach the server, but its answer never reaches the client: the connection is cut
+  when the first byte of the response arrives (a response lost in transit after the server
+  acted on the request). ``responses_dropped`` counts them.
 
 Counters: ``bytes_to_server`` and ``bytes_to_client`` (what the server sent back: the bytes a
 download really cost), ``bytes_forwarded`` (both).
@@ -45,6 +49,9 @@ class FaultProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self.bytes_forwarded = 0
+        self.responses_dropped = 0
+        self._drop_match: bytes | None = None
+        self._drop_left = 0
         self.bytes_to_server = 0
         self.bytes_to_client = 0
 
@@ -89,6 +96,11 @@ class FaultProxy:
     def release(self) -> None:
         self._flowing.set()
 
+    def drop_response(self, match: bytes, count: int = 1) -> None:
+        """Lose the server's answer to the next ``count`` requests containing ``match`` (see module doc)."""
+        with self._lock:
+            self._drop_match, self._drop_left = bytes(match), count
+
     def __enter__(self) -> "FaultProxy":
         return self.start()
 
@@ -124,10 +136,12 @@ class FaultProxy:
                 continue
             with self._lock:
                 self._conns.update((client, upstream))
+            conn: dict[str, Any] = {"drop": False, "seen": b""}
             for a, b, to_client in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(target=self._pump, args=(a, b, to_client), name="rt-proxy-pump", daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, to_client, conn), name="rt-proxy-pump", daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, to_client: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_client: bool, conn: dict[str, Any] | None = None) -> None:
+        conn = conn if conn is not None else {"drop": False, "seen": b""}
         try:
             src.settimeout(None)
             while not self._stop.is_set():
@@ -137,6 +151,25 @@ class FaultProxy:
                 self._flowing.wait()
                 if self._down.is_set():
                     break
+                if not to_client and self._drop_match is not None:
+                    # the tail of the previous chunk too: a match split across two reads counts
+                    window = conn["seen"][-len(self._drop_match):] + data
+                    conn["seen"] = window[-len(self._drop_match):]
+                    with self._lock:
+                        if self._drop_left > 0 and self._drop_match in window:
+                            self._drop_left -= 1
+                            conn["drop"] = True
+                if to_client and conn["drop"]:
+                    if data.startswith(b"HTTP/1.1 100 ") and b"\r\n\r\n" in data:
+                        # "100 Continue" (Expect: 100-continue) is not the answer: pass it, so
+                        # the client sends the body and the server acts on the request.
+                        interim, _, data = data.partition(b"\r\n\r\n")
+                        dst.sendall(interim + b"\r\n\r\n")
+                        if not data:
+                            continue
+                    with self._lock:
+                        self.responses_dropped += 1
+                    break  # the server answered (it acted on the request): cut, answer unsent
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 rate = self.bytes_per_s

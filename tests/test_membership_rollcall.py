@@ -1,0 +1,112 @@
+"""The roll call (``Membership.report_failure``) on thread members over a real in-memory store.
+
+Fast and event-driven: three members heartbeat on their own threads (as in a real job, the
+heartbeat runs beside the training thread); the "training threads" are test threads that call
+``report_failure`` when the test decides. Two promises (docs/membership.md):
+
+* a member whose heartbeat still advances is waited for, even when it answers long after the
+  silence window (it has not reached the collective yet: late, not dead);
+* a member that never answers while its heartbeat runs (its training thread hung) is dropped
+  at the round deadline, not waited for forever.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+import time
+
+import pytest
+
+from resilient_train.membership import Membership, MemoryKVStore
+
+pytestmark = pytest.mark.timeout(60)
+
+HB = 0.05
+TO = timedelta(seconds=10)
+
+
+def _three(kv):
+    # heartbeat drops out of the way (timeout_s), the first view as soon as all three are seen
+    kw = dict(heartbeat_interval_s=HB, timeout_s=30.0, collective_timeout_s=10, first_view_after_s=0.5)
+    ms = [Membership(kv, m, "fp", **kw) for m in "abc"]
+    for m in ms:
+        m.start()
+    views = [m.wait_for_admission(20) for m in ms]
+    deadline = time.monotonic() + 20
+    while not all(m.latest.members == ("a", "b", "c") for m in ms):  # a view of all three, seen by all
+        assert time.monotonic() < deadline, [m.latest for m in ms]
+        time.sleep(0.02)
+    # ... and heartbeating as members (a "join" heartbeat is a restarted process: not waited for)
+    while not all(json.loads(kv.get(f"rt-membership/hb/{m}", timeout=TO))["intent"] == "member" for m in "abc"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return ms, ms[0].latest
+
+
+def _answered(kv, view, who):
+    return kv.get(f"rt-membership/rollcall/{view.epoch}/{who}", timeout=TO) is not None
+
+
+def test_late_member_still_heartbeating_is_waited_for():
+    kv = MemoryKVStore()
+    ms, view = _three(kv)
+    a, b, c = ms
+    results: dict[str, object] = {}
+    silent_after = 4 * HB  # the silence window: b answers 10 of them late
+
+    def call(m, wait_for=None):
+        if wait_for is not None:
+            wait_for()
+        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=silent_after, view=view)
+
+    def b_is_late():  # b reaches the roll call only after a and c are in it, and long after
+        while not (_answered(kv, view, "a") and _answered(kv, view, "c")):
+            time.sleep(0.01)
+        time.sleep(10 * silent_after)
+
+    try:
+        threads = [threading.Thread(target=call, args=(a,)), threading.Thread(target=call, args=(c,)),
+                   threading.Thread(target=call, args=(b, b_is_late))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert set(results) == {"a", "b", "c"}, results
+        for v in results.values():
+            assert v.epoch == view.epoch + 1 and v.members == ("a", "b", "c"), v  # b was late, not dead
+    finally:
+        for m in ms:
+            m.close()
+
+
+def test_hung_member_still_heartbeating_is_dropped_at_the_round_deadline():
+    kv = MemoryKVStore()
+    ms, view = _three(kv)
+    a, b, c = ms
+    deadline_s = 1.0
+    results: dict[str, object] = {}
+    took: dict[str, float] = {}
+
+    def call(m):
+        t0 = time.monotonic()
+        results[m.member_id] = m.report_failure(deadline_s=deadline_s, view=view)
+        took[m.member_id] = time.monotonic() - t0
+
+    try:
+        beats_before = kv.get("rt-membership/hb/b", timeout=TO)
+        threads = [threading.Thread(target=call, args=(m,)) for m in (a, c)]  # b's training thread never comes
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert set(results) == {"a", "c"}, "the roll call did not end: a hung member was waited for past the deadline"
+        for v in results.values():
+            assert v.epoch == view.epoch + 1 and v.members == ("a", "c"), v
+        assert "round deadline" in a.latest_reason or "round deadline" in c.latest_reason, (a.latest_reason, c.latest_reason)
+        assert min(took.values()) >= deadline_s  # waited for b while its heartbeat ran: dropped by the deadline
+        assert kv.get("rt-membership/hb/b", timeout=TO) != beats_before  # b's heartbeat really ran all along
+    finally:
+        for m in ms:
+            m.close()
