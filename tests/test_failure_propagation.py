@@ -225,3 +225,17 @@ def test_a_failed_epoch_is_never_connected_again():
 def test_abort_poll_is_validated():
     with pytest.raises(ConfigError, match="abort_poll_s"):
         Membership(object.__new__(TCPKVStore), "a", "fp", abort_poll_s=0)
+
+
+def test_dropping_a_communicator_with_an_operation_in_flight_does_not_abort_the_process():
+    """A completion callback must not hold the communicator: if it held the last reference, the
+    group would be destroyed on gloo's own worker thread, which it joins (std::terminate,
+    "Resource deadlock avoided": it aborted the whole test process in a CI run)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "drop_comm_in_flight.py")], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])

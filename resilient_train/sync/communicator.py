@@ -20,6 +20,7 @@ gets them.
 from __future__ import annotations
 
 import logging
+import functools
 import threading
 import time
 from datetime import timedelta
@@ -201,12 +202,16 @@ class ProcessGroupCommunicator:
         ``completes_in_wait``: the backend makes progress only inside ``work.wait()`` (gloo's
         send/recv), so a helper thread waits on it and the caller's wait stays cancellable."""
         rank = self.rank
+        # The callbacks hold the condition only, never this communicator: a callback that held
+        # the last reference to it would destroy the process group on gloo's own worker thread
+        # when it returns (the group joins that thread: std::terminate, the whole process aborts).
+        wake = functools.partial(_wake, self._cond)
         if completes_in_wait:
-            work = _WaitedInThread(work, what, self._notify)
+            work = _WaitedInThread(work, what, wake)
         poll_s = 0.05  # a safety net: completion wakes the waiter
         if not completes_in_wait:
             try:  # wake the waiter when the backend completes the work
-                work.get_future().add_done_callback(lambda _f: self._notify())
+                work.get_future().add_done_callback(lambda _f: wake())
             except Exception:  # noqa: BLE001 - a backend or op without futures: poll instead
                 poll_s = 0.002
         with self._cond:
@@ -218,10 +223,6 @@ class ProcessGroupCommunicator:
             self._wait(key, timeout, what, rank, poll_s)
 
         return Handle(wait)
-
-    def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
     def _wait(self, key: int, timeout: timedelta, what: str, rank: int, poll_s: float) -> None:
         deadline = time.monotonic() + timeout.total_seconds()
@@ -281,6 +282,11 @@ class ProcessGroupCommunicator:
         if (refused := self._refused(f"receive from rank {src}")) is not None:
             return refused
         return self._track(self.group.recv([buf], src, tag), f"receive from rank {src}", completes_in_wait=True)
+
+
+def _wake(cond: threading.Condition) -> None:
+    with cond:
+        cond.notify_all()
 
 
 class _WaitedInThread:
