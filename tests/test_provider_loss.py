@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import provider_loss  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(900)]
 
 BUCKET = "rt-provider-loss"
 H, EVERY, FAULT_ROUND = 10, 20, 3

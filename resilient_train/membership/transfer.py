@@ -79,8 +79,14 @@ def _exchange(comm: ProcessGroupCommunicator, flat: torch.Tensor, step: int, joi
 
 def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat: torch.Tensor, step: int, *,
                meta: bytes = b"", fallback: Callable[[torch.Tensor], int] | None = None,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: timedelta = timedelta(seconds=60)) -> SyncResult:
-    """Make ``flat`` and the step equal on every member of ``view`` (module docstring)."""
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: timedelta = timedelta(seconds=60),
+               source: str | None = None) -> SyncResult:
+    """Make ``flat`` and the step equal on every member of ``view`` (module docstring).
+
+    ``source``: a non-joiner member of ``view`` that serves the state; only the joiners receive
+    (the other members keep theirs even where it differs: the caller knows that their states
+    are equal once each has applied what it holds, e.g. a completed collective whose result a
+    member has not applied yet). ``None``: the choice of phase 2."""
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ConfigError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
     if not flat.is_contiguous():
@@ -88,9 +94,16 @@ def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat:
     if comm.world_size != len(view.members) or comm.rank != view.rank_of(member_id):
         raise ConfigError(f"the communicator (rank {comm.rank} of {comm.world_size}) is not the group of "
                           f"view {view.epoch} {list(view.members)}: call sync_state after communicator()")
-    me = comm.rank
+    if source is not None and (source not in view.members or source in view.joiners):
+        raise ConfigError(f"source {source!r} must be a member of view {view.epoch} {list(view.members)} "
+                          f"that is not a joiner {list(view.joiners)}")
     rows = _exchange(comm, flat, step, member_id in view.joiners, meta, timeout)
     used_fallback = False
+    if source is not None:
+        src = view.rank_of(source)
+        ref = rows[src][:2]
+        return _send(comm, view, flat, meta, rows, src, [r for r, row in enumerate(rows) if row[2]], ref,
+                     chunk_bytes, timeout, used_fallback)
     if all(row[2] for row in rows):
         if fallback is None:
             raise MembershipError(f"no member of epoch {view.epoch} holds the state (all are joiners) and "
@@ -102,6 +115,14 @@ def sync_state(comm: ProcessGroupCommunicator, view: View, member_id: str, flat:
     source = max(candidates, key=lambda r: (rows[r][0], -r))
     ref = rows[source][:2]
     receivers = [r for r, row in enumerate(rows) if r != source and (row[2] or row[:2] != ref)]
+    return _send(comm, view, flat, meta, rows, source, receivers, ref, chunk_bytes, timeout, used_fallback)
+
+
+def _send(comm: ProcessGroupCommunicator, view: View, flat: torch.Tensor, meta: bytes, rows: list[list[int]],
+          source: int, receivers: list[int], ref: list[int], chunk_bytes: int, timeout: timedelta,
+          used_fallback: bool) -> SyncResult:
+    """Phases 3 and 4: ``source`` sends ``flat`` and its meta to ``receivers``, who verify."""
+    me = comm.rank
     names = tuple(view.members[r] for r in receivers)
     if not receivers:
         return SyncResult(int(ref[0]), None, (), 0, 0, used_fallback, meta)

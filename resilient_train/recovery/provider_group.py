@@ -17,7 +17,14 @@ sync engine, with three extra duties:
   the next view, the others are dropped. The round is then run again over the new view from a
   copy of the exact input buffer taken before the first try, so the pseudo-gradients (and the
   error-feedback residuals, updated once at encoding) are untouched by the failed attempt. The
-  result equals a run in which the lost group left cleanly before that round, bit for bit.
+  result equals a run in which the lost group left cleanly before that round, bit for bit;
+  unless a survivor had completed the round before the failure: then the others take its
+  result (a clean leave after the round).
+* **Start every epoch alike.** Members reach a new epoch by different roads (redoing a failed
+  operation, switching after the vote, joining) and a failure can leave them one operation
+  apart; members posting different collectives would make gloo abort the process. Every epoch
+  therefore starts with the same prologue (:meth:`ProviderGroup._prologue`, docs/membership.md
+  "Members at different points").
 * **Admit joiners at round boundaries.** After every round the leaders vote (one tiny
   all-reduce) on whether a newer view exists; if so, all of them switch to it after the same
   round and joiners receive the global state from a live peer (:func:`sync_state`).
@@ -37,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -56,6 +64,38 @@ _OK, _DROPPED, _STATE, _RESTART_AT = 0, 1, 2, 3
 
 # how many of its newest committed steps each group offers when a job restarts as a whole
 _RESUME_POINTS = 64
+
+# the hello of every epoch (ProviderGroup._prologue): one row of int64 per member
+_H_STEP, _H_NOFFERS, _H_FRESH, _H_SEQ, _H_JOINING, _H_NEXT, _H_OFFERS = range(7)
+_NEXT_VOTE, _NEXT_EXCHANGE = 1, 2  # what a member does after the prologue
+_KINDS = {"allreduce": 1, "allgather": 2, "vote": 3}
+
+
+@dataclass
+class _Pending:
+    """A cross-group operation in progress: its kind and a copy of its input."""
+
+    kind: str
+    original: torch.Tensor
+
+
+@dataclass
+class _Done:
+    """The last completed cross-group operation: its sequence number, kind and result."""
+
+    seq: int
+    kind: str
+    tensors: list[torch.Tensor]
+
+
+class _JoinersDeferred(DistributedError):
+    """The prologue found joiners while the members are inside a round: the members roll the
+    epoch without them (they join at the next round boundary)."""
+
+    def __init__(self, joiners: list[str], epoch: int):
+        self.joiners = tuple(joiners)
+        super().__init__(f"joiners {joiners} arrived in epoch {epoch} while the members are inside a round; "
+                         "they join at the next round boundary")
 
 
 def open_membership_store(url: str, timeout_s: float) -> Any:
@@ -103,6 +143,13 @@ class ProviderGroup:
                                          first_view_after_s=min(heartbeat_timeout_s, 1.0))  # start_groups gathers the rest
         self._comm: Any = None
         self._synced_epoch = -1
+        # this member's position in the job's sequence of cross-group operations (exchanges and
+        # votes), the result of the last one, and whether it is joining (see _prologue)
+        self._seq = 0
+        self._last: _Done | None = None
+        self._joining = False
+        self._received = False
+        self._last_sync: Any = None
         self._same_members = 0
         self.bytes_sent = 0
         self.rank = 0
@@ -161,12 +208,171 @@ class ProviderGroup:
         if self.membership is not None:
             self.membership.close()
 
-    def _adopt(self) -> None:
-        """Build the communicator of the latest view (leader)."""
-        assert self.membership is not None
-        self._comm = self.membership.communicator()
-        view = self.membership.view
+    # ------------------------------------------------------------------ entering an epoch
+
+    def _enter(self, pending: _Pending | None) -> Any:
+        """Build the group of the latest view and run its prologue (leader). Returns the result
+        of ``pending`` when this member caught up on it (see :meth:`_prologue`), else None.
+        Raises MembershipError when the group cannot connect, DistributedError when the
+        prologue fails (the caller rolls that epoch)."""
+        m = self.membership
+        assert m is not None
+        self._comm = m.communicator()
+        view = m.view
         self.rank, self.world_size = view.rank_of(self.name), len(view.members)
+        return self._prologue(view, pending)
+
+    def _prologue(self, view: View, pending: _Pending | None) -> Any:
+        """The first operations of every epoch, whatever way each member came to it (a joiner,
+        a member switching after the vote, a member redoing a failed operation): every member
+        runs the same ones, so that no two members ever post different collectives.
+
+        1. *Hello*: one small all-gather of every member's position (:attr:`_seq`, the number
+           of cross-group operations it completed; what it does next; whether it is joining)
+           and, at a (re)start, its committed steps (:meth:`_agree_restart_point`).
+        2. *Joiners wait for a round boundary*: a joiner's first operation is the vote, so when
+           the members are in the middle of an exchange, the joiners are left out of this
+           epoch (members: roll call without them; joiners: MembershipError, they are admitted
+           again by the next view, which the members adopt at the next boundary).
+        3. *Catch-up*: an operation can complete on some members and fail on others (a peer
+           died after it sent them its last bytes, or a member was cancelled by the store's
+           news just too late). Those that completed it are one operation ahead; one of them
+           sends its result to those behind, who use it as theirs, so every member continues
+           from the same result (it includes the lost member's contribution: equal to a clean
+           leave after that operation). Operations are never more than one apart: none
+           completes without every member.
+        4. *State*: joiners receive the global state from a member that is ahead
+           (:func:`sync_state` with an explicit source: the other members never receive).
+        """
+        self._last_sync = None
+        rows = self._hello(pending)
+        joining = [r for r, row in enumerate(rows) if row[_H_JOINING]]
+        members = [r for r in range(len(rows)) if r not in joining]
+        self._agree_restart_point(rows)
+        if members:
+            hi = max(rows[r][_H_SEQ] for r in members)
+            ahead = [r for r in members if rows[r][_H_SEQ] == hi]
+            next_kind = rows[ahead[0]][_H_NEXT]
+            if joining and next_kind != _NEXT_VOTE:
+                names = [view.members[r] for r in joining]
+                if self._joining:
+                    raise MembershipError(f"{self.name}: the members of epoch {view.epoch} are inside a round; "
+                                          "joining at the next round boundary")
+                raise _JoinersDeferred(names, view.epoch)
+            caught = self._catch_up(view, rows, members, ahead[0], pending)
+            if joining:
+                self._transfer_state(view, joining, source=view.members[ahead[0]])
+            if self._joining:
+                self._seq = hi  # the members' position (those behind count theirs on completing it)
+        else:  # a (re)start: nobody holds a live state
+            caught = None
+            self._transfer_state(view, joining, source=None)
+            self._seq = 0
+        self._joining = False
+        self._synced_epoch = view.epoch
+        return caught
+
+    def _hello(self, pending: _Pending | None) -> list[list[int]]:
+        fresh = self._fresh and self.resume_points is not None and self.restart_at is not None
+        # steps newer than the one loaded did not verify (skipped on resume): not offered
+        mine = [int(s) for s in self.resume_points() if s <= self.state.step][:_RESUME_POINTS] if fresh else []
+        buf = torch.full((_H_OFFERS + _RESUME_POINTS,), -1, dtype=torch.int64)
+        buf[_H_STEP], buf[_H_NOFFERS], buf[_H_FRESH] = self.state.step, len(mine), int(fresh)
+        buf[_H_SEQ], buf[_H_JOINING] = self._seq, int(self._joining)
+        buf[_H_NEXT] = _NEXT_VOTE if pending is None or pending.kind == "vote" else _NEXT_EXCHANGE
+        if mine:
+            buf[_H_OFFERS:_H_OFFERS + len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        return [r.tolist() for r in self._comm.allgather(buf).wait(self.round_deadline)]
+
+    def _agree_restart_point(self, rows: list[list[int]]) -> None:
+        """At every epoch's hello, it acts only when every member is *fresh* (has not trained
+        since it loaded its checkpoint): the job (re)starts and nobody holds a live state,
+        whether the groups arrived in one view or one by one. Each group resumed from its own
+        newest checkpoint, but a job killed as a whole stops between one group's commit of step
+        S and another's: resuming each from its own newest would mix the global state of step S
+        with the inner state (Adam moments, data position) of an older step. So the groups with
+        a checkpoint all go back to the newest step every one of them has, which makes the
+        restart equal to an uninterrupted run. A group without any checkpoint (new to the job)
+        takes the state from a peer as joiners do. Without a common step the newest state
+        serves everyone (warning + ``restart_inconsistent`` event)."""
+        if not all(r[_H_FRESH] == 1 for r in rows):
+            return  # a running job: joiners take the live state
+        offers = {self.view.members[i]: set(r[_H_OFFERS:_H_OFFERS + r[_H_NOFFERS]]) for i, r in enumerate(rows)
+                  if r[_H_NOFFERS] > 0}
+        loaded = {self.view.members[i]: r[_H_STEP] for i, r in enumerate(rows) if r[_H_NOFFERS] > 0}
+        if len(set(loaded.values())) <= 1:
+            return  # nothing to agree on: one or no group has a checkpoint, or all loaded the same step
+        common = set.intersection(*offers.values())
+        if not common:
+            log.warning("group %s: the groups' checkpoints have no step in common (%s): the newest state serves "
+                        "everyone; the groups behind keep their older inner optimizer state", self.name, loaded)
+            self._emit("restart_inconsistent", loaded=loaded)
+            return
+        agreed = max(common)
+        self._emit("restart_point", agreed=agreed, loaded=loaded)
+        if self.state.step != agreed:
+            self._bcast_code(_RESTART_AT, agreed)
+            self.restart_at(agreed)
+
+    def _catch_up(self, view: View, rows: list[list[int]], members: list[int], source: int,
+                  pending: _Pending | None) -> Any:
+        """Step 3 of the prologue: ``source`` (the lowest-ranked member that is ahead) sends the
+        result of its last operation to every member one behind. Returns it on those."""
+        hi = rows[source][_H_SEQ]
+        behind = [r for r in members if rows[r][_H_SEQ] == hi - 1]
+        lost = [view.members[r] for r in members if rows[r][_H_SEQ] < hi - 1]
+        if self.rank in [view.rank_of(n) for n in lost]:
+            raise DroppedFromJobError(f"group {self.name} is {hi - self._seq} operations behind the others in epoch "
+                                      f"{view.epoch}: rejoining to take the live state")
+        if not behind:
+            return None
+        timeout = self.round_deadline
+        if self.rank == source:
+            last = self._last
+            if last is None or last.seq != hi - 1:
+                raise DistributedError("cannot serve the catch-up", {self.rank: f"the last completed operation is "
+                                       f"{None if last is None else last.seq}, not {hi - 1}"})
+            head = torch.tensor([last.seq, _KINDS[last.kind], len(last.tensors), last.tensors[0].numel()], dtype=torch.int64)
+            for dst in behind:
+                self._comm.send(head, dst, 0).wait(timeout)
+                for i, t in enumerate(last.tensors):
+                    self._comm.send(t.contiguous(), dst, 1 + i).wait(timeout)
+            log.info("group %s: sent the result of operation %d (%s) to %s, who did not complete it", self.name,
+                     last.seq, last.kind, [view.members[r] for r in behind])
+            return None
+        if self.rank not in behind:
+            return None
+        if pending is None:  # never: a member one operation behind is inside that operation
+            raise DroppedFromJobError(f"group {self.name} is one operation behind outside an operation; rejoining")
+        head = torch.zeros(4, dtype=torch.int64)
+        self._comm.recv(head, source, 0).wait(timeout)
+        seq, kind, count, numel = head.tolist()
+        like = pending.original
+        if seq != self._seq or kind != _KINDS[pending.kind] or numel != like.numel() or (pending.kind != "allgather" and count != 1):
+            raise DroppedFromJobError(f"group {self.name}: the members completed another operation than this one "
+                                      f"(seq {seq} kind {kind} numel {numel}, here seq {self._seq} {pending.kind} "
+                                      f"numel {like.numel()}); rejoining to realign")
+        out = [torch.empty_like(like) for _ in range(count)]
+        for i, t in enumerate(out):
+            self._comm.recv(t, source, 1 + i).wait(timeout)
+        log.warning("group %s: operation %d (%s) completed on %s before the failure; took its result", self.name,
+                    seq, pending.kind, view.members[source])
+        self._emit("caught_up", epoch=view.epoch, seq=seq, op=pending.kind, source=view.members[source])
+        return out if pending.kind == "allgather" else out[0]
+
+    def _transfer_state(self, view: View, joining: list[int], source: str | None) -> None:
+        """Step 4 of the prologue: joiners receive the global state (all joining: a (re)start,
+        the newest state serves everyone, a checkpoint fallback when nobody has one)."""
+        if not joining:
+            return
+        joiners = View(view.epoch, view.members, view.fingerprint, tuple(view.members[r] for r in joining))
+        flat = self.state.flat()
+        res = sync_state(self._comm, joiners, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
+                         fallback=lambda _flat: self.state.step, timeout=self.round_deadline, source=source)
+        if self.name in res.receivers:
+            self.state.apply(flat, res.meta)
+            self._received = True
+        self._last_sync = res
 
     # ------------------------------------------------------------------ join
 
@@ -196,7 +402,9 @@ class ProviderGroup:
         m = self.membership
         assert m is not None
         deadline = time.monotonic() + self.join_timeout_s
+        self._last = None
         while True:
+            self._joining, self._last_sync = True, None
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MembershipError(f"group {self.name}: could not join the job within {self.join_timeout_s} s "
@@ -209,12 +417,14 @@ class ProviderGroup:
                 time.sleep(0.05)
                 continue
             try:
-                self._adopt()
-                res = self._sync_view()
+                self._enter(None)
+                res = self._last_sync
                 self._vote_loop()  # as the members do after the switch that admitted us
                 m.set_flag("started", str(m.view.epoch).encode())
                 self._fresh = False  # a later join (after being dropped) keeps the live state
                 return res
+            except DroppedFromJobError as exc:  # dropped in the vote that follows: join again
+                log.info("group %s: dropped right after joining (%s); joining again", self.name, exc)
             except (MembershipError, DistributedError) as exc:
                 log.info("group %s: joining epoch %d failed (%s); waiting for the next view", self.name, m.latest.epoch, exc)
                 m.wait_for_change(min(1.0, max(0.05, deadline - time.monotonic())))
@@ -233,58 +443,6 @@ class ProviderGroup:
         except ValueError:
             started = 0
         return started >= m.cold_epoch
-
-    def _agree_restart_point(self) -> None:
-        """Collective over the adopted view's leaders, at every view switch (one small
-        all-gather). It acts only when every member is *fresh* (has not trained since it
-        loaded its checkpoint): the job (re)starts and nobody holds a live state, whether the
-        groups arrived in one view or one by one. Each group resumed from its own newest
-        checkpoint, but a job killed as a whole stops between one group's commit of step S and
-        another's: resuming each from its own newest would mix the global state of step S with
-        the inner state (Adam moments, data position) of an older step. So the groups with a
-        checkpoint all go back to the newest step every one of them has, which makes the
-        restart equal to an uninterrupted run. A group without any checkpoint (new to the job)
-        takes the state from a peer as joiners do. Without a common step the newest state
-        serves everyone (warning + ``restart_inconsistent`` event)."""
-        fresh = self._fresh and self.resume_points is not None and self.restart_at is not None
-        # steps newer than the one loaded did not verify (skipped on resume): not offered
-        mine = [int(s) for s in self.resume_points() if s <= self.state.step][:_RESUME_POINTS] if fresh else []
-        buf = torch.full((_RESUME_POINTS + 3,), -1, dtype=torch.int64)
-        buf[0], buf[1], buf[2] = self.state.step, len(mine), int(fresh)
-        if mine:
-            buf[3:3 + len(mine)] = torch.tensor(mine, dtype=torch.int64)
-        rows = [r.tolist() for r in self._comm.allgather(buf).wait(self.round_deadline)]
-        if not all(r[2] == 1 for r in rows):
-            return  # a running job: joiners take the live state
-        offers = {self.view.members[i]: set(r[3:3 + r[1]]) for i, r in enumerate(rows) if r[1] > 0}
-        loaded = {self.view.members[i]: r[0] for i, r in enumerate(rows) if r[1] > 0}
-        if len(set(loaded.values())) <= 1:
-            return  # nothing to agree on: one or no group has a checkpoint, or all loaded the same step
-        common = set.intersection(*offers.values())
-        if not common:
-            log.warning("group %s: the groups' checkpoints have no step in common (%s): the newest state serves "
-                        "everyone; the groups behind keep their older inner optimizer state", self.name, loaded)
-            self._emit("restart_inconsistent", loaded=loaded)
-            return
-        agreed = max(common)
-        self._emit("restart_point", agreed=agreed, loaded=loaded)
-        if self.state.step != agreed:
-            self._bcast_code(_RESTART_AT, agreed)
-            self.restart_at(agreed)
-
-    def _sync_view(self) -> Any:
-        """sync_state over the adopted view (leader): joiners and lagging members receive."""
-        m = self.membership
-        assert m is not None
-        view = m.view
-        self._agree_restart_point()
-        flat = self.state.flat()
-        res = sync_state(self._comm, view, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
-                         fallback=lambda _flat: self.state.step, timeout=self.round_deadline)
-        if self.name in res.receivers:
-            self.state.apply(flat, res.meta)
-        self._synced_epoch = view.epoch
-        return res
 
     # ------------------------------------------------------------------ the Communicator protocol
 
@@ -306,42 +464,58 @@ class ProviderGroup:
             out = torch.empty((n, *buf.shape), dtype=buf.dtype)
             self._bcast(out)
             return list(out.unbind(0))
+        try:
+            result = self._run(op, buf)
+        except DroppedFromJobError:
+            self._bcast_code(_DROPPED)
+            raise
+        self._bcast_code(_OK)
+        if op == "allreduce":
+            buf.copy_(result)
+            self._bcast(buf)
+            return buf
+        self._bcast_code(_OK, len(result))
+        self._bcast(torch.stack(result))
+        return result
+
+    def _run(self, kind: str, buf: torch.Tensor) -> Any:
+        """One cross-group operation (leader): ``allreduce`` / ``vote`` (a sum) or ``allgather``
+        of ``buf``, redone among the survivors until it completes (or its result is taken from
+        a member that completed it: :meth:`_prologue`). ``buf`` is not written; the result is a
+        new tensor (a list for ``allgather``), kept as :attr:`_last` until the next operation
+        completes, for the members that may need it."""
         # every attempt runs on its own copy of the input: an attempt that was cancelled (a peer
         # reported the failure first) may still be in flight inside gloo and write into it
-        original = buf.clone()
+        pending = _Pending(kind, buf.detach().clone())
         attempt = 0
         while True:
             comm = self._comm
             before = comm.bytes_sent
-            mine = original.clone()
+            mine = pending.original.clone()
             try:
-                if op == "allreduce":
-                    buf.copy_(comm.allreduce_sum(mine).wait(self.round_deadline))
-                    result = buf
-                else:
+                if kind == "allgather":
                     result = comm.allgather(mine).wait(self.round_deadline)
+                else:
+                    result = comm.allreduce_sum(mine).wait(self.round_deadline)
                 self.bytes_sent += comm.bytes_sent - before
                 self._same_members = 0
                 break
             except DistributedError as exc:
                 self.bytes_sent += comm.bytes_sent - before
                 attempt += 1
-                try:
-                    self._recover(exc, attempt)
-                except DroppedFromJobError:
-                    self._bcast_code(_DROPPED)
-                    raise
-        self._bcast_code(_OK)
-        if op == "allreduce":
-            self._bcast(buf)
-            return result
-        self._bcast_code(_OK, len(result))
-        self._bcast(torch.stack(result))
+                caught = self._recover(exc, attempt, pending=pending)
+                if caught is not None:
+                    result = caught
+                    break
+        self._last = _Done(self._seq, kind, list(result) if kind == "allgather" else [result])
+        self._seq += 1
         return result
 
-    def _recover(self, exc: BaseException, attempt: int, failed: View | None = None) -> None:
-        """A cross-group collective (or connecting the group of ``failed``, default the adopted
-        view) failed (leader): roll call over that epoch, adopt the next view."""
+    def _recover(self, exc: BaseException, attempt: int, failed: View | None = None,
+                 pending: _Pending | None = None) -> Any:
+        """A cross-group operation (or connecting the group of ``failed``, default the adopted
+        view) failed (leader): roll call over that epoch, enter the next view (its prologue).
+        Returns ``pending``'s result when another member had completed it, else None."""
         m = self.membership
         assert m is not None
         t0 = time.perf_counter()
@@ -351,39 +525,54 @@ class ProviderGroup:
         log.warning("group %s: cross-group round failed in epoch %d (%s); roll call", self.name, failed.epoch, exc)
         rolled = failed  # the epoch whose operation failed: its members answer the roll call
         while True:
-            unsynced = tuple(j for j in rolled.joiners if self._synced_epoch < rolled.epoch)
+            view = self._roll_call(exc, attempt, rolled, failed)
             try:
-                view = m.report_failure(deadline_s=self.round_deadline_s, silent_after_s=self.silent_after_s,
-                                        exclude=unsynced, view=rolled, error=f"{type(exc).__name__}: {exc}")
-            except MembershipError as again:
-                raise DroppedFromJobError(f"group {self.name}: no new view after a failed round: {again}") from exc
-            if self.name not in view.members or (self.name in m.latest.joiners and m.latest.epoch > failed.epoch):
-                # dropped (and perhaps already re-admitted as a joiner): take the state afresh
-                raise DroppedFromJobError(f"group {self.name} was dropped from the job in epoch {view.epoch} "
-                                          f"(missed the round deadline of {self.round_deadline_s:g} s)") from exc
-            if view.members == failed.members:
-                self._same_members += 1
-                if self._same_members >= 3:
-                    # everyone answered, yet the round keeps failing: the members are not in the
-                    # same operation (or cannot reach each other). Rejoin: sync_state realigns them.
-                    self._same_members = 0
-                    raise DroppedFromJobError(f"group {self.name}: the round failed {attempt} times among the same members "
-                                              f"{list(view.members)}; rejoining to realign") from exc
-            else:
-                self._same_members = 0
-            try:
-                self._adopt()
+                caught = self._enter(pending)
                 break
             except MembershipError as again:
                 log.warning("group %s: epoch %d could not connect (%s); roll call again", self.name, view.epoch, again)
-                rolled = m.latest  # the group that could not connect is the one to roll next
+                rolled, exc = m.latest, again  # the group that could not connect is the one to roll next
+            except DistributedError as again:
+                log.warning("group %s: the start of epoch %d failed (%s); roll call again", self.name, m.view.epoch, again)
+                rolled, exc = m.view, again
         seconds = time.perf_counter() - t0
-        rec = {"epoch": view.epoch, "members": list(view.members), "dropped": sorted(set(failed.members) - set(view.members)),
+        rec = {"epoch": m.view.epoch, "members": list(m.view.members),
+               "dropped": sorted(set(failed.members) - set(m.view.members)),
                "seconds": round(seconds, 4), "step": self.state.step, "steps_redone": 0}
         self.recoveries.append(rec)
         self._emit("reconfigured", **rec)
-        log.warning("group %s: continuing in epoch %d with %s after %.2f s; the round is redone among them",
-                    self.name, view.epoch, list(view.members), seconds)
+        log.warning("group %s: continuing in epoch %d with %s after %.2f s; %s", self.name, m.view.epoch,
+                    list(m.view.members), seconds,
+                    "took the result from a member that completed it" if caught is not None else "the operation is redone among them")
+        return caught
+
+    def _roll_call(self, exc: BaseException, attempt: int, rolled: View, failed: View) -> View:
+        """The membership roll call over ``rolled``; raises DroppedFromJobError when this group
+        is not in the next view (or keeps failing among the same members)."""
+        m = self.membership
+        unsynced = tuple(j for j in rolled.joiners if self._synced_epoch < rolled.epoch)
+        if isinstance(exc, _JoinersDeferred):
+            unsynced += exc.joiners
+        try:
+            view = m.report_failure(deadline_s=self.round_deadline_s, silent_after_s=self.silent_after_s,
+                                    exclude=unsynced, view=rolled, error=f"{type(exc).__name__}: {exc}")
+        except MembershipError as again:
+            raise DroppedFromJobError(f"group {self.name}: no new view after a failed round: {again}") from exc
+        if self.name not in view.members or (self.name in m.latest.joiners and m.latest.epoch > failed.epoch):
+            # dropped (and perhaps already re-admitted as a joiner): take the state afresh
+            raise DroppedFromJobError(f"group {self.name} was dropped from the job in epoch {view.epoch} "
+                                      f"(missed the round deadline of {self.round_deadline_s:g} s)") from exc
+        if view.members == failed.members and not isinstance(exc, _JoinersDeferred):
+            self._same_members += 1
+            if self._same_members >= 3:
+                # everyone answered, yet the round keeps failing: the members are not in the
+                # same operation (or cannot reach each other). Rejoin: the prologue realigns them.
+                self._same_members = 0
+                raise DroppedFromJobError(f"group {self.name}: the round failed {attempt} times among the same members "
+                                          f"{list(view.members)}; rejoining to realign") from exc
+        elif view.members != failed.members:
+            self._same_members = 0
+        return view
 
     # ------------------------------------------------------------------ round boundaries
 
@@ -398,51 +587,47 @@ class ProviderGroup:
             elif code == _DROPPED:
                 raise DroppedFromJobError(f"group {self.name} was dropped from the job at a round boundary")
             return
+        self._received = False
         try:
-            received = self._vote_loop()
+            self._vote_loop()
         except DroppedFromJobError:
             self._bcast_code(_DROPPED)
             raise
-        if received:
+        if self._received:
             self._bcast_code(_STATE)
             self._bcast_state(self.state.flat(), self.state.meta_bytes())
         else:
             self._bcast_code(_OK)
 
-    def _vote_loop(self) -> bool:
+    def _vote_loop(self) -> None:
         """Leaders: vote until nobody sees a newer view; switch (and share the state with
-        joiners) after each positive vote. Returns True if this member received the state."""
+        joiners) after each positive vote. A vote is a cross-group operation like the
+        exchanges (:meth:`_run`): redone among the survivors, or its result taken from a
+        member that completed it, in which case this member may already stand in the view the
+        others switched to."""
         m = self.membership
         assert m is not None
-        received = False
         while True:
-            vote = torch.tensor([1.0 if m.check() else 0.0])
-            comm = self._comm
-            before = comm.bytes_sent
-            try:
-                comm.allreduce_sum(vote).wait(self.round_deadline)
-                self.bytes_sent += comm.bytes_sent - before
-            except DistributedError as exc:
-                self._recover(exc, 1)
-                continue
-            if vote.item() == 0:
+            voted_in = m.view.epoch
+            total = self._run("vote", torch.tensor([1.0 if m.check() else 0.0]))
+            if total.item() == 0:
                 break
+            if m.view.epoch != voted_in:
+                continue  # a failed vote moved this member to a newer view already: vote again there
             old = m.view
             m.wait_for_change(self.round_deadline_s)
             if self.name not in m.latest.members:
                 raise DroppedFromJobError(f"group {self.name} is not in epoch {m.latest.epoch} {list(m.latest.members)}")
             target = m.latest
             try:
-                self._adopt()
-                res = self._sync_view()
+                self._enter(None)
             except (MembershipError, DistributedError) as exc:
                 self._recover(exc, 1, failed=target)
                 continue
-            received = received or self.name in res.receivers
+            res = self._last_sync
             self._emit("membership", epoch=m.view.epoch, members=list(m.view.members), joiners=list(m.view.joiners),
-                       previous=list(old.members), step=self.state.step, state_from=res.source,
-                       sent_bytes=res.sent_bytes, received_bytes=res.received_bytes)
-        return received
+                       previous=list(old.members), step=self.state.step, state_from=res.source if res else None,
+                       sent_bytes=res.sent_bytes if res else 0, received_bytes=res.received_bytes if res else 0)
 
 
 class DiLoCoGlobalState:
