@@ -201,6 +201,40 @@ def test_a_reported_failure_cancels_the_collective_of_members_not_connected_to_i
             m.close()
 
 
+def test_the_abort_watcher_outlives_an_unexpected_error_in_one_poll():
+    """An unexpected exception in one poll (here planted in the watcher's first reap) is logged
+    and the watcher polls on: b still leaves its collective on a's report within a second.
+    Without the catch the watcher thread died silently and b sat in the all-reduce for the
+    whole deadline (30 s)."""
+    kv, ms = _members(2)
+    try:
+        comms = _adopt_all(ms)
+        a, b = ms
+        epoch = a.view.epoch
+        polls: list[int] = []
+        real = b._reap
+
+        def flaky():
+            polls.append(1)
+            if len(polls) == 1:
+                raise RuntimeError("planted: one poll fails")
+            return real()
+
+        b._reap = flaky
+        h = comms["b"].allreduce_sum(torch.ones(1 << 10))  # a never joins it
+        deadline = time.monotonic() + 5
+        while len(polls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()  # the store's news alone (a keeps its group: no connection closes)
+        a._kv.compare_set(a._k(f"abort/{epoch}"), None, b'{"member": "a", "error": "test"}', timeout=DEADLINE)
+        with pytest.raises(DistributedError, match="reported a failed collective"):
+            h.wait(DEADLINE)
+        assert time.monotonic() - t0 < 1.0 and len(polls) >= 3
+    finally:
+        for m in ms:
+            m.close()
+
+
 def test_a_failed_epoch_is_never_connected_again():
     """After a member reported a failure of its epoch, asking for that epoch's group again (a
     store error cut the roll call short, the trainer rejoins) fails at once instead of

@@ -433,27 +433,34 @@ class Membership:
         ``abort/<epoch>`` appears; release retired groups whose operation ended."""
         timeout = timedelta(seconds=min(self.store_timeout.total_seconds(), 2.0))
         while not self._stop.wait(self.abort_poll_s):
-            self._reap()
-            with self._cond:
-                comm, epoch = self._comm, self._view.epoch
-            if comm is None or comm.aborted is not None or not comm.busy:
-                continue
             try:
-                raw = kv.get(self._k(f"abort/{epoch}"), timeout=timeout)
-            except MembershipStoreError as exc:
+                self._watch_once(kv, timeout)
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one poll
                 self.last_error = exc
-                log.debug("membership %s: abort watch: store call failed: %s", self.member_id, exc)
-                continue
-            if raw is None:
-                continue
-            try:
-                d = json.loads(raw)
-                who, why = str(d.get("member")), str(d.get("error", ""))
-            except (ValueError, AttributeError):
-                who, why = "a member", raw[:200].decode(errors="replace")
-            log.info("membership %s: %s reported a failed collective in epoch %d; leaving it (%s)",
-                     self.member_id, who, epoch, why)
-            comm.abort(f"{who} reported a failed collective in epoch {epoch}: {why}")
+                log.exception("membership %s: abort watch failed; polling on", self.member_id)
+
+    def _watch_once(self, kv: KVStore, timeout: timedelta) -> None:
+        self._reap()
+        with self._cond:
+            comm, epoch = self._comm, self._view.epoch
+        if comm is None or comm.aborted is not None or not comm.busy:
+            return
+        try:
+            raw = kv.get(self._k(f"abort/{epoch}"), timeout=timeout)
+        except MembershipStoreError as exc:
+            self.last_error = exc
+            log.debug("membership %s: abort watch: store call failed: %s", self.member_id, exc)
+            return
+        if raw is None:
+            return
+        try:
+            d = json.loads(raw)
+            who, why = str(d.get("member")), str(d.get("error", ""))
+        except (ValueError, AttributeError):
+            who, why = "a member", raw[:200].decode(errors="replace")
+        log.info("membership %s: %s reported a failed collective in epoch %d; leaving it (%s)",
+                 self.member_id, who, epoch, why)
+        comm.abort(f"{who} reported a failed collective in epoch {epoch}: {why}")
 
     def set_flag(self, name: str, value: bytes = b"1") -> None:
         """Set a job-wide flag in the store (e.g. "started": the job has taken its first step)."""
