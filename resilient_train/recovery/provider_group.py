@@ -255,7 +255,8 @@ class ProviderGroup:
             next_kind = rows[ahead[0]][_H_NEXT]
             if joining and next_kind != _NEXT_VOTE:
                 names = [view.members[r] for r in joining]
-                if self._joining:
+                if self._joining:  # leave the epoch for good (its group closed; never connected again)
+                    self.membership.abort_epoch(view.epoch, f"joiners {names} deferred to the next round boundary")
                     raise MembershipError(f"{self.name}: the members of epoch {view.epoch} are inside a round; "
                                           "joining at the next round boundary")
                 raise _JoinersDeferred(names, view.epoch)
