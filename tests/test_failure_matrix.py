@@ -26,7 +26,7 @@ import pytest
 
 from tests import failure_worker as fw
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 RESUME_BOUND_S = 6.0
 SPREAD_BOUND_S = 2.0
