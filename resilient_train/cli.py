@@ -117,15 +117,15 @@ def _human(n: float) -> str:
 
 
 def _resolve_step(store: Any, step: int | None) -> int:
-    from .checkpoint import latest_step
+    from .checkpoint import newest_committed
 
     if step is not None:
         return step
-    latest = latest_step(store)
-    if latest is None:
+    latest = newest_committed(store, limit=1)
+    if not latest:
         _require_something_at(store)
         raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
-    return latest
+    return latest[0]
 
 
 def _require_something_at(store: Any) -> list[str]:
@@ -274,7 +274,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from .checkpoint.signatures import sign_checkpoint
+    from .checkpoint.discovery import sign_checkpoint
     from .format.names import step_dirname
     from .format.signing import load_signing_key
 

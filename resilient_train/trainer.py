@@ -47,13 +47,15 @@ import torch.distributed as dist
 from . import adapt
 from .checkpoint import TrainState, load
 from .checkpoint.async_save import AsyncCheckpointer
-from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
+from .checkpoint.location import Location, as_location
+from .checkpoint.discovery import load_newest_verifiable, uncommit
+from .checkpoint.steps import newest_committed
 from .checkpoint.writer import SaveOptions
 from .format.signing import as_keyring
 from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, DroppedFromJobError, StorageError
 from .events import EventLog
-from .storage import Store, open_store
+from .storage import Store
 from .storage.ledger import Ledger
 from .storage.providers import Placement
 
@@ -404,17 +406,11 @@ class Trainer:
             return ck.rstrip("/") + f"/group-{g}"
         raise ConfigError("with group=, checkpoint must be a URI or a Placement (a Store object cannot be given a per-group sub-folder)")
 
-    def _target(self) -> Any:
-        ck = self._checkpoint()
-        if isinstance(ck, Placement):
-            return ck
-        return open_store(ck, self.config.storage_options)
+    def _target(self) -> Location:
+        return as_location(self._checkpoint(), self.config.storage_options)
 
     def _sources(self) -> list[Store]:
-        ck = self._checkpoint()
-        if isinstance(ck, Placement):
-            return [ck.store(n) for n in ck.decide().read_order]
-        return [open_store(ck, self.config.storage_options)]
+        return self._target().read_order()
 
     def _resume(self, at_most: int | None = None) -> None:
         """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
@@ -444,7 +440,7 @@ class Trainer:
                         log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
 
         def candidates() -> list[int]:
-            return [s for s in steps_newest_first(self._sources()) if at_most is None or s <= at_most]
+            return [s for s in newest_committed(self._sources()) if at_most is None or s <= at_most]
 
         result = load_newest_verifiable(candidates, load_step, process_group=pg, on_skip=skipped)
         if result is None:
@@ -461,7 +457,7 @@ class Trainer:
     def _resume_points(self) -> list[int]:
         """This group's committed steps, newest first (the group leader, for a consistent restart)."""
         try:
-            return steps_newest_first(self._sources()) if self.resumed_from is not None else []
+            return newest_committed(self._sources()) if self.resumed_from is not None else []
         except (StorageError, OSError) as exc:
             log.warning("could not list this group's checkpoints for the restart agreement: %s", exc)
             return [self.resumed_from] if self.resumed_from is not None else []
@@ -479,7 +475,7 @@ class Trainer:
         if self.rank == 0:
             for store in self._sources():
                 try:
-                    later = [s for s in steps_newest_first([store]) if s > loaded]
+                    later = [s for s in newest_committed(store) if s > loaded]
                     for s in later:
                         uncommit(store, s, f"newer than step {loaded}, where the job restarted (the other groups had not committed step {s})")
                 except (StorageError, OSError) as exc:

@@ -31,9 +31,11 @@ from ..format.manifest import Manifest, TensorRecord
 from ..format.names import GROUPS, HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, rank_state_filename, step_dirname
 from ..format.safetensors_io import MAX_HEADER_BYTES, parse_header
 from ..format.signing import as_keyring
-from ..storage import Store, open_store, redact
+from ..storage import Store, redact
 from ..storage.transfer import sha256_of
 from .signatures import read_signature
+from .location import as_store
+from .reader import verify_checkpoint
 
 __all__ = ["AuditReport", "audit_checkpoint", "manifest_problems"]
 
@@ -142,9 +144,7 @@ def _tensor_refs(tree: Any, out: set[str], depth: int = 0) -> None:
 def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[str, Any] | None = None, verify_keys: Any = None, io_threads: int | None = None, progress: bool = False) -> AuditReport:
     """Check checkpoint ``step`` completely (see module doc). Raises CheckpointNotFoundError if
     it has no manifest; everything else is reported as problems naming the file at fault."""
-    from .reader import verify_checkpoint
-
-    store = open_store(uri, storage_options)
+    store = as_store(uri, storage_options)
     folder = step_dirname(step)
     report = AuditReport(step, None)
     mpath = f"{folder}/{MANIFEST_NAME}"

@@ -12,8 +12,10 @@ from ..format.jsontree import dumps_canonical
 from ..format.names import HF_INDEX_NAME
 from ..format.safetensors_io import write_file
 from ..progress import Progress
-from ..storage import Store, open_store
-from .reader import _records_by_key, _whole_target, latest_step, open_sources, read_manifest, read_tensors
+from ..storage import Store
+from .location import as_location, as_store
+from .reader import _records_by_key, _whole_target, read_tensors
+from .steps import newest_committed, read_manifest
 
 __all__ = ["read_model_tensors", "export_hf"]
 
@@ -22,11 +24,12 @@ log = logging.getLogger(__name__)
 
 def read_model_tensors(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int = 4) -> tuple[int, dict[str, torch.Tensor]]:
     """Every model tensor of a checkpoint, reassembled whole on the CPU, every byte verified."""
-    sources = open_sources(uri, storage_options)
+    sources = list(as_location(uri, storage_options).stores)
     if step is None:
-        step = latest_step(sources[0])
-        if step is None:
+        latest = newest_committed(sources[0], limit=1)
+        if not latest:
             raise CheckpointNotFoundError(f"no committed checkpoint under {sources[0].uri}")
+        step = latest[0]
     manifest = read_manifest(sources[0], step)
     targets = [_whole_target(key, recs) for key, recs in sorted(_records_by_key(manifest).items()) if key.startswith("model/")]
     # Every byte is hashed from the buffer it is copied from (one pass, chunk by chunk).
@@ -52,7 +55,7 @@ def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shar
             size = 0
         shards[-1].append((name, t))
         size += nbytes
-    out = open_store(dst, dst_storage_options)
+    out = as_store(dst, dst_storage_options)
     names = []
     weight_map = {}
     bar = Progress(sum(t.numel() * t.element_size() for t in tensors.values()), f"export to {out.name}", bar=progress, enabled=progress)

@@ -53,28 +53,23 @@ from ..errors import (
     StateMismatchError,
     StorageError,
     TruncatedFileError,
-    UnsafeFileError,
 )
 from ..format.jsontree import MAX_JSON_BYTES, decode, loads_strict
-from ..format.manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest, TensorRecord
-from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, parse_step_dirname, rank_state_filename, step_dirname
+from ..format.manifest import FileRecord, Manifest, TensorRecord
+from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, rank_state_filename, step_dirname
 from ..format.safetensors_io import ST_TO_DTYPE, TensorSlot, parse_header
 from ..progress import LOG_MIN_BYTES, Progress
-from ..storage import Store, open_store, redact
+from ..storage import Store, redact
 from .collectives import Coordinator
-from .discovery import committed_steps, find_latest, latest_step
-from .signatures import check_signature
+from .location import Location, as_location
 from .planner import ReadOp, plan_reads, region_volume
+from .steps import newest_committed, read_manifest
 from .state import TrainState, _local_piece, _optimizer_fqns, rng_state, set_rng_state, unwrap_model
 
 __all__ = [
     "load",
     "LoadResult",
-    "committed_steps",
-    "latest_step",
-    "read_manifest",
     "verify_checkpoint",
-    "open_sources",
     "read_tensors",
     "DEFAULT_STAGING_BUDGET_BYTES",
 ]
@@ -104,33 +99,6 @@ class LoadResult:
 
 
 # ------------------------------------------------------------------ finding checkpoints
-
-
-def open_sources(uri: Any, storage_options: Mapping[str, Any] | None = None) -> list[Store]:
-    """One Store per replica, in preference order, from a URI, a Store, or a list of them."""
-    items = uri if isinstance(uri, (list, tuple)) else [uri]
-    if not items:
-        raise CheckpointError("no checkpoint location given")
-    return [open_store(u, storage_options) for u in items]
-
-
-def read_manifest(store: Store, step: int, *, keys: Any = None) -> Manifest:
-    """Parse and validate the manifest of ``step`` (CheckpointNotFoundError if uncommitted).
-    With verification ``keys``, its signature is checked first (SignatureError)."""
-    folder = step_dirname(step)
-    path = f"{folder}/{MANIFEST_NAME}"
-    try:
-        # Bounded: one byte past the limit is enough to refuse an oversized (or endless) manifest.
-        data = store.read_bytes(path, 0, MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"no committed checkpoint for step {step} under {store.uri} ({path} is missing)") from None
-    except UnsafeFileError as exc:
-        raise ManifestError(f"{store.uri}/{path} is not a regular file inside the checkpoint: {exc}") from None
-    check_signature(store, folder, data, keys)
-    manifest = Manifest.from_bytes(data, where=f"{store.uri}/{path}")
-    if manifest.step != step:
-        raise ManifestError(f"{store.uri}/{path} says step {manifest.step} but lives in folder {folder}")
-    return manifest
 
 
 # ------------------------------------------------------------------ verified chunks
@@ -441,12 +409,12 @@ def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Map
     file parsed strictly, and the manifest's own completeness. Returns ``(manifest, problems)``;
     no problems = valid. Each problem names the file at fault. With ``verify_keys`` the
     manifest's signature is checked first (SignatureError)."""
-    sources = open_sources(uri, storage_options)
-    store = sources[0]
+    store = as_location(uri, storage_options).primary
     if step is None:
-        step = latest_step(store, keys=verify_keys)
-        if step is None:
+        latest = newest_committed(store, keys=verify_keys, limit=1)
+        if not latest:
             raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
+        step = latest[0]
     manifest = read_manifest(store, step, keys=verify_keys)
     problems: list[str] = _manifest_problems(manifest)
     threads = io_threads or DEFAULT_IO_THREADS
@@ -762,18 +730,23 @@ def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord
 
 
 def _find(sources: Sequence[Store], step: int | None, keys: Any = None) -> tuple[int, Manifest]:
-    if step is not None:
-        errors: list[BaseException] = []
-        for store in sources:
-            try:
-                return step, read_manifest(store, step, keys=keys)
-            except (StorageError, CheckpointError, OSError) as exc:
-                errors.append(exc)
-        invalid = [e for e in errors if isinstance(e, (ManifestError, SignatureError))]
-        if invalid:
-            raise invalid[0]
-        raise CheckpointNotFoundError(f"step {step} is not committed on any replica: " + "; ".join(redact(str(e)) for e in errors))
-    return find_latest(sources, keys=keys)
+    """``step`` (default: the newest committed on any replica) and its manifest, read from the
+    first replica that has it committed."""
+    if step is None:
+        latest = newest_committed(Location(sources), keys=keys, limit=1)
+        if not latest:
+            raise CheckpointNotFoundError("no committed checkpoint on any of: " + ", ".join(s.uri for s in sources))
+        step = latest[0]
+    errors: list[BaseException] = []
+    for store in sources:
+        try:
+            return step, read_manifest(store, step, keys=keys)
+        except (StorageError, CheckpointError, OSError) as exc:
+            errors.append(exc)
+    invalid = [e for e in errors if isinstance(e, (ManifestError, SignatureError))]
+    if invalid:
+        raise invalid[0]
+    raise CheckpointNotFoundError(f"step {step} is not committed on any replica: " + "; ".join(redact(str(e)) for e in errors))
 
 
 def _agree_or_raise(coord: Coordinator, error: BaseException | None) -> None:
@@ -833,7 +806,7 @@ def load(
     t0 = time.perf_counter()
     coord = Coordinator(process_group)
     threads = io_threads or DEFAULT_IO_THREADS
-    sources = open_sources(uri, storage_options)
+    sources = list(as_location(uri, storage_options).stores)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-load") as pool:
         return _load(coord, sources, state, step, strict, pool, budget, t0, verify_keys)
 

@@ -1,4 +1,4 @@
-"""Committed checkpoints across providers: copy, migrate, replicate, save and load with replicas.
+"""Committed checkpoints across providers: copy, migrate, replicate.
 
 Every copy follows one rule: files first, each streamed (no local staging) and verified against
 the source manifest's size and SHA-256; the destination's ``manifest.json`` last, byte for byte
@@ -9,20 +9,16 @@ hash are skipped (resumable).
 * :func:`copy_checkpoint`: one step, from one or more replicas (a file that is missing or
   corrupt on one source is read from the next) to one destination.
 * :func:`migrate`: one step, or all, from SRC to DST (``resilient-train ckpt migrate``).
-* :func:`write_replicated` / :func:`save_replicated`: write a checkpoint to its primary provider,
-  then replicate it to the policy's other providers. A provider that fails does not stop the
-  others; the error names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
-* :func:`write_primary`: the collective part of a replicated save alone: write to the first
-  healthy provider that takes it; the copies are left to the caller (the asynchronous
-  checkpointer hands them to :class:`~resilient_train.checkpoint.background.CheckpointWorker`,
-  so no rank waits in a collective while rank 0 copies).
+* :func:`fill_copies`: the ``replicate`` phase of a save
+  (:func:`~resilient_train.checkpoint.saving.save_checkpoint`) and of the background worker:
+  copy a committed step to the policy's other providers. A provider that fails does not stop
+  the others; the caller names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
 * :func:`replicate`: bring existing checkpoints up to the policy's copy count.
 * :func:`load_replicated`: load from the replicas in the policy's read order; the reader falls
   back per file when a provider is down or a hash does not match, and reports who served what.
 
-Replication after a collective write runs on rank 0 only. :func:`write_replicated` keeps every
-rank in a broadcast until rank 0's copies are done (so every rank returns the same outcome);
-saves on the training path use :func:`write_primary` and copy in the background instead.
+Saving to a :class:`~resilient_train.storage.providers.Placement` is
+:func:`~resilient_train.checkpoint.saving.save_checkpoint` (the one save route).
 
 Every function that moves bytes takes an optional ``ledger``
 (:class:`~resilient_train.storage.ledger.Ledger`) and records what it moved there.
@@ -40,26 +36,25 @@ from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, Corr
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..progress import LOG_MIN_BYTES, Progress
-from ..storage import Store, open_store, redact
+from ..storage import Store, classify, redact
 from ..storage.ledger import Ledger
-from ..storage.providers import HealthBook, Placement
+from ..storage.providers import Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
-from .collectives import Coordinator
+from .collectives import describe
+from .location import as_store
 from ..format.signing import SIGNATURE_NAME, as_keyring
-from .discovery import committed_steps
+from .steps import newest_committed
 from .reader import LoadResult, load
 from .signatures import read_signature
-from .state import Snapshot, TrainState, capture
-from .writer import SaveOptions, _describe, write_snapshot
+from .state import TrainState
 
 __all__ = [
-    "write_primary",
     "CopyReport",
     "ReplicationReport",
+    "candidates",
     "copy_checkpoint",
+    "fill_copies",
     "migrate",
-    "write_replicated",
-    "save_replicated",
     "replicate",
     "load_replicated",
 ]
@@ -91,7 +86,9 @@ class ReplicationReport:
     copies: dict[str, CopyReport] = field(default_factory=dict)
     reason: str = ""
     manifest: Manifest | None = None
-    """The committed manifest, when this process wrote it (:func:`write_primary`)."""
+    """The committed manifest, when this process wrote it (a save, not a copy)."""
+    saved: Any = None
+    """The :class:`~resilient_train.checkpoint.writer.SaveResult` of the write, for a save."""
 
 
 def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, bytes, Manifest]:
@@ -105,15 +102,13 @@ def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, b
                 raise CheckpointError(f"{s.name}:{path} says step {manifest.step}")
             return s, data, manifest
         except (ResilientTrainError, OSError) as exc:
-            reasons.append(_describe(exc))
+            reasons.append(describe(exc))
     raise CheckpointNotFoundError(f"step {step} is not committed on any source: " + "; ".join(reasons))
 
 
 def _retry_can_help(exc: BaseException) -> bool:
     """Whether running the copy again may succeed: yes when a store was unreachable or flaky,
     no when access was denied, a file is missing or corrupt, or the configuration is wrong."""
-    from ..storage.retry import classify
-
     if isinstance(exc, OperationCancelledError):
         return True
     if isinstance(exc, (CorruptCheckpointError, ConfigError)):
@@ -208,7 +203,7 @@ def copy_checkpoint(
             except OperationCancelledError:
                 raise
             except (ResilientTrainError, OSError) as exc:
-                reasons.append(_describe(exc))
+                reasons.append(describe(exc))
                 causes.append(exc)
         err = ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
         err.causes = causes
@@ -226,7 +221,7 @@ def copy_checkpoint(
         hint = "; run again to resume" if all(_retry_can_help(c) for c in causes) else ""
         err = ReplicationError(
             f"step {step} was not committed on {dst.name}: {len(failures)} of {len(todo)} files failed{hint}",
-            {dst.name: "; ".join(_describe(e) for _, e in failures[:3])},
+            {dst.name: "; ".join(describe(e) for _, e in failures[:3])},
         )
         err.causes = causes
         raise err
@@ -275,10 +270,10 @@ def migrate(
     that is not signed by a trusted key raises SignatureError."""
     if step is not None and all_steps:
         raise ConfigError("pass either a step or all_steps=True, not both")
-    s = open_store(src, src_options)
-    d = open_store(dst, dst_options)
+    s = as_store(src, src_options)
+    d = as_store(dst, dst_options)
     ring = as_keyring(verify_keys)
-    steps = committed_steps(s, keys=ring) if step is None else committed_steps(s)
+    steps = sorted(newest_committed(s, keys=ring if step is None else None))
     if not steps:
         raise CheckpointNotFoundError(f"no committed checkpoint under {s.uri}" + (" signed by a trusted key" if ring is not None else ""))
     if all_steps:
@@ -296,16 +291,18 @@ def migrate(
     return reports
 
 
-def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
-    """Allowed, healthy providers in declared order: the targets first, then substitutes."""
+def candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
+    """Allowed, healthy providers in declared order: the targets first, then substitutes (where
+    a save writes, and where copies go)."""
     health = health or {}
     return [p.name for p in placement.providers if placement.policy.allows(p.region) and health.get(p.name, True)]
 
 
-def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int, progress: bool = False) -> None:
-    """Copy from the committed providers to further candidates until the policy's count."""
+def fill_copies(placement: Placement, report: ReplicationReport, targets: list[str], failures: dict[str, str], io_threads: int, progress: bool = False) -> None:
+    """Copy from the committed providers to further ``targets`` until the policy's count; each
+    provider that fails goes into ``failures``. Storage only: run it on one process."""
     want = placement.policy.copies
-    rest = [c for c in candidates if c not in report.committed and c not in failures]
+    rest = [c for c in targets if c not in report.committed and c not in failures]
     while len(report.committed) < want and rest:
         batch, rest = rest[: want - len(report.committed)], rest[want - len(report.committed):]
         sources = [placement.store(n) for n in report.committed]
@@ -316,122 +313,12 @@ def _fill_copies(placement: Placement, report: ReplicationReport, candidates: li
         results, errs = run_concurrently(one, batch, max_workers=len(batch), thread_name_prefix="rt-replicate")
         failed = {name for name, _ in errs}
         for name, exc in errs:
-            failures[name] = _describe(exc)
+            failures[name] = describe(exc)
             log.error("replication of step %d to %s failed: %s", report.step, name, failures[name])
         for name, res in zip(batch, results):
             if name not in failed and res is not None:
                 report.committed.append(name)
                 report.copies[name] = res
-
-
-def write_replicated(
-    placement: Placement,
-    snap: Snapshot,
-    step: int,
-    *,
-    process_group: Any = None,
-    options: SaveOptions | None = None,
-    health: Mapping[str, bool] | None = None,
-    io_threads: int = 4,
-    health_book: HealthBook | None = None,
-    now: float | None = None,
-) -> ReplicationReport:
-    """Write ``snap`` as ``step`` to the primary provider, then replicate (see module doc).
-
-    With ``health_book`` (and the clock reading ``now``), its view decides the targets when
-    ``health`` is not given, and each provider's outcome is recorded in it.
-
-    Collective for the write. If the primary fails, the next allowed healthy provider becomes
-    the primary. Raises ReplicationError naming every failed provider (``.committed`` and
-    ``.report`` tell who has a copy) if fewer than ``policy.copies`` copies committed.
-    """
-    if health is None and health_book is not None:
-        health = health_book.snapshot([p.name for p in placement.providers], now if now is not None else time.monotonic())
-    decision = placement.decide(health)
-    report = ReplicationReport(step, reason=decision.reason)
-    failures: dict[str, str] = {}
-    candidates = _candidates(placement, health)
-    for name in candidates:
-        try:
-            write_snapshot(placement.store(name), snap, step, process_group=process_group, options=options)
-        except (ResilientTrainError, OSError) as exc:
-            failures[name] = _describe(exc)
-            log.error("save of step %d to %s failed, trying the next provider: %s", step, name, failures[name])
-            continue
-        report.committed.append(name)
-        break
-    coord = Coordinator(process_group)
-    if report.committed and coord.rank == 0:
-        _fill_copies(placement, report, candidates, failures, io_threads)
-    # Every rank returns (or raises) the same outcome as rank 0, which did the copies.
-    report.committed, report.copies, failures = coord.broadcast((report.committed, report.copies, failures) if coord.rank == 0 else None)
-    if health_book is not None:
-        t = now if now is not None else time.monotonic()
-        for name in failures:
-            health_book.failed(name, t)
-        for name in report.committed:
-            health_book.succeeded(name)
-    if len(report.committed) < placement.policy.copies:
-        err = ReplicationError(
-            f"step {step} has {len(report.committed)} of {placement.policy.copies} copies (committed on: {', '.join(report.committed) or 'none'})",
-            failures or {"policy": "not enough healthy providers in the allowed regions: " + decision.reason},
-        )
-        err.committed = list(report.committed)  # type: ignore[attr-defined]
-        err.report = report  # type: ignore[attr-defined]
-        raise err
-    return report
-
-
-def write_primary(
-    placement: Placement,
-    snap: Snapshot,
-    step: int,
-    *,
-    process_group: Any = None,
-    options: SaveOptions | None = None,
-    health_book: HealthBook | None = None,
-    now: float | None = None,
-) -> ReplicationReport:
-    """Write ``snap`` as ``step`` to the first allowed provider that takes it. Collective.
-
-    The candidates are rank 0's (healthy allowed providers in declared order, from its health
-    book; all allowed ones if none is healthy), broadcast so every rank tries the same ones.
-    A provider that fails is marked in ``health_book``. Returns a report with one committed
-    provider; raises ReplicationError naming every provider's cause (``.committed`` empty) on
-    every rank when none took the checkpoint. No copies here: see the module doc.
-    """
-    coord = Coordinator(process_group)
-    t = now if now is not None else time.monotonic()
-    names = None
-    if coord.rank == 0:
-        health = health_book.snapshot([p.name for p in placement.providers], t) if health_book is not None else None
-        names = _candidates(placement, health) or _candidates(placement, None)
-    names = coord.broadcast(names)
-    report = ReplicationReport(step, reason=f"write to the first of {', '.join(names)}")
-    failures: dict[str, str] = {}
-    for name in names:
-        try:
-            report.manifest = write_snapshot(placement.store(name), snap, step, process_group=process_group, options=options).manifest
-        except (ResilientTrainError, OSError) as exc:
-            failures[name] = _describe(exc)
-            if health_book is not None:
-                health_book.failed(name, time.monotonic() if now is None else t, failures[name])
-            log.error("save of step %d to %s failed, trying the next provider: %s", step, name, failures[name])
-            continue
-        report.committed.append(name)
-        if health_book is not None:
-            health_book.succeeded(name)
-        return report
-    err = ReplicationError(f"step {step} was committed on no provider (tried {', '.join(names)})", failures or {"policy": "no allowed provider"})
-    err.committed = []  # type: ignore[attr-defined]
-    err.report = report  # type: ignore[attr-defined]
-    raise err
-
-
-def save_replicated(placement: Placement, state: TrainState, step: int, *, process_group: Any = None, options: SaveOptions | None = None, health: Mapping[str, bool] | None = None) -> ReplicationReport:
-    """Capture ``state`` and :func:`write_replicated` it. Collective."""
-    coord = Coordinator(process_group)
-    return write_replicated(placement, capture(state, coord.rank, coord.world_size), step, process_group=process_group, options=options, health=health)
 
 
 def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4, progress: bool = False, ledger: Ledger | None = None) -> list[ReplicationReport]:
@@ -441,15 +328,15 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
     some allowed provider. Raises ReplicationError naming the providers that failed, after
     trying all of them.
     """
-    candidates = _candidates(placement, health)
+    allowed = candidates(placement, health)
     held: dict[int, list[str]] = {}
     unreachable: dict[str, str] = {}
-    for name in candidates:
+    for name in allowed:
         try:
-            for s in committed_steps(placement.store(name)):
+            for s in newest_committed(placement.store(name)):
                 held.setdefault(s, []).append(name)
         except (ResilientTrainError, OSError) as exc:
-            unreachable[name] = _describe(exc)
+            unreachable[name] = describe(exc)
     if not held:
         raise CheckpointNotFoundError("no committed checkpoint on any provider" + (f" (unreachable: {unreachable})" if unreachable else ""))
     if all_steps:
@@ -462,11 +349,11 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
         steps = [step]
     reports = []
     all_failures: dict[str, str] = {}
-    alive = [c for c in candidates if c not in unreachable]
+    alive = [c for c in allowed if c not in unreachable]
     for s in steps:
         rep = ReplicationReport(s, committed=list(held[s]))
         failures = dict(unreachable)
-        _fill_copies(placement, rep, alive, failures, io_threads, progress)
+        fill_copies(placement, rep, alive, failures, io_threads, progress)
         if ledger is not None:
             for c in rep.copies.values():
                 if c.bytes_copied:
