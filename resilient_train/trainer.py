@@ -45,14 +45,13 @@ import torch
 import torch.distributed as dist
 
 from . import adapt
-from .checkpoint import TrainState, load
+from .checkpoint import TrainState, load_checkpoint
 from .checkpoint.async_save import AsyncCheckpointer
 from .checkpoint.location import Location, as_location
-from .checkpoint.discovery import load_newest_verifiable, uncommit
+from .checkpoint.discovery import uncommit
 from .checkpoint.steps import newest_committed
 from .checkpoint.writer import SaveOptions
 from .format.signing import as_keyring
-from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, DroppedFromJobError, StorageError
 from .events import EventLog
 from .storage import Store
@@ -413,36 +412,15 @@ class Trainer:
         return self._target().read_order()
 
     def _resume(self, at_most: int | None = None) -> None:
-        """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
+        """Load the newest checkpoint that verifies, on any provider (see checkpoint/loading.py):
         a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event) and
         uncommitted, since training will save that step again; an
         unreachable provider is skipped while another answers; when none answers, StorageError.
         With ``group=`` this is the group's own checkpoint folder. ``at_most``: only steps up to
         this one (a job-wide consistent restart, see :meth:`_restart_at`)."""
-        ck = self._checkpoint()
-        pg = self._ckpt_group
-        keys = as_keyring(self.config.verify_keys)
-        state = self.train_state()
         t0 = time.perf_counter()
-
-        def load_step(step: int) -> Any:
-            if isinstance(ck, Placement):
-                return load_replicated(ck, state, step, process_group=pg, verify_keys=keys)
-            return load(self._sources(), state, step, process_group=pg, verify_keys=keys)
-
-        def skipped(step: int, reason: str, definite: bool) -> None:
-            self.events.emit("resume_fallback", step=step, reason=reason)
-            if definite and self.rank == 0:  # training goes on from an older step and will save this one again
-                for store in self._sources():
-                    try:
-                        uncommit(store, step, reason)
-                    except (StorageError, OSError) as exc:
-                        log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
-
-        def candidates() -> list[int]:
-            return [s for s in newest_committed(self._sources()) if at_most is None or s <= at_most]
-
-        result = load_newest_verifiable(candidates, load_step, process_group=pg, on_skip=skipped)
+        result = load_checkpoint(self._target(), self.train_state(), newest_verifiable=True, at_most=at_most, process_group=self._ckpt_group,
+                                 verify_keys=as_keyring(self.config.verify_keys), on_skip=lambda step, reason: self.events.emit("resume_fallback", step=step, reason=reason))
         if result is None:
             self.events.emit("no_checkpoint")
             return

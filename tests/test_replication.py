@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from resilient_train.checkpoint.replicate import copy_checkpoint, load_replicated, replicate
+from resilient_train.checkpoint.loading import load_replicated
+from resilient_train.checkpoint.replicate import copy_checkpoint, replicate
 from resilient_train.checkpoint.saving import save_replicated
 from resilient_train.checkpoint import committed_steps, load, verify_checkpoint
 from resilient_train.checkpoint.writer import SaveOptions

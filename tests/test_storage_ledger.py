@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from resilient_train.checkpoint.async_save import AsyncCheckpointer
-from resilient_train.checkpoint.replicate import copy_checkpoint, load_replicated
+from resilient_train.checkpoint.loading import load_replicated
+from resilient_train.checkpoint.replicate import copy_checkpoint
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.errors import CheckpointPolicyError, ConfigError
 from resilient_train.logs import configure_logging

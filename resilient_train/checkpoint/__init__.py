@@ -4,7 +4,8 @@ from .manager import CheckpointManager
 from .retention import apply_retention, retention_plan
 from .planner import PieceMeta, SavePlan, plan_save
 from .location import Location, as_location
-from .reader import LoadResult, load, verify_checkpoint
+from .loading import load, load_checkpoint
+from .reader import LoadResult, verify_checkpoint
 from .state import Snapshot, TrainState, capture
 from .steps import committed_steps, latest_step, newest_committed, read_manifest
 from .saving import save, save_checkpoint, write_snapshot
@@ -26,6 +27,7 @@ __all__ = [
     "committed_steps",
     "latest_step",
     "load",
+    "load_checkpoint",
     "newest_committed",
     "plan_save",
     "read_manifest",

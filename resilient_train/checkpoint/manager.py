@@ -9,9 +9,9 @@ from ..errors import ConfigError, StorageError
 from ..format.signing import as_keyring
 from ..storage import Store, redact
 from .collectives import Coordinator
-from .discovery import load_newest_verifiable, uncommit
-from .location import as_store
-from .reader import LoadResult, load
+from .loading import load_checkpoint
+from .location import as_location, as_store
+from .reader import LoadResult
 from .retention import apply_retention, retention_plan
 from .steps import newest_committed
 from .state import TrainState
@@ -90,27 +90,11 @@ class CheckpointManager:
         see :func:`~resilient_train.checkpoint.discovery.uncommit`), since its step will be
         saved again. An unreachable store raises StorageError; it is never "no checkpoint".
         """
-        if step is not None:
-            result = load(self.store, state, step, process_group=self.process_group, verify_keys=self.verify_keys)
-        else:
-            result = load_newest_verifiable(
-                lambda: newest_committed(self.store),
-                lambda s: load(self.store, state, s, process_group=self.process_group, verify_keys=self.verify_keys),
-                process_group=self.process_group,
-                on_skip=self._skipped,
-            )
-            if result is None:
-                return None
-        self.last_saved_step = result.step
+        result = load_checkpoint(as_location(self.store), state, step, newest_verifiable=True, on_skip=lambda s, why: self.skipped.append((s, why)),
+                                 process_group=self.process_group, verify_keys=self.verify_keys)
+        if result is not None:
+            self.last_saved_step = result.step
         return result
-
-    def _skipped(self, step: int, reason: str, definite: bool) -> None:
-        self.skipped.append((step, reason))
-        if definite and Coordinator(self.process_group).rank == 0:
-            try:
-                uncommit(self.store, step, reason)
-            except StorageError as exc:
-                log.warning("could not uncommit step %d under %s: %s", step, self.store.uri, redact(str(exc)))
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""

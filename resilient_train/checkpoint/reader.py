@@ -1,6 +1,7 @@
-"""Loading: find -> validate -> parse -> fetch, hash and place each chunk once -> apply.
+"""Reading one checkpoint: find -> validate -> parse -> fetch, hash and place each chunk once -> apply.
 
-Collective: every rank calls :func:`load`. Every byte that reaches a live tensor or a JSON
+The **read** phase of the one load route (:func:`~resilient_train.checkpoint.loading.load_checkpoint`,
+which ``rt.load`` calls). Collective: every rank calls :func:`read_checkpoint`. Every byte that reaches a live tensor or a JSON
 parser is hashed from the very buffer it is then used from; nothing is read twice. Phases:
 
 1. **find**: rank 0 picks the step (the highest with a valid manifest when none is given) on
@@ -67,7 +68,7 @@ from .steps import newest_committed, read_manifest
 from .state import TrainState, _local_piece, _optimizer_fqns, rng_state, set_rng_state, unwrap_model
 
 __all__ = [
-    "load",
+    "read_checkpoint",
     "LoadResult",
     "verify_checkpoint",
     "read_tensors",
@@ -772,31 +773,21 @@ def _typed(exc: BaseException, what: str) -> BaseException:
     return CorruptCheckpointError(redact(f"{what}: {type(exc).__name__}: {exc}"))
 
 
-def load(
-    uri: Any,
+def read_checkpoint(
+    sources: Sequence[Store],
     state: TrainState,
     step: int | None = None,
     *,
     process_group: Any = None,
-    storage_options: Mapping[str, Any] | None = None,
     strict: bool = True,
     io_threads: int | None = None,
     staging_budget_bytes: int | None = None,
     verify_keys: Any = None,
 ) -> LoadResult:
-    """Load checkpoint ``step`` (default: the latest committed) into ``state``. Collective.
-
-    ``uri`` may be a list of replicas (URIs or Stores) in preference order: each chunk is read
-    from the first replica whose copy verifies. ``strict=False`` tolerates checkpoint tensors
-    that the model does not have. ``verify_keys`` (a KeyRing, key, key file or list of them):
-    refuse a manifest that is not signed by one of them (SignatureError).
-
-    Failure behaviour: every failure is a typed error from :mod:`resilient_train.errors`. If
-    the bytes this rank needs fit ``staging_budget_bytes`` (default
-    :data:`DEFAULT_STAGING_BUDGET_BYTES`), nothing in ``state`` changes unless every needed
-    byte verified on every rank and the checkpoint fits the state. Beyond the budget, a failure
-    after the first live tensor was written raises :class:`PartialLoadError` on every rank:
-    load another checkpoint before training on.
+    """Read checkpoint ``step`` (default: the latest committed) from the replicas ``sources`` (in
+    preference order: each chunk from the first whose copy verifies) into ``state``. Collective.
+    The **read** phase of :func:`~resilient_train.checkpoint.loading.load_checkpoint`; see that
+    module and this one for the promises and failure behaviour.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a TrainState, got {type(state).__name__}")
@@ -806,9 +797,8 @@ def load(
     t0 = time.perf_counter()
     coord = Coordinator(process_group)
     threads = io_threads or DEFAULT_IO_THREADS
-    sources = list(as_location(uri, storage_options).stores)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-load") as pool:
-        return _load(coord, sources, state, step, strict, pool, budget, t0, verify_keys)
+        return _load(coord, list(sources), state, step, strict, pool, budget, t0, verify_keys)
 
 
 def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int | None, strict: bool, pool: ThreadPoolExecutor, budget: int, t0: float, verify_keys: Any = None) -> LoadResult:

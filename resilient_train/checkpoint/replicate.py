@@ -14,8 +14,6 @@ hash are skipped (resumable).
   copy a committed step to the policy's other providers. A provider that fails does not stop
   the others; the caller names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
 * :func:`replicate`: bring existing checkpoints up to the policy's copy count.
-* :func:`load_replicated`: load from the replicas in the policy's read order; the reader falls
-  back per file when a provider is down or a hash does not match, and reports who served what.
 
 Saving to a :class:`~resilient_train.storage.providers.Placement` is
 :func:`~resilient_train.checkpoint.saving.save_checkpoint` (the one save route).
@@ -30,13 +28,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OperationCancelledError, ReplicationError, ResilientTrainError, StorageError, StoreConflictError, StoreTransientError, StoreUnavailableError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..progress import LOG_MIN_BYTES, Progress
-from ..storage import Store, classify, redact
+from ..storage import Store, classify
 from ..storage.ledger import Ledger
 from ..storage.providers import Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
@@ -44,9 +42,7 @@ from .collectives import describe
 from .location import as_store
 from ..format.signing import SIGNATURE_NAME, as_keyring
 from .steps import newest_committed
-from .reader import LoadResult, load
 from .signatures import read_signature
-from .state import TrainState
 
 __all__ = [
     "CopyReport",
@@ -56,7 +52,6 @@ __all__ = [
     "fill_copies",
     "migrate",
     "replicate",
-    "load_replicated",
 ]
 
 log = logging.getLogger(__name__)
@@ -366,56 +361,3 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
         err.report = reports  # type: ignore[attr-defined]
         raise err
     return reports
-
-
-def load_replicated(
-    placement: Placement,
-    state: TrainState,
-    step: int | None = None,
-    *,
-    process_group: Any = None,
-    health: Mapping[str, bool] | None = None,
-    strict: bool = True,
-    on_served: Callable[[dict[str, str]], None] | None = None,
-    verify_keys: Any = None,
-    ledger: Ledger | None = None,
-) -> LoadResult:
-    """Load from the replicas in the policy's read order (healthy first, then cheapest).
-
-    Providers that ``health`` marks down are left out, and tried only if the healthy ones
-    cannot serve the checkpoint (not found or corrupt there).
-
-    Each file comes from the first replica whose copy verifies; the result's ``sources`` maps
-    every file to the provider that served it, and the mapping is logged. With ``ledger``, the
-    bytes each provider served are recorded (purpose ``recovery``), with what reading from the
-    cheaper replica saved against the declared order (``PlacementDecision.read_saving_per_gb``).
-    """
-    decision = placement.decide(health)
-    order = decision.read_order
-    healthy = [n for n in order if (health or {}).get(n, True)]
-    try:
-        # Providers known to be unhealthy are not even asked, unless the healthy ones cannot serve.
-        result = load([placement.store(n) for n in (healthy or order)], state, step, process_group=process_group, strict=strict, verify_keys=verify_keys)
-    except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
-        if not healthy or len(healthy) == len(order):
-            raise
-        log.warning("healthy replicas (%s) could not serve the checkpoint (%s); trying the unhealthy ones too", ", ".join(healthy), redact(str(exc))[:300])
-        result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict, verify_keys=verify_keys)
-    by_provider: dict[str, int] = {}
-    for prov in result.sources.values():
-        by_provider[prov] = by_provider.get(prov, 0) + 1
-    log.info("step %d loaded; files per provider: %s (read order %s)", result.step, by_provider, ", ".join(order))
-    if ledger is not None:
-        sizes = {f.path: f.size_bytes for f in result.manifest.files}
-        read: dict[str, int] = {}
-        for fname, prov in result.sources.items():
-            read[prov] = read.get(prov, 0) + sizes.get(fname, 0)
-        for prov, n in read.items():
-            ledger.record_read(prov, n, "recovery")
-        if decision.read_saving_per_gb > 0:
-            saved = read.get(order[0], 0) / 1e9 * decision.read_saving_per_gb
-            ledger.record_saving(saved)
-            log.info("reading from %s instead of the declared first provider saved %.4f", order[0], saved)
-    if on_served is not None:
-        on_served(dict(result.sources))
-    return result
