@@ -203,14 +203,14 @@ def _print_tree(tree: Any, indent: str) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_manifest
-    from .checkpoint.reader import _read_json
+    from .checkpoint.reader import read_json_file
     from .format.names import STATE_NAME, step_dirname
 
     root, step = _root_and_step(args.url, args.step)
     store = open_store(root, _options(args))
     step = _resolve_step(store, step)
     m = read_manifest(store, step)
-    shared = _read_json([store], step_dirname(step), m.file(STATE_NAME))
+    shared = read_json_file([store], step_dirname(step), m.file(STATE_NAME))
     if args.json:
         print(json.dumps({"manifest": m.to_json(), "state": shared}, indent=1, sort_keys=True))
         return 0

@@ -34,8 +34,8 @@ from ..errors import (
 )
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..format.signing import SIGNATURE_NAME, KeyRing, SigningKey
-from ..storage import Store, redact
-from .collectives import Coordinator
+from ..storage import Store
+from .collectives import Coordinator, describe
 from .location import as_store
 from .signatures import read_signature, write_signature
 from .steps import newest_committed, read_manifest
@@ -118,7 +118,7 @@ def load_newest_verifiable(
             steps = list(find_steps())
         except (StorageError, OSError) as exc:
             err = exc
-    steps = coord.broadcast(steps if err is None else redact(f"{type(err).__name__}: {err}"))
+    steps = coord.broadcast(steps if err is None else describe(err))
     if err is not None:
         raise err
     if isinstance(steps, str):
@@ -132,7 +132,7 @@ def load_newest_verifiable(
             result = load_step(step)
         except (CheckpointError, StorageError, OSError, ValueError) as e:  # judged below, on every rank
             exc = e
-        verdicts = coord.all_gather((_verdict(exc), None if exc is None else redact(f"{type(exc).__name__}: {exc}")[:500]))
+        verdicts = coord.all_gather((_verdict(exc), None if exc is None else describe(exc)[:500]))
         if all(v == "ok" for v, _ in verdicts):
             return result
         if any(v in ("fallback", "definite") for v, _ in verdicts):

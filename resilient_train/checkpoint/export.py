@@ -14,7 +14,7 @@ from ..format.safetensors_io import write_file
 from ..progress import Progress
 from ..storage import Store
 from .location import as_location, as_store
-from .reader import _records_by_key, _whole_target, read_tensors
+from .reader import read_whole_tensors
 from .steps import newest_committed, read_manifest
 
 __all__ = ["read_model_tensors", "export_hf"]
@@ -31,10 +31,9 @@ def read_model_tensors(uri: Any, step: int | None = None, *, storage_options: Ma
             raise CheckpointNotFoundError(f"no committed checkpoint under {sources[0].uri}")
         step = latest[0]
     manifest = read_manifest(sources[0], step)
-    targets = [_whole_target(key, recs) for key, recs in sorted(_records_by_key(manifest).items()) if key.startswith("model/")]
     # Every byte is hashed from the buffer it is copied from (one pass, chunk by chunk).
-    read_tensors(sources, manifest, targets, io_threads=io_threads)
-    return step, {t.key.removeprefix("model/"): t.dest for t in targets}
+    tensors = read_whole_tensors(sources, manifest, "model/", io_threads=io_threads)
+    return step, {key.removeprefix("model/"): t for key, t in tensors.items()}
 
 
 def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shard_bytes: int = 5 * 1024**3, storage_options: Mapping[str, Any] | None = None, dst_storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> list[str]:

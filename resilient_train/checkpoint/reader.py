@@ -61,17 +61,19 @@ from ..format.names import HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, rank_state_
 from ..format.safetensors_io import ST_TO_DTYPE, TensorSlot, parse_header
 from ..progress import LOG_MIN_BYTES, Progress
 from ..storage import Store, redact
-from .collectives import Coordinator
+from .collectives import Coordinator, describe
 from .location import Location, as_location
 from .planner import ReadOp, plan_reads, region_volume
 from .steps import newest_committed, read_manifest
-from .state import TrainState, _local_piece, _optimizer_fqns, rng_state, set_rng_state, unwrap_model
+from .state import TrainState, local_piece, optimizer_fqns, rng_state, set_rng_state, checkpoint_module
 
 __all__ = [
     "read_checkpoint",
     "LoadResult",
     "verify_checkpoint",
     "read_tensors",
+    "read_whole_tensors",
+    "read_json_file",
     "DEFAULT_STAGING_BUDGET_BYTES",
 ]
 
@@ -349,7 +351,7 @@ class _Chunks:
         return {f: self.sources[max(by, key=lambda i: by[i])].name for f, by in self.served.items() if by}
 
 
-def _read_json(sources: Sequence[Store], folder: str, rec: FileRecord) -> Any:
+def read_json_file(sources: Sequence[Store], folder: str, rec: FileRecord) -> Any:
     """Read one JSON file of a step, verified against its whole-file SHA-256, parsed strictly."""
     reasons = []
     where = f"{folder}/{rec.path}"
@@ -515,9 +517,9 @@ def _build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any]
         return True
 
     if state.model is not None:
-        live = unwrap_model(state.model).state_dict()
+        live = checkpoint_module(state.model).state_dict()
         for name, t in live.items():
-            local, gshape, offs = _local_piece(t)
+            local, gshape, offs = local_piece(t)
             key = f"model/{name}"
             if check(key, local.dtype, gshape):
                 targets.append(_Target(key, local, offs, gshape, live=True))
@@ -534,7 +536,7 @@ def _build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any]
         elif not _optimizer_tree_ok(saved):
             raise StateFileError(f"{STATE_NAME}: 'optimizer' must hold 'param_groups' (objects with a 'params' list of names) and 'state' (an object of objects)")
         else:
-            live_groups = _optimizer_fqns(state.model, state.optimizer)  # type: ignore[arg-type]
+            live_groups = optimizer_fqns(state.model, state.optimizer)  # type: ignore[arg-type]
             saved_groups = [g.get("params", []) for g in saved["param_groups"]]
             if len(saved_groups) != len(live_groups):
                 problems.append(f"optimizer: checkpoint has {len(saved_groups)} param groups, the optimizer has {len(live_groups)}")
@@ -544,7 +546,7 @@ def _build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any]
                         missing = sorted(set(b) - set(a))[:3]
                         extra = sorted(set(a) - set(b))[:3]
                         problems.append(f"optimizer: param group {i} differs (missing {missing}, extra {extra})")
-            params = {n: p for n, p in unwrap_model(state.model).named_parameters(remove_duplicate=False)}  # type: ignore[union-attr]
+            params = {n: p for n, p in checkpoint_module(state.model).named_parameters(remove_duplicate=False)}  # type: ignore[union-attr]
             for fqn, entry in saved.get("state", {}).items():
                 p = params.get(fqn)
                 if p is None:
@@ -559,7 +561,7 @@ def _build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any]
                         problems.append(f"{key}: missing from the checkpoint")
                         continue
                     r = recs[0]
-                    local_p, p_gshape, p_offs = _local_piece(p.data if not hasattr(p, "device_mesh") else p)
+                    local_p, p_gshape, p_offs = local_piece(p.data if not hasattr(p, "device_mesh") else p)
                     if tuple(r.global_shape) == tuple(p_gshape) and len(p_gshape) > 0:
                         dest = torch.empty(local_p.shape, dtype=ST_TO_DTYPE[r.dtype], device=local_p.device)
                         targets.append(_Target(key, dest, p_offs, p_gshape))
@@ -691,6 +693,14 @@ def read_tensors(sources: Sequence[Store], manifest: Manifest, targets: list["_T
         return chunks.bytes_fetched
 
 
+def read_whole_tensors(sources: Sequence[Store], manifest: Manifest, prefix: str = "", io_threads: int = DEFAULT_IO_THREADS) -> dict[str, torch.Tensor]:
+    """Every stored tensor whose key starts with ``prefix``, reassembled whole on the CPU (sharded
+    pieces joined), every byte verified: key -> tensor."""
+    targets = [_whole_target(key, recs) for key, recs in sorted(_records_by_key(manifest).items()) if key.startswith(prefix)]
+    read_tensors(sources, manifest, targets, io_threads=io_threads)
+    return {t.key: t.dest for t in targets}
+
+
 def _needed_files(manifest: Manifest, targets: list["_Target"]) -> set[str]:
     by_key = _records_by_key(manifest)
     files = set()
@@ -727,7 +737,7 @@ def _verify_with_fallback(sources: Sequence[Store], folder: str, rec: FileRecord
                 _Chunks(sources, manifest, pool).header(rec.path)
             return 0, None, None
         except (ResilientTrainError, OSError) as exc:
-            return None, redact(f"{type(exc).__name__}: {exc}"), type(exc).__name__
+            return None, describe(exc), type(exc).__name__
 
 
 def _find(sources: Sequence[Store], step: int | None, keys: Any = None) -> tuple[int, Manifest]:
@@ -752,7 +762,7 @@ def _find(sources: Sequence[Store], step: int | None, keys: Any = None) -> tuple
 
 def _agree_or_raise(coord: Coordinator, error: BaseException | None) -> None:
     """Every rank raises if any rank failed; a rank's own typed error is re-raised as is."""
-    msgs = coord.all_gather(None if error is None else redact(f"{type(error).__name__}: {error}"))
+    msgs = coord.all_gather(None if error is None else describe(error))
     if error is not None:
         raise error
     failures = {r: m for r, m in enumerate(msgs) if m}
@@ -821,7 +831,7 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
             fetched_by_find = chunks0.bytes_fetched
         except (ResilientTrainError, OSError) as exc:
             err = exc
-    found = coord.broadcast(found if err is None else redact(f"{type(err).__name__}: {err}"))
+    found = coord.broadcast(found if err is None else describe(err))
     if err is not None:
         raise err
     if isinstance(found, str):
@@ -978,7 +988,7 @@ def _prepare_apply(state: TrainState, shared: dict[str, Any], plan: "_LoadPlan",
                 opt_values[key] = DTensor.from_local(dest, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
             else:
                 opt_values[key] = dest
-        live_groups = _optimizer_fqns(state.model, state.optimizer)  # type: ignore[arg-type]
+        live_groups = optimizer_fqns(state.model, state.optimizer)  # type: ignore[arg-type]
         fqn_to_index = {}
         groups = []
         idx = 0

@@ -28,6 +28,7 @@ from ..errors import CheckpointNotFoundError, ManifestError, SignatureError, Sto
 from ..format.manifest import MAX_MANIFEST_BYTES, Manifest
 from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
 from ..storage import Store, redact
+from .collectives import describe
 from .location import Location, as_location
 from .signatures import check_signature
 
@@ -109,7 +110,7 @@ def _per_store(stores: tuple[Store, ...], fn: Callable[[Store], Any]) -> list[An
         try:
             results.append(fn(store))
         except (StorageError, OSError) as exc:
-            log.warning("provider %s unavailable while looking for checkpoints: %s", store.name, redact(f"{type(exc).__name__}: {exc}"))
+            log.warning("provider %s unavailable while looking for checkpoints: %s", store.name, describe(exc))
             errors.append((store, exc))
     if errors and not results:
         if len(errors) == 1:

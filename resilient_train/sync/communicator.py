@@ -164,12 +164,12 @@ def allreduce_mean(comm: Communicator, buf: torch.Tensor) -> Handle:
 
 # header of an encoded payload on the wire: magic, codec id, numel, payload bytes, flag
 _MAGIC = 0x52544331  # "RTC1"
-_CODEC_IDS = {"none": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 5}
+CODEC_IDS = {"none": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 5}
 _HEADER_INT64 = 5
 
 
 def _header(codec: Codec, numel: int, flag: int) -> torch.Tensor:
-    h = torch.tensor([_MAGIC, _CODEC_IDS.get(codec.name, 0), numel, codec.payload_nbytes(numel), flag],
+    h = torch.tensor([_MAGIC, CODEC_IDS.get(codec.name, 0), numel, codec.payload_nbytes(numel), flag],
                      dtype=torch.int64)
     return h.view(torch.uint8)
 
