@@ -2,7 +2,7 @@
 
 :class:`TrainState` names the objects of a training run. :func:`capture` turns them into a
 :class:`Snapshot`: tensor pieces (views of the live tensors, not copies) plus JSON trees for
-everything else. Loading goes the other way in :mod:`.reader` (``_build_targets``: where every
+everything else. Loading goes the other way in :mod:`.targets` (``build_targets``: where every
 stored tensor must land, the checkpoint validated against the live objects before any tensor
 is changed).
 """
