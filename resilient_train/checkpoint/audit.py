@@ -141,6 +141,30 @@ def _tensor_refs(tree: Any, out: set[str], depth: int = 0) -> None:
             _tensor_refs(v, out, depth + 1)
 
 
+def _blame_files(store: Store, folder: str, manifest: Manifest, report: AuditReport, io_threads: int | None, progress: bool) -> set[str]:
+    """Every file against the manifest; a mismatch in a file whose bytes match their recorded
+    SHA-256 is the manifest's. Returns the intact files."""
+    _, file_problems = verify_checkpoint(store, manifest.step, io_threads=io_threads, progress=progress)
+    intact = set()
+    for rec in manifest.files:
+        mine = [p for p in file_problems if p.startswith(rec.path + ":")]
+        if not mine:
+            intact.add(rec.path)
+            continue
+        try:
+            size, digest = sha256_of(store, f"{folder}/{rec.path}")
+        except (ResilientTrainError, OSError):
+            size, digest = -1, ""
+        if size == rec.size_bytes and digest == rec.sha256:
+            # The bytes are the ones the manifest recorded: what disagrees is the manifest.
+            intact.add(rec.path)
+            for p in mine:
+                report.problems.append((MANIFEST_NAME, f"disagrees with {rec.path}, whose bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}"))
+        else:
+            report.problems.extend((rec.path, p[len(rec.path) + 1:].strip()) for p in mine)
+    return intact
+
+
 def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[str, Any] | None = None, verify_keys: Any = None, io_threads: int | None = None, progress: bool = False) -> AuditReport:
     """Check checkpoint ``step`` completely (see module doc). Raises CheckpointNotFoundError if
     it has no manifest; everything else is reported as problems naming the file at fault."""
@@ -170,25 +194,7 @@ def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[
     for p in manifest_problems(manifest):
         report.problems.append((MANIFEST_NAME, p))
 
-    _, file_problems = verify_checkpoint(store, step, io_threads=io_threads, progress=progress)
-    intact = set()
-    for rec in manifest.files:
-        mine = [p for p in file_problems if p.startswith(rec.path + ":")]
-        if not mine:
-            intact.add(rec.path)
-            continue
-        try:
-            size, digest = sha256_of(store, f"{folder}/{rec.path}")
-        except (ResilientTrainError, OSError):
-            size, digest = -1, ""
-        if size == rec.size_bytes and digest == rec.sha256:
-            # The bytes are the ones the manifest recorded: what disagrees is the manifest.
-            intact.add(rec.path)
-            for p in mine:
-                report.problems.append((MANIFEST_NAME, f"disagrees with {rec.path}, whose bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}"))
-        else:
-            report.problems.extend((rec.path, p[len(rec.path) + 1:].strip()) for p in mine)
-
+    intact = _blame_files(store, folder, manifest, report, io_threads, progress)
     names_by_file: dict[str, dict[str, TensorRecord]] = {}
     for t in manifest.tensors:
         names_by_file.setdefault(t.file, {})[t.name] = t

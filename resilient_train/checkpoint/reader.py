@@ -294,7 +294,29 @@ def read_checkpoint(
 
 
 def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int | None, strict: bool, pool: ThreadPoolExecutor, budget: int, t0: float, verify_keys: Any = None) -> LoadResult:
-    # 1. find
+    """The phases of the module doc, in order, on every rank."""
+    manifest, shared, fetched_by_find = _find_phase(coord, sources, step, verify_keys, pool)
+    chunks = Chunks(sources, manifest, pool)
+    progress = Progress(manifest.total_bytes, f"load {step_dirname(manifest.step)}", min_bytes=LOG_MIN_BYTES)
+    chunks.on_bytes = progress
+    plan, prepared, headers = _validate_and_parse(coord, chunks, manifest, shared, state, strict, budget, pool)
+    ops = plan_ops(manifest, plan.targets, headers)
+    place = _placer(chunks, ops, pool)
+    batches = plan_batches(chunks, ops, budget)
+    staged = len(batches) <= 1
+    if staged:
+        _place_staged(coord, state, prepared, ops, batches, chunks, place)
+    else:
+        _place_streamed(coord, state, prepared, batches, chunks, place, manifest.step, budget)
+    coord.barrier()
+    seconds = time.perf_counter() - t0
+    log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
+    progress.close()
+    return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched + fetched_by_find)
+
+
+def _find_phase(coord: Coordinator, sources: list[Store], step: int | None, verify_keys: Any, pool: ThreadPoolExecutor) -> tuple[Manifest, dict[str, Any], int]:
+    """1. find (rank 0, shared with every rank): the manifest, ``state.json``, bytes fetched."""
     found: Any = None
     err: BaseException | None = None
     fetched_by_find = 0
@@ -318,13 +340,12 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         raise err
     if isinstance(found, str):
         raise CheckpointError(f"rank 0 could not find the checkpoint: {found}")
-    manifest = Manifest.from_bytes(found[0])
-    shared = found[1]
-    chunks = Chunks(sources, manifest, pool)
-    progress = Progress(manifest.total_bytes, f"load {step_dirname(manifest.step)}", min_bytes=LOG_MIN_BYTES)
-    chunks.on_bytes = progress
+    return Manifest.from_bytes(found[0]), found[1], fetched_by_find
 
-    # 2. validate and 3. parse: nothing live changes before both passed on every rank.
+
+def _validate_and_parse(coord: Coordinator, chunks: Chunks, manifest: Manifest, shared: dict[str, Any], state: TrainState, strict: bool,
+                        budget: int, pool: ThreadPoolExecutor) -> tuple[LoadPlan, Prepared, dict[str, tuple[int, dict[str, TensorSlot]]]]:
+    """2. validate and 3. parse: nothing live changes before both passed on every rank."""
     err = None
     plan: LoadPlan | None = None
     prepared: Prepared | None = None
@@ -351,9 +372,12 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
         err = exc
     _agree_or_raise(coord, err)
     assert plan is not None and prepared is not None
+    return plan, prepared, headers
 
-    # 4. fetch, hash and place
-    ops = plan_ops(manifest, plan.targets, headers)
+
+def _placer(chunks: Chunks, ops: list[CopyOp], pool: ThreadPoolExecutor) -> Callable[[list[CopyOp]], None]:
+    """4. place: a function that copies a batch of ops into their targets and drops each chunk
+    once its last op used it (chunks no op needs are dropped now)."""
     refs: dict[tuple[str, int], int] = {}
     for o in ops:
         for i in chunks.covering(o.file, o.begin, o.end):
@@ -361,8 +385,6 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     for key in list(chunks.cache):
         if key not in refs:
             chunks.drop(key)
-    batches = plan_batches(chunks, ops, budget)
-    staged = len(batches) <= 1
 
     def place(batch: list[CopyOp]) -> None:
         # Ops write disjoint regions, and the copies release the GIL: run them concurrently.
@@ -373,60 +395,66 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
                 if refs[(o.file, i)] == 0:
                     chunks.drop((o.file, i))
 
+    return place
+
+
+def _place_staged(coord: Coordinator, state: TrainState, prepared: Prepared, ops: list[CopyOp], batches: list[tuple[list[CopyOp], list[tuple[str, int]]]],
+                  chunks: Chunks, place: Callable[[list[CopyOp]], None]) -> None:
+    """4. fetch, hash and place within the budget: every rank verifies everything first."""
+    err = None
+    try:
+        if batches:
+            chunks.prefetch(batches[0][1])
+    except _TYPED as exc:
+        err = exc
+    _agree_or_raise(coord, err)  # every rank verified everything it needs
+    live = [o for o in ops if o.target.live]
+    # Non-live targets (optimizer, scheduler, ... tensors) first, then the objects that may
+    # still refuse their state (rolled back if one does), then the live tensors.
+    place([o for o in ops if not o.target.live])
+    undo: Callable[[], None] | None = None
+    try:
+        undo = apply_objects(state, prepared)
+    except _TYPED as exc:
+        err = exc
+    try:
+        _agree_or_raise(coord, err)  # no rank changes its live tensors unless all objects took their state
+    except ResilientTrainError:
+        if undo is not None:
+            undo()
+        raise
+    place(live)
+    apply_rest(state, prepared)
+
+
+def _place_streamed(coord: Coordinator, state: TrainState, prepared: Prepared, batches: list[tuple[list[CopyOp], list[tuple[str, int]]]],
+                    chunks: Chunks, place: Callable[[list[CopyOp]], None], step: int, budget: int) -> None:
+    """4. fetch, hash and place beyond the budget: batch by batch; a failure after a live tensor
+    was written is PartialLoadError on every rank."""
     touched = False
     err = None
-    if staged:
-        try:
-            if batches:
-                chunks.prefetch(batches[0][1])
-        except _TYPED as exc:
-            err = exc
-        _agree_or_raise(coord, err)  # every rank verified everything it needs
-        live = [o for o in ops if o.target.live]
-        # Non-live targets (optimizer, scheduler, ... tensors) first, then the objects that may
-        # still refuse their state (rolled back if one does), then the live tensors.
-        place([o for o in ops if not o.target.live])
-        undo: Callable[[], None] | None = None
-        try:
-            undo = apply_objects(state, prepared)
-        except _TYPED as exc:
-            err = exc
-        try:
-            _agree_or_raise(coord, err)  # no rank changes its live tensors unless all objects took their state
-        except ResilientTrainError:
-            if undo is not None:
-                undo()
-            raise
-        place(live)
+    try:
+        for batch, keys in batches:
+            chunks.prefetch(keys)
+            place(batch)
+            touched = touched or any(o.target.live for o in batch)
+    except _TYPED as exc:
+        err = exc
+    flags = coord.all_gather((err is not None, touched))
+    if any(f for f, _ in flags):
+        if any(t for _, t in flags):
+            raise PartialLoadError(
+                f"loading checkpoint step {step} failed after live tensors were overwritten "
+                f"(the load needed more than the {budget}-byte staging budget); the training state is "
+                f"partially overwritten: load another checkpoint: {redact(str(err)) if err else 'failed on another rank'}",
+                cause=err,
+            )
+        _agree_or_raise(coord, err)
+    try:
+        apply_objects(state, prepared)
         apply_rest(state, prepared)
-    else:
-        try:
-            for batch, keys in batches:
-                chunks.prefetch(keys)
-                place(batch)
-                touched = touched or any(o.target.live for o in batch)
-        except _TYPED as exc:
-            err = exc
-        flags = coord.all_gather((err is not None, touched))
-        if any(f for f, _ in flags):
-            if any(t for _, t in flags):
-                raise PartialLoadError(
-                    f"loading checkpoint step {manifest.step} failed after live tensors were overwritten "
-                    f"(the load needed more than the {budget}-byte staging budget); the training state is "
-                    f"partially overwritten: load another checkpoint: {redact(str(err)) if err else 'failed on another rank'}",
-                    cause=err,
-                )
-            _agree_or_raise(coord, err)
-        try:
-            apply_objects(state, prepared)
-            apply_rest(state, prepared)
-        except CheckpointError as exc:
-            raise PartialLoadError(f"checkpoint step {manifest.step}: live tensors were overwritten, then: {exc}", cause=exc) from exc
-    coord.barrier()
-    seconds = time.perf_counter() - t0
-    log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
-    progress.close()
-    return LoadResult(manifest.step, manifest, chunks.source_names(), seconds, chunks.bytes_fetched + fetched_by_find)
+    except CheckpointError as exc:
+        raise PartialLoadError(f"checkpoint step {step}: live tensors were overwritten, then: {exc}", cause=exc) from exc
 
 
 def _rank_state_name(manifest: Manifest, coord: Coordinator) -> str:

@@ -166,19 +166,38 @@ def copy_checkpoint(
             raise CheckpointError(f"{dst.name} already holds a different committed checkpoint for step {step}; refusing to overwrite it (delete {folder} there first)")
         dst.delete(mpath)
 
-    todo: list[FileRecord] = []
-    skipped = 0
+    todo, skipped = _files_to_copy(dst, folder, manifest, io_threads)
+    sizes = _copy_files(srcs, dst, folder, step, todo, io_threads, progress, stop)
+    _commit_copy(dst, folder, step, manifest_bytes, signature)
+    seconds = time.perf_counter() - t0
+    report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
+    if ledger is not None and report.bytes_copied:
+        ledger.record_copy(src.name, dst.name, report.bytes_copied, purpose)
+    log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
+    return report
 
+
+def _files_to_copy(dst: Store, folder: str, manifest: Manifest, io_threads: int) -> tuple[list[FileRecord], int]:
+    """The files ``dst`` lacks (or holds with another size or hash), and how many it has already."""
     def needs_copy(rec: FileRecord) -> bool:
         return not file_matches(dst, f"{folder}/{rec.path}", rec.size_bytes, rec.sha256)
 
-    flags, failures = run_concurrently(needs_copy, manifest.files, io_threads, "rt-check")
+    todo: list[FileRecord] = []
+    skipped = 0
+    flags, _ = run_concurrently(needs_copy, manifest.files, io_threads, "rt-check")
     for rec, flag in zip(manifest.files, flags):
         if flag is False:
             skipped += 1
         else:
             todo.append(rec)  # a failed check means "copy it"
-    bar = Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", bar=progress, min_bytes=LOG_MIN_BYTES)
+    return todo, skipped
+
+
+def _copy_files(srcs: list[Store], dst: Store, folder: str, step: int, todo: list[FileRecord], io_threads: int, progress: bool,
+                stop: threading.Event | None) -> list[Any]:
+    """Stream ``todo`` to ``dst`` concurrently, each file from the first source that serves it
+    intact; bytes per file. ReplicationError (or OperationCancelledError) when any failed."""
+    bar = Progress(sum(r.size_bytes for r in todo), f"{srcs[0].name} -> {dst.name} {folder}", bar=progress, min_bytes=LOG_MIN_BYTES)
 
     def on_bytes(n: int) -> None:
         bar(n)
@@ -220,6 +239,12 @@ def copy_checkpoint(
         )
         err.causes = causes
         raise err
+    return sizes
+
+
+def _commit_copy(dst: Store, folder: str, step: int, manifest_bytes: bytes, signature: bytes | None) -> None:
+    """The signature (if any), then the manifest, create-only: the copy's commit."""
+    mpath = f"{folder}/{MANIFEST_NAME}"
     dst.sync_folder(folder)
     if signature is not None:
         dst.write_bytes(f"{folder}/{SIGNATURE_NAME}", signature)
@@ -229,12 +254,6 @@ def copy_checkpoint(
         if dst.read_bytes(mpath) != manifest_bytes:
             raise CheckpointError(f"{dst.name}: another writer committed a different checkpoint for step {step} while it was being copied") from None
     dst.sync_folder(folder)
-    seconds = time.perf_counter() - t0
-    report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
-    if ledger is not None and report.bytes_copied:
-        ledger.record_copy(src.name, dst.name, report.bytes_copied, purpose)
-    log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
-    return report
 
 
 def _copy_signature(dst: Store, folder: str, signature: bytes | None) -> None:

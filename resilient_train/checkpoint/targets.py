@@ -73,80 +73,116 @@ def optimizer_tree_ok(saved: Any) -> bool:
 
 
 def build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any], strict: bool) -> LoadPlan:
+    """Where every stored tensor this rank needs lands, checked against the live objects (see
+    module doc). Raises StateMismatchError naming every mismatch (at most 10) before anything
+    changes; StateFileError for a malformed optimizer tree."""
     by_key = records_by_key(manifest)
     problems: list[str] = []
-    targets: list[Target] = []
-
-    def check(key: str, dtype: torch.dtype, gshape: tuple[int, ...]) -> bool:
-        recs = by_key.get(key)
-        if not recs:
-            problems.append(f"{key}: missing from the checkpoint")
-            return False
-        r = recs[0]
-        if ST_TO_DTYPE[r.dtype] != dtype:
-            problems.append(f"{key}: checkpoint has dtype {ST_TO_DTYPE[r.dtype]}, the live tensor is {dtype}")
-            return False
-        if tuple(r.global_shape) != tuple(gshape):
-            problems.append(f"{key}: checkpoint has shape {list(r.global_shape)}, the live tensor is {list(gshape)}")
-            return False
-        return True
-
-    if state.model is not None:
-        live = checkpoint_module(state.model).state_dict()
-        for name, t in live.items():
-            local, gshape, offs = local_piece(t)
-            key = f"model/{name}"
-            if check(key, local.dtype, gshape):
-                targets.append(Target(key, local, offs, gshape, live=True))
-        if strict:
-            live_keys = {f"model/{n}" for n in live}
-            for key in sorted(k for k in by_key if k.startswith("model/") and k not in live_keys):
-                problems.append(f"{key}: in the checkpoint but not in the model (pass strict=False to ignore)")
-
+    targets = _model_targets(state, by_key, strict, problems)
     opt_tensors: dict[str, Any] = {}
     if state.optimizer is not None:
-        saved = shared.get("optimizer")
-        if saved is None:
-            problems.append("optimizer: the checkpoint holds no optimizer state")
-        elif not optimizer_tree_ok(saved):
-            raise StateFileError(f"{STATE_NAME}: 'optimizer' must hold 'param_groups' (objects with a 'params' list of names) and 'state' (an object of objects)")
-        else:
-            live_groups = optimizer_fqns(state.model, state.optimizer)  # type: ignore[arg-type]
-            saved_groups = [g.get("params", []) for g in saved["param_groups"]]
-            if len(saved_groups) != len(live_groups):
-                problems.append(f"optimizer: checkpoint has {len(saved_groups)} param groups, the optimizer has {len(live_groups)}")
-            else:
-                for i, (a, b) in enumerate(zip(saved_groups, live_groups)):
-                    if set(a) != set(b) or len(a) != len(b):
-                        missing = sorted(set(b) - set(a))[:3]
-                        extra = sorted(set(a) - set(b))[:3]
-                        problems.append(f"optimizer: param group {i} differs (missing {missing}, extra {extra})")
-            params = {n: p for n, p in checkpoint_module(state.model).named_parameters(remove_duplicate=False)}  # type: ignore[union-attr]
-            for fqn, entry in saved.get("state", {}).items():
-                p = params.get(fqn)
-                if p is None:
-                    problems.append(f"optimizer: state for parameter {fqn!r}, which the model does not have")
-                    continue
-                for sname, v in entry.items():
-                    if not (isinstance(v, dict) and set(v) == {"__tensor__"}):
-                        continue
-                    key = v["__tensor__"]
-                    recs = by_key.get(key)
-                    if not recs:
-                        problems.append(f"{key}: missing from the checkpoint")
-                        continue
-                    r = recs[0]
-                    local_p, p_gshape, p_offs = local_piece(p.data if not hasattr(p, "device_mesh") else p)
-                    if tuple(r.global_shape) == tuple(p_gshape) and len(p_gshape) > 0:
-                        dest = torch.empty(local_p.shape, dtype=ST_TO_DTYPE[r.dtype], device=local_p.device)
-                        targets.append(Target(key, dest, p_offs, p_gshape))
-                        opt_tensors[key] = (dest, p)
-                    else:
-                        t = whole_target(key, recs)
-                        targets.append(t)
-                        opt_tensors[key] = (t.dest, None)
-
+        targets += _optimizer_targets(state, by_key, shared, problems, opt_tensors)
     tree_keys: list[str] = []
+    targets += _tree_targets(state, by_key, shared, problems, tree_keys)
+    for t in targets:
+        recs = by_key.get(t.key, [])
+        _, covered = plan_reads(recs, t.offsets, tuple(t.dest.shape))
+        if covered != region_volume(t.dest.shape):
+            problems.append(f"{t.key}: stored pieces cover {covered} of the {region_volume(t.dest.shape)} elements this rank needs")
+    if problems:
+        head = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise StateMismatchError(f"checkpoint step {manifest.step} does not fit the training state: {head}")
+    return LoadPlan(targets, opt_tensors, tree_keys)
+
+
+def _fits(by_key: Mapping[str, list[TensorRecord]], problems: list[str], key: str, dtype: torch.dtype, gshape: tuple[int, ...]) -> bool:
+    """Whether stored ``key`` has the live tensor's dtype and global shape (else a problem noted)."""
+    recs = by_key.get(key)
+    if not recs:
+        problems.append(f"{key}: missing from the checkpoint")
+        return False
+    r = recs[0]
+    if ST_TO_DTYPE[r.dtype] != dtype:
+        problems.append(f"{key}: checkpoint has dtype {ST_TO_DTYPE[r.dtype]}, the live tensor is {dtype}")
+        return False
+    if tuple(r.global_shape) != tuple(gshape):
+        problems.append(f"{key}: checkpoint has shape {list(r.global_shape)}, the live tensor is {list(gshape)}")
+        return False
+    return True
+
+
+def _model_targets(state: TrainState, by_key: Mapping[str, list[TensorRecord]], strict: bool, problems: list[str]) -> list[Target]:
+    """The live model tensors (this rank's pieces of them), written in place once verified."""
+    targets: list[Target] = []
+    if state.model is None:
+        return targets
+    live = checkpoint_module(state.model).state_dict()
+    for name, t in live.items():
+        local, gshape, offs = local_piece(t)
+        key = f"model/{name}"
+        if _fits(by_key, problems, key, local.dtype, gshape):
+            targets.append(Target(key, local, offs, gshape, live=True))
+    if strict:
+        live_keys = {f"model/{n}" for n in live}
+        for key in sorted(k for k in by_key if k.startswith("model/") and k not in live_keys):
+            problems.append(f"{key}: in the checkpoint but not in the model (pass strict=False to ignore)")
+    return targets
+
+
+def _check_param_groups(saved: Any, live_groups: list[list[str]], problems: list[str]) -> None:
+    saved_groups = [g.get("params", []) for g in saved["param_groups"]]
+    if len(saved_groups) != len(live_groups):
+        problems.append(f"optimizer: checkpoint has {len(saved_groups)} param groups, the optimizer has {len(live_groups)}")
+        return
+    for i, (a, b) in enumerate(zip(saved_groups, live_groups)):
+        if set(a) != set(b) or len(a) != len(b):
+            missing = sorted(set(b) - set(a))[:3]
+            extra = sorted(set(a) - set(b))[:3]
+            problems.append(f"optimizer: param group {i} differs (missing {missing}, extra {extra})")
+
+
+def _optimizer_targets(state: TrainState, by_key: Mapping[str, list[TensorRecord]], shared: dict[str, Any], problems: list[str],
+                       opt_tensors: dict[str, Any]) -> list[Target]:
+    """Fresh tensors for the optimizer state (sharded like their parameter when it is), noted in
+    ``opt_tensors`` (key -> (tensor, parameter or None))."""
+    targets: list[Target] = []
+    saved = shared.get("optimizer")
+    if saved is None:
+        problems.append("optimizer: the checkpoint holds no optimizer state")
+        return targets
+    if not optimizer_tree_ok(saved):
+        raise StateFileError(f"{STATE_NAME}: 'optimizer' must hold 'param_groups' (objects with a 'params' list of names) and 'state' (an object of objects)")
+    _check_param_groups(saved, optimizer_fqns(state.model, state.optimizer), problems)  # type: ignore[arg-type]
+    params = {n: p for n, p in checkpoint_module(state.model).named_parameters(remove_duplicate=False)}  # type: ignore[arg-type]
+    for fqn, entry in saved.get("state", {}).items():
+        p = params.get(fqn)
+        if p is None:
+            problems.append(f"optimizer: state for parameter {fqn!r}, which the model does not have")
+            continue
+        for sname, v in entry.items():
+            if not (isinstance(v, dict) and set(v) == {"__tensor__"}):
+                continue
+            key = v["__tensor__"]
+            recs = by_key.get(key)
+            if not recs:
+                problems.append(f"{key}: missing from the checkpoint")
+                continue
+            r = recs[0]
+            local_p, p_gshape, p_offs = local_piece(p.data if not hasattr(p, "device_mesh") else p)
+            if tuple(r.global_shape) == tuple(p_gshape) and len(p_gshape) > 0:
+                dest = torch.empty(local_p.shape, dtype=ST_TO_DTYPE[r.dtype], device=local_p.device)
+                targets.append(Target(key, dest, p_offs, p_gshape))
+                opt_tensors[key] = (dest, p)
+            else:
+                t = whole_target(key, recs)
+                targets.append(t)
+                opt_tensors[key] = (t.dest, None)
+    return targets
+
+
+def _tree_targets(state: TrainState, by_key: Mapping[str, list[TensorRecord]], shared: dict[str, Any], problems: list[str], tree_keys: list[str]) -> list[Target]:
+    """Whole tensors referenced from the scheduler, sampler, stateful and extra trees."""
+    targets: list[Target] = []
     for label, wanted in (("scheduler", state.scheduler), ("sampler", state.sampler), ("extra", state.extra or None), *((f"stateful.{k}", v) for k, v in state.stateful.items())):
         if wanted is None:
             continue
@@ -164,16 +200,7 @@ def build_targets(state: TrainState, manifest: Manifest, shared: dict[str, Any],
             if key == "extra" or key.startswith("extra/"):
                 targets.append(whole_target(key, recs))
                 tree_keys.append(key)
-
-    for t in targets:
-        recs = by_key.get(t.key, [])
-        _, covered = plan_reads(recs, t.offsets, tuple(t.dest.shape))
-        if covered != region_volume(t.dest.shape):
-            problems.append(f"{t.key}: stored pieces cover {covered} of the {region_volume(t.dest.shape)} elements this rank needs")
-    if problems:
-        head = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise StateMismatchError(f"checkpoint step {manifest.step} does not fit the training state: {head}")
-    return LoadPlan(targets, opt_tensors, tree_keys)
+    return targets
 
 
 @dataclass

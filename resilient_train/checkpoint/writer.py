@@ -24,7 +24,6 @@ manifest, so it is invisible to readers and removed by retention later.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
