@@ -45,17 +45,18 @@ import torch
 import torch.distributed as dist
 
 from . import adapt
-from .checkpoint import TrainState, load
-from .checkpoint.state import unwrap_model
+from .checkpoint import TrainState, load_checkpoint
+from .checkpoint.state import checkpoint_module
 from .scripts import _after_resume, _check_script_options, _drop_visible_logging, _init_from, _init_script_parts, _optimizer_step, _script_extras, _visible_logging
 from .checkpoint.async_save import AsyncCheckpointer
-from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
+from .checkpoint.location import Location, as_location
+from .checkpoint.discovery import uncommit
+from .checkpoint.steps import newest_committed
 from .checkpoint.writer import SaveOptions
 from .format.signing import as_keyring
-from .checkpoint.replicate import load_replicated
 from .errors import ConfigError, DroppedFromJobError, StorageError
 from .events import EventLog
-from .storage import Store, open_store
+from .storage import Store
 from .storage.ledger import Ledger
 from .storage.providers import Placement
 
@@ -352,7 +353,7 @@ class Trainer:
 
         store = open_membership_store(cfg.membership, cfg.timeout_s) if self.rank == 0 else None
         sc = cfg.sync
-        fingerprint = model_fingerprint(unwrap_model(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
+        fingerprint = model_fingerprint(checkpoint_module(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
         # the group's other ranks wait on this group while the leader rejoins: bound it by that
         wait_s = max(cfg.timeout_s, cfg.join_timeout_s + 2 * cfg.round_deadline_s)
         control = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s)) if self.world_size > 1 else None
@@ -437,49 +438,22 @@ class Trainer:
             return ck.rstrip("/") + f"/group-{g}"
         raise ConfigError("with group=, checkpoint must be a URI or a Placement (a Store object cannot be given a per-group sub-folder)")
 
-    def _target(self) -> Any:
-        ck = self._checkpoint()
-        if isinstance(ck, Placement):
-            return ck
-        return open_store(ck, self.config.storage_options)
+    def _target(self) -> Location:
+        return as_location(self._checkpoint(), self.config.storage_options)
 
     def _sources(self) -> list[Store]:
-        ck = self._checkpoint()
-        if isinstance(ck, Placement):
-            return [ck.store(n) for n in ck.decide().read_order]
-        return [open_store(ck, self.config.storage_options)]
+        return self._target().read_order()
 
     def _resume(self, at_most: int | None = None) -> None:
-        """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
+        """Load the newest checkpoint that verifies, on any provider (see checkpoint/loading.py):
         a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event) and
         uncommitted, since training will save that step again; an
         unreachable provider is skipped while another answers; when none answers, StorageError.
         With ``group=`` this is the group's own checkpoint folder. ``at_most``: only steps up to
         this one (a job-wide consistent restart, see :meth:`_restart_at`)."""
-        ck = self._checkpoint()
-        pg = self._ckpt_group
-        keys = as_keyring(self.config.verify_keys)
-        state = self.train_state()
         t0 = time.perf_counter()
-
-        def load_step(step: int) -> Any:
-            if isinstance(ck, Placement):
-                return load_replicated(ck, state, step, process_group=pg, verify_keys=keys)
-            return load(self._sources(), state, step, process_group=pg, verify_keys=keys)
-
-        def skipped(step: int, reason: str, definite: bool) -> None:
-            self.events.emit("resume_fallback", step=step, reason=reason)
-            if definite and self.rank == 0:  # training goes on from an older step and will save this one again
-                for store in self._sources():
-                    try:
-                        uncommit(store, step, reason)
-                    except (StorageError, OSError) as exc:
-                        log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
-
-        def candidates() -> list[int]:
-            return [s for s in steps_newest_first(self._sources()) if at_most is None or s <= at_most]
-
-        result = load_newest_verifiable(candidates, load_step, process_group=pg, on_skip=skipped)
+        result = load_checkpoint(self._target(), self.train_state(), newest_verifiable=True, at_most=at_most, process_group=self._ckpt_group,
+                                 verify_keys=as_keyring(self.config.verify_keys), on_skip=lambda step, reason: self.events.emit("resume_fallback", step=step, reason=reason))
         if result is None:
             self.events.emit("no_checkpoint")
             if at_most is None and self.config.init_from is not None:
@@ -499,7 +473,7 @@ class Trainer:
     def _resume_points(self) -> list[int]:
         """This group's committed steps, newest first (the group leader, for a consistent restart)."""
         try:
-            return steps_newest_first(self._sources()) if self.resumed_from is not None else []
+            return newest_committed(self._sources()) if self.resumed_from is not None else []
         except (StorageError, OSError) as exc:
             log.warning("could not list this group's checkpoints for the restart agreement: %s", exc)
             return [self.resumed_from] if self.resumed_from is not None else []
@@ -517,7 +491,7 @@ class Trainer:
         if self.rank == 0:
             for store in self._sources():
                 try:
-                    later = [s for s in steps_newest_first([store]) if s > loaded]
+                    later = [s for s in newest_committed(store) if s > loaded]
                     for s in later:
                         uncommit(store, s, f"newer than step {loaded}, where the job restarted (the other groups had not committed step {s})")
                 except (StorageError, OSError) as exc:
