@@ -36,7 +36,7 @@ from common import write_result  # noqa: E402
 
 from resilient_train import TrainState  # noqa: E402
 from resilient_train.checkpoint.async_save import AsyncCheckpointer  # noqa: E402
-from resilient_train.checkpoint.replicate import write_replicated  # noqa: E402
+from resilient_train.checkpoint.saving import write_replicated  # noqa: E402
 from resilient_train.storage import LocalStore, RetryPolicy  # noqa: E402
 from resilient_train.storage.ledger import Ledger  # noqa: E402
 from resilient_train.storage.providers import Placement, Provider, ReplicationPolicy  # noqa: E402

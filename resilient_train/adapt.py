@@ -149,7 +149,7 @@ def find_script_ddp(module: torch.nn.Module) -> torch.nn.Module | None:
     """
     import gc
 
-    from .checkpoint.state import unwrap_model as canonical
+    from .checkpoint.state import checkpoint_module as canonical
 
     target = canonical(module)
     ddp = torch.nn.parallel.DistributedDataParallel

@@ -118,15 +118,15 @@ def _human(n: float) -> str:
 
 
 def _resolve_step(store: Any, step: int | None) -> int:
-    from .checkpoint import latest_step
+    from .checkpoint import newest_committed
 
     if step is not None:
         return step
-    latest = latest_step(store)
-    if latest is None:
+    latest = newest_committed(store, limit=1)
+    if not latest:
         _require_something_at(store)
         raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
-    return latest
+    return latest[0]
 
 
 def _require_something_at(store: Any) -> list[str]:
@@ -204,14 +204,14 @@ def _print_tree(tree: Any, indent: str) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_manifest
-    from .checkpoint.reader import _read_json
+    from .checkpoint.reader import read_json_file
     from .format.names import STATE_NAME, step_dirname
 
     root, step = _root_and_step(args.url, args.step)
     store = open_store(root, _options(args))
     step = _resolve_step(store, step)
     m = read_manifest(store, step)
-    shared = _read_json([store], step_dirname(step), m.file(STATE_NAME))
+    shared = read_json_file([store], step_dirname(step), m.file(STATE_NAME))
     if args.json:
         print(json.dumps({"manifest": m.to_json(), "state": shared}, indent=1, sort_keys=True))
         return 0
@@ -275,7 +275,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from .checkpoint.signatures import sign_checkpoint
+    from .checkpoint.discovery import sign_checkpoint
     from .format.names import step_dirname
     from .format.signing import load_signing_key
 

@@ -38,7 +38,7 @@ import sys
 import warnings
 from typing import Any
 
-from .checkpoint.state import unwrap_model
+from .checkpoint.state import checkpoint_module
 from .errors import ConfigError, StateMismatchError
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _init_from(tr: Any) -> None:
     step = cfg.init_step if cfg.init_step is not None else found.step
     if step is None:
         raise ConfigError(f"init_from={cfg.init_from!r} ({found.kind}) records no step: pass init_step=N, the step it was taken at")
-    module = unwrap_model(tr.module)
+    module = checkpoint_module(tr.module)
     try:
         module.load_state_dict(found.model, strict=True)
     except RuntimeError as exc:

@@ -161,14 +161,14 @@ def test_restart_safety_decision():
 def test_store_prefix_names_the_attempt_only_in_the_agents_shared_store():
     """Agents of one elastic job (--nnodes) count restarts separately: workers whose agents
     disagree on the count meet in a store of their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
-    from resilient_train.trainer import _store_prefix
+    from resilient_train.trainer.setup import store_prefix
 
     shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
-    assert _store_prefix(shared) == "resilient_train/attempt-2"
+    assert store_prefix(shared) == "resilient_train/attempt-2"
     own = [{"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": n} for n in ("0", "1")]
-    assert _store_prefix(own[0]) == _store_prefix(own[1]) == _store_prefix({}) == "resilient_train"
+    assert store_prefix(own[0]) == store_prefix(own[1]) == store_prefix({}) == "resilient_train"
     # the job's id is in the prefix: a worker that reaches another job's store (two agents can
     # pick the same free port) does not take a rank in that job
     jobs = [dict(own[0], TORCHELASTIC_RUN_ID=r) for r in ("job-a", "job-b")]
-    assert _store_prefix(jobs[0]) == "resilient_train/job-a" != _store_prefix(jobs[1])
-    assert _store_prefix(dict(shared, TORCHELASTIC_RUN_ID="job-a")) == "resilient_train/job-a/attempt-2"
+    assert store_prefix(jobs[0]) == "resilient_train/job-a" != store_prefix(jobs[1])
+    assert store_prefix(dict(shared, TORCHELASTIC_RUN_ID="job-a")) == "resilient_train/job-a/attempt-2"

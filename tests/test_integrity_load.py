@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import resilient_train as rt
 from resilient_train import errors
 from resilient_train.checkpoint import SaveOptions
-from resilient_train.checkpoint.reader import verify_checkpoint
+from resilient_train.checkpoint import verify_checkpoint
 from resilient_train.storage import LocalStore
 from resilient_train.testing.proxy import FaultProxy
 

@@ -13,8 +13,8 @@ import torch
 
 import resilient_train as rt
 from resilient_train.checkpoint import CheckpointManager, committed_steps, latest_step
-from resilient_train.checkpoint.discovery import steps_newest_first
-from resilient_train.checkpoint.writer import SaveOptions, save
+from resilient_train.checkpoint.steps import newest_committed
+from resilient_train.checkpoint import SaveOptions, save
 from resilient_train.errors import CommitConflictError, StorageError, StoreConflictError, StoreUnavailableError
 from resilient_train.format import MANIFEST_NAME, step_dirname
 from resilient_train.storage import RetryPolicy, open_store
@@ -130,10 +130,10 @@ def test_unreachable_store_is_an_error_never_no_checkpoint(tmp_path, caplog):
     alive = open_store(str(tmp_path / "alive"), name="alive")
     save(alive, make_train_state(), 4, options=OPTS)
     with caplog.at_level(logging.WARNING, logger="resilient_train"):
-        assert steps_newest_first([_dead_s3("dead2"), alive]) == [4]  # one provider answers: use it
+        assert newest_committed([_dead_s3("dead2"), alive]) == [4]  # one provider answers: use it
     assert any("dead2" in r.getMessage() and "unavailable" in r.getMessage() for r in caplog.records)
     with pytest.raises(StoreUnavailableError, match="no checkpoint provider could be reached"):
-        steps_newest_first([_dead_s3("d3"), _dead_s3("d4")])
+        newest_committed([_dead_s3("d3"), _dead_s3("d4")])
 
 
 def test_wrap_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):

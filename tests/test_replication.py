@@ -7,8 +7,10 @@ import logging
 
 import pytest
 
-from resilient_train.checkpoint.replicate import copy_checkpoint, load_replicated, replicate, save_replicated
-from resilient_train.checkpoint.reader import committed_steps, load, verify_checkpoint
+from resilient_train.checkpoint.loading import load_replicated
+from resilient_train.checkpoint.replicate import copy_checkpoint, replicate
+from resilient_train.checkpoint.saving import save_replicated
+from resilient_train.checkpoint import committed_steps, load, verify_checkpoint
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.errors import ReplicationError
 from resilient_train.format import MANIFEST_NAME, step_dirname
@@ -156,7 +158,7 @@ def test_corrupted_bytes_on_one_provider_replica_used(make_store, caplog):
 
 
 def test_health_book_learns_from_a_failed_replica(make_store, tmp_path):
-    from resilient_train.checkpoint.replicate import write_replicated
+    from resilient_train.checkpoint.saving import write_replicated
     from resilient_train.checkpoint.state import capture
     from resilient_train.storage.providers import HealthBook
     from resilient_train.testing.faults import FaultyStore

@@ -14,8 +14,8 @@ import pytest
 from resilient_train import load
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint.replicate import migrate
-from resilient_train.checkpoint.signatures import sign_checkpoint
-from resilient_train.checkpoint.writer import SaveOptions, save
+from resilient_train.checkpoint.discovery import sign_checkpoint
+from resilient_train.checkpoint import SaveOptions, save
 from resilient_train.cli import main as cli
 from resilient_train.errors import SignatureError
 from resilient_train.format import MANIFEST_NAME, step_dirname
@@ -356,3 +356,26 @@ def test_retention_run_by_wraps_background_worker_counts_only_trusted_checkpoint
     steps = sorted(int(n.split("-")[1]) for n in LocalStore(root).list("") if n.startswith("step-"))
     assert {3, 4} <= set(steps), steps  # the two newest trusted checkpoints survive
     assert not {1, 2} & set(steps), steps  # and retention did run on the trusted ones
+
+
+def test_background_retention_counts_only_trusted_checkpoints(tmp_path):
+    """The asynchronous checkpointer's worker runs the same retention as CheckpointManager
+    (checkpoint/retention.py), verify_keys included: an unsigned newer step does not push a
+    trusted one out of keep_last there either."""
+    from resilient_train.checkpoint.async_save import AsyncCheckpointer
+
+    root = str(tmp_path / "ck")
+    state = make_train_state()
+    ed = SigningKey.generate_ed25519()
+    for step in (1, 2):
+        save(root, state, step, options=SaveOptions(signing_key=ed))
+    for step in (3, 4, 5):  # written by someone without the key
+        save(root, state, step)
+    events = []
+    ck = AsyncCheckpointer(root, keep_last=2, verify_keys=ed.verify_key(), options=SaveOptions(signing_key=ed), on_event=lambda e, **f: events.append((e, f)))
+    assert ck.save(6, state)
+    ck.close()
+    kept = sorted(int(n.split("-")[1]) for n in LocalStore(root).list("") if n.startswith("step-"))
+    # trusted: 1, 2, 6 -> keep 2 and 6; the unsigned 3..5 are leftovers below the newest trusted one
+    assert kept == [2, 6]
+    assert [f["removed"] for e, f in events if e == "retention"] == [[1, 3, 4, 5]]

@@ -351,3 +351,47 @@ def test_load_state_dict_rejects_a_mismatched_state():
         sync.load_state_dict(state)
     with pytest.raises(StateMismatchError):
         sync.load_state_dict({"meta": {}, "tensors": {}})
+
+
+def test_global_state_heals_a_peer_with_the_checkpoint_encoding():
+    """One state for checkpoints and healing (sync/diloco.py): the replicated part
+    (global_state_dict, and its flat form for a state transfer) uses state_dict's names and
+    encoding; a fresh engine that takes a peer's flat state holds the same global weights, outer
+    momentum, counters and local weights as the peer, and gives back the same flat tensor."""
+
+    def fn(rank, comm):
+        model = mlp(0)
+        sync = DiLoCo(model, sync_every=2, comm=comm, fragments=2)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(6):  # three rounds per fragment: outer momentum exists
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            sync.step()
+        return sync.global_flat(), sync.global_flat_meta(), sync.global_state_dict(), sync.state_dict(), sync.rounds
+
+    flat, meta, gsd, sd, rounds = run_thread_ranks(fn, 2)[0]
+    json.dumps(meta), json.dumps(gsd["meta"])
+    assert meta["momentum"] == [True, True]
+    # the same names and values as the checkpoint's state_dict
+    for name, t in gsd["tensors"].items():
+        assert torch.equal(t, sd["tensors"][name]), name
+    assert [fm["outer_state"] for fm in gsd["meta"]["fragments"]] == [fm["outer_state"] for fm in sd["meta"]["fragments"]]
+
+    model2 = mlp(7)
+    healed = DiLoCo(model2, sync_every=2, fragments=2)
+    healed.load_global_flat(flat.clone(), json.loads(json.dumps(meta)))
+    got = healed.global_state_dict()
+    assert sorted(got["tensors"]) == sorted(gsd["tensors"])
+    for name, t in gsd["tensors"].items():
+        assert torch.equal(got["tensors"][name], t), name
+    assert healed.rounds == rounds and healed.step_count == sd["meta"]["step"]
+    local = torch.cat([p.detach().reshape(-1) for p in model2.parameters()])
+    assert torch.equal(local, torch.cat([gsd["tensors"]["fragment.0.global"], gsd["tensors"]["fragment.1.global"]]))
+    assert torch.equal(healed.global_flat(), flat)
+
+    other = DiLoCo(mlp(9), sync_every=2, fragments=2)
+    other.load_global_state_dict(gsd)
+    assert torch.equal(other.global_flat(), flat)
+    with pytest.raises(StateMismatchError):
+        DiLoCo(mlp(0), sync_every=3, fragments=3).load_global_state_dict(gsd)

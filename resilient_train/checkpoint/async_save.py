@@ -57,15 +57,16 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import CheckpointError, CheckpointPolicyError, CheckpointWriteError, ConfigError, ReplicationError
-from ..storage import Store, open_store
+from ..storage import Store
 from ..storage.ledger import Ledger
 from ..storage.providers import HealthBook, Placement
 from .background import CheckpointWorker
-from .collectives import Coordinator
+from .collectives import Coordinator, describe
+from .location import as_location, as_store
 from .planner import PieceMeta, plan_save
-from .replicate import write_primary
+from .saving import save_checkpoint
 from .state import Piece, Snapshot, TrainState, capture
-from .writer import SaveOptions, _describe, write_snapshot
+from .writer import SaveOptions
 
 __all__ = ["AsyncCheckpointer", "SaveFailure"]
 
@@ -123,8 +124,10 @@ class AsyncCheckpointer:
         for label, v in (("keep_last", keep_last), ("max_uncommitted_steps", max_uncommitted_steps), ("max_checkpoint_failures", max_checkpoint_failures)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{label} must be None (no limit) or an int >= 1, got {v!r}")
-        self._placement = target if isinstance(target, Placement) else None
-        self._store = None if self._placement is not None else open_store(target, storage_options)  # type: ignore[arg-type]
+        location = as_location(target, storage_options)
+        self._placement = location.placement
+        self._store = None if self._placement is not None else as_store(location)
+        self._location = location
         self.when_busy = when_busy
         self.process_group = process_group
         self.options = options or SaveOptions()
@@ -295,16 +298,10 @@ class AsyncCheckpointer:
         try:
             # Refresh the plan for the next save's staging (one small collective, off the training thread).
             self._learn_share(coord, snap.held)
-            if self._placement is not None:
-                report = write_primary(self._placement, snap, step, process_group=self.process_group, options=self.options, health_book=self.health_book)
-                committed_on = report.committed[0]
-                manifest = None
-                self.last_result = report
-            else:
-                assert self._store is not None
-                result = write_snapshot(self._store, snap, step, process_group=self.process_group, options=self.options)
-                committed_on, manifest = self._store.name, result.manifest
-                self.last_result = result
+            # The one save route; copies go to rank 0's worker below, off every collective.
+            report = save_checkpoint(self._location, snap, step, process_group=self.process_group, options=self.options, copies="later", health_book=self.health_book)
+            committed_on, manifest = report.committed[0], report.manifest
+            self.last_result = report if self._placement is not None else report.saved
         except BaseException as exc:  # noqa: BLE001 - kept and raised / reported on the caller's next call
             self._failed(step, exc)
             return
@@ -314,8 +311,6 @@ class AsyncCheckpointer:
         self.consecutive_failures = 0
         if coord.rank == 0:
             if self.ledger is not None:
-                if manifest is None:
-                    manifest = getattr(self.last_result, "manifest", None)  # ReplicationReport.manifest
                 nbytes = sum(f.size_bytes for f in manifest.files) if manifest is not None else _snap_bytes(self.last_result)
                 self.ledger.record_write(committed_on, nbytes, "checkpoint")
             if self._placement is not None or self.keep_last:
@@ -326,17 +321,17 @@ class AsyncCheckpointer:
             causes = dict(exc.failures)
         elif isinstance(exc, CheckpointWriteError):
             where = self._store.name if self._store is not None else "storage"
-            causes = {where: "; ".join(f"rank {r}: {c}" for r, c in sorted(exc.failures.items())) or _describe(exc)}
+            causes = {where: "; ".join(f"rank {r}: {c}" for r, c in sorted(exc.failures.items())) or describe(exc)}
         else:
-            causes = {self._store.name if self._store is not None else "storage": _describe(exc)}
+            causes = {self._store.name if self._store is not None else "storage": describe(exc)}
         self.consecutive_failures += 1
-        self.failures.append(SaveFailure(step, causes, _describe(exc)))
+        self.failures.append(SaveFailure(step, causes, describe(exc)))
         del self.failures[:-20]
         if self.on_failure == "raise":
-            log.error("background save of step %d failed (raised on the next call): %s", step, _describe(exc))
+            log.error("background save of step %d failed (raised on the next call): %s", step, describe(exc))
             self._error = exc
         else:
-            log.warning("checkpoint of step %d failed; training goes on and the next interval tries again (%d in a row): %s", step, self.consecutive_failures, _describe(exc))
+            log.warning("checkpoint of step %d failed; training goes on and the next interval tries again (%d in a row): %s", step, self.consecutive_failures, describe(exc))
         self._emit("checkpoint_failed", step=step, consecutive=self.consecutive_failures, causes=causes)
 
     def _check_limits(self, step: int) -> None:

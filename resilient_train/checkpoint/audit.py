@@ -32,9 +32,11 @@ from ..format.manifest import Manifest, TensorRecord
 from ..format.names import GROUPS, HF_INDEX_NAME, MANIFEST_NAME, STATE_NAME, rank_state_filename, step_dirname
 from ..format.safetensors_io import MAX_HEADER_BYTES, parse_header
 from ..format.signing import as_keyring
-from ..storage import Store, open_store, redact
+from ..storage import Store, redact
 from ..storage.transfer import sha256_of
 from .signatures import SIGNATURE_NAME, read_signature
+from .location import as_store
+from .reader import completeness_problems, verify_checkpoint
 
 __all__ = ["AuditReport", "audit_checkpoint", "manifest_problems", "is_format_file_name"]
 
@@ -160,12 +162,68 @@ def _tensor_refs(tree: Any, out: set[str], depth: int = 0) -> None:
             _tensor_refs(v, out, depth + 1)
 
 
+def _blame_files(store: Store, folder: str, manifest: Manifest, report: AuditReport, io_threads: int | None, progress: bool) -> set[str]:
+    """Every file against the manifest; a mismatch in a file whose bytes match their recorded
+    SHA-256 is the manifest's. Returns the intact files."""
+    _, file_problems = verify_checkpoint(store, manifest.step, io_threads=io_threads, progress=progress)
+    # What verify found in the manifest itself (its whole-file digests against the verified
+    # chunks), less the completeness problems manifest_problems reported already.
+    already = set(completeness_problems(manifest))
+    for p in file_problems:
+        if p.startswith(MANIFEST_NAME + ":") and p not in already:
+            report.problems.append((MANIFEST_NAME, p[len(MANIFEST_NAME) + 1:].strip()))
+    try:
+        on_disk: set[str] | None = set(store.list(folder))
+    except (ResilientTrainError, OSError):
+        on_disk = None
+    intact = set()
+    for rec in manifest.files:
+        mine = [p for p in file_problems if p.startswith(rec.path + ":")]
+        if not mine:
+            intact.add(rec.path)
+        elif _blame_file(store, folder, manifest, rec, mine, on_disk, report):
+            intact.add(rec.path)
+    return intact
+
+
+def _blame_file(store: Store, folder: str, manifest: Manifest, rec: Any, mine: list[str], on_disk: set[str] | None, report: AuditReport) -> bool:
+    """Who is at fault for the problems ``mine`` verify found in file ``rec``: the file, or the
+    manifest (a listed file that does not exist, or bytes that match their recorded SHA-256).
+    Returns whether the file itself is intact."""
+    try:
+        size, digest = sha256_of(store, f"{folder}/{rec.path}")
+    except (ResilientTrainError, OSError):
+        size, digest = -1, ""
+    if size < 0 and on_disk is not None and rec.path not in on_disk:
+        # A listed file that does not exist: lost, or named wrong in the manifest.
+        listed = {r.path for r in manifest.files}
+        twin = next((u for u in sorted(on_disk - listed - {MANIFEST_NAME, SIGNATURE_NAME}) if _same_bytes(store, f"{folder}/{u}", rec.size_bytes, rec.sha256)), None)
+        if twin is not None:
+            report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist; {twin}, which it does not list, has exactly the size and SHA-256 recorded for it: the manifest names it wrong"))
+        elif not is_format_file_name(rec.path):
+            report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist (and is not a file name of this format)"))
+        else:
+            report.problems.append((rec.path, "does not exist (listed in the manifest)"))
+        return False
+    content_only = rec.path == STATE_NAME or (rec.path.startswith("rank-") and rec.path.endswith(".json"))
+    if size == rec.size_bytes and digest == rec.sha256 and content_only and all("StateFileError" in p and "referenced by the JSON state is missing" not in p for p in mine):
+        # The file holds the bytes the manifest recorded, and they are invalid on their own
+        # (not against the manifest): the file was written so.
+        report.problems.extend((rec.path, f"its content is invalid although its bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}") for p in mine)
+        return False
+    if size == rec.size_bytes and digest == rec.sha256:
+        # The bytes are the ones the manifest recorded: what disagrees is the manifest.
+        for p in mine:
+            report.problems.append((MANIFEST_NAME, f"disagrees with {rec.path}, whose bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}"))
+        return True
+    report.problems.extend((rec.path, p[len(rec.path) + 1:].strip()) for p in mine)
+    return False
+
+
 def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[str, Any] | None = None, verify_keys: Any = None, io_threads: int | None = None, progress: bool = False) -> AuditReport:
     """Check checkpoint ``step`` completely (see module doc). Raises CheckpointNotFoundError if
     it has no manifest; everything else is reported as problems naming the file at fault."""
-    from .reader import verify_checkpoint
-
-    store = open_store(uri, storage_options)
+    store = as_store(uri, storage_options)
     folder = step_dirname(step)
     report = AuditReport(step, None)
     mpath = f"{folder}/{MANIFEST_NAME}"
@@ -191,53 +249,7 @@ def audit_checkpoint(uri: "str | Store", step: int, *, storage_options: Mapping[
     for p in manifest_problems(manifest):
         report.problems.append((MANIFEST_NAME, p))
 
-    _, file_problems = verify_checkpoint(store, step, io_threads=io_threads, progress=progress)
-    from .reader import _manifest_problems
-
-    # What verify found in the manifest itself (its whole-file digests against the verified
-    # chunks), less the completeness problems manifest_problems reported above.
-    already = set(_manifest_problems(manifest))
-    for p in file_problems:
-        if p.startswith(MANIFEST_NAME + ":") and p not in already:
-            report.problems.append((MANIFEST_NAME, p[len(MANIFEST_NAME) + 1:].strip()))
-    try:
-        on_disk = set(store.list(folder))
-    except (ResilientTrainError, OSError):
-        on_disk = None
-    listed = {r.path for r in manifest.files}
-    intact = set()
-    for rec in manifest.files:
-        mine = [p for p in file_problems if p.startswith(rec.path + ":")]
-        if not mine:
-            intact.add(rec.path)
-            continue
-        try:
-            size, digest = sha256_of(store, f"{folder}/{rec.path}")
-        except (ResilientTrainError, OSError):
-            size, digest = -1, ""
-        if size < 0 and on_disk is not None and rec.path not in on_disk:
-            # A listed file that does not exist: lost, or named wrong in the manifest.
-            twin = next((u for u in sorted(on_disk - listed - {MANIFEST_NAME, SIGNATURE_NAME}) if _same_bytes(store, f"{folder}/{u}", rec.size_bytes, rec.sha256)), None)
-            if twin is not None:
-                report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist; {twin}, which it does not list, has exactly the size and SHA-256 recorded for it: the manifest names it wrong"))
-            elif not is_format_file_name(rec.path):
-                report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist (and is not a file name of this format)"))
-            else:
-                report.problems.append((rec.path, "does not exist (listed in the manifest)"))
-            continue
-        content_only = rec.path == STATE_NAME or (rec.path.startswith("rank-") and rec.path.endswith(".json"))
-        if size == rec.size_bytes and digest == rec.sha256 and content_only and all("StateFileError" in p and "referenced by the JSON state is missing" not in p for p in mine):
-            # The file holds the bytes the manifest recorded, and they are invalid on their own
-            # (not against the manifest): the file was written so.
-            report.problems.extend((rec.path, f"its content is invalid although its bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}") for p in mine)
-        elif size == rec.size_bytes and digest == rec.sha256:
-            # The bytes are the ones the manifest recorded: what disagrees is the manifest.
-            intact.add(rec.path)
-            for p in mine:
-                report.problems.append((MANIFEST_NAME, f"disagrees with {rec.path}, whose bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}"))
-        else:
-            report.problems.extend((rec.path, p[len(rec.path) + 1:].strip()) for p in mine)
-
+    intact = _blame_files(store, folder, manifest, report, io_threads, progress)
     names_by_file: dict[str, dict[str, TensorRecord]] = {}
     for t in manifest.tensors:
         names_by_file.setdefault(t.file, {})[t.name] = t

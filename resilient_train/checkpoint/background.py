@@ -33,10 +33,10 @@ from ..errors import CheckpointNotFoundError, ReplicationError, ResilientTrainEr
 from ..storage import Store
 from ..storage.ledger import Ledger
 from ..storage.providers import HealthBook, Placement
-from .manager import CheckpointManager
-from .reader import committed_steps
-from .replicate import CopyReport, ReplicationReport, _candidates, _fill_copies, copy_checkpoint
-from .writer import _describe
+from .steps import newest_committed
+from .retention import apply_retention
+from .collectives import describe
+from .replicate import CopyReport, ReplicationReport, candidates, copy_checkpoint, fill_copies
 
 __all__ = ["CheckpointWorker"]
 
@@ -174,8 +174,8 @@ class CheckpointWorker:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - nothing escapes the worker; reported instead
-            log.error("checkpoint worker: %s", _describe(exc))
-            self._emit("checkpoint_worker_error", error=_describe(exc))
+            log.error("checkpoint worker: %s", describe(exc))
+            self._emit("checkpoint_worker_error", error=describe(exc))
 
     def _owe(self, step: int, held: Sequence[str], why: str) -> None:
         if self.placement is None:
@@ -199,7 +199,7 @@ class CheckpointWorker:
         report = ReplicationReport(step, committed=list(held))
         failures: dict[str, str] = {}
         t0 = time.perf_counter()
-        _fill_copies(pl, report, _candidates(pl, health), failures, self.io_threads)
+        fill_copies(pl, report, candidates(pl, health), failures, self.io_threads)
         for name, rep in report.copies.items():
             self.copies_made += 1
             self._record(rep, "replication")
@@ -239,10 +239,10 @@ class CheckpointWorker:
                 continue  # still cooling down after a failure: try later
             dst = pl.store(name)
             try:
-                have = set(committed_steps(dst))  # the probe: fails fast (breaker) if still down
+                have = set(newest_committed(dst))  # the probe: fails fast (breaker) if still down
             except (ResilientTrainError, OSError) as exc:
-                self.health_book.failed(name, self._clock(), _describe(exc))
-                log.info("catch-up of %s deferred: %s", name, _describe(exc))
+                self.health_book.failed(name, self._clock(), describe(exc))
+                log.info("catch-up of %s deferred: %s", name, describe(exc))
                 continue
             sources = [pl.store(p.name) for p in pl.providers if p.name != name and p.name not in behind]
             sources += [pl.store(p) for p in behind if p != name]
@@ -257,8 +257,8 @@ class CheckpointWorker:
                     done.append(step)  # retention removed it everywhere: nothing to catch up
                     continue
                 except ResilientTrainError as exc:
-                    self.health_book.failed(name, self._clock(), _describe(exc))
-                    log.warning("catch-up of step %d on %s failed (tried again later): %s", step, name, _describe(exc))
+                    self.health_book.failed(name, self._clock(), describe(exc))
+                    log.warning("catch-up of step %d on %s failed (tried again later): %s", step, name, describe(exc))
                     break
                 done.append(step)
                 self.catch_ups += 1
@@ -281,11 +281,10 @@ class CheckpointWorker:
             stores = [self.store]
         for store in stores:
             try:
-                mgr = CheckpointManager(store, every_n_steps=1, keep_last=self.keep_last, verify_keys=self.verify_keys)
-                mgr.protect = self.protect
-                removed = mgr.apply_retention()
+                protected = set(self.protect()) if self.protect is not None else set()  # keep_best
+                removed = apply_retention(store, self.keep_last, verify_keys=self.verify_keys, protect=protected)
             except (ResilientTrainError, OSError) as exc:
-                log.warning("retention on %s skipped: %s", store.name, _describe(exc))
+                log.warning("retention on %s skipped: %s", store.name, describe(exc))
                 continue
             if removed:
                 self._emit("retention", provider=store.name, removed=removed)

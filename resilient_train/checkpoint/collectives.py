@@ -3,15 +3,33 @@
 Objects exchanged here are small Python values (plans, file records, error messages) moving
 between live ranks of one job; checkpoint bytes never go through here and nothing read from
 storage is ever unpickled.
+
+:meth:`Coordinator.phase` runs one named phase of a save (``prepare`` and ``commit`` on rank
+0, ``write`` on every rank) and makes a failure on any rank the same
+:class:`~resilient_train.errors.CheckpointWriteError` on every rank, naming each rank's cause
+(DCP's ``reduce_scatter("plan", ...)`` / ``all_reduce("write", ...)`` shape).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["Coordinator"]
+from ..errors import CheckpointWriteError
+from ..storage import redact
+
+__all__ = ["Coordinator", "describe"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an error, secrets redacted: what goes to other ranks, events and logs."""
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 class Coordinator:
@@ -51,3 +69,21 @@ class Coordinator:
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier(group=self._pg)
+
+    def phase(self, what: str, fn: Callable[[], T], *, rank0_only: bool = False, catch: tuple[type[BaseException], ...] = (Exception,)) -> T | None:
+        """Run ``fn`` on every rank (``rank0_only``: on rank 0 only), then agree: if it raised one
+        of ``catch`` on any rank, every rank raises ``CheckpointWriteError("checkpoint <what>
+        failed", {rank: cause})``. Returns ``fn``'s result where it ran, None elsewhere. Collective:
+        every rank calls it, in the same order."""
+        result: T | None = None
+        error: str | None = None
+        if not rank0_only or self.rank == 0:
+            try:
+                result = fn()
+            except catch as exc:
+                error = describe(exc)
+                log.error("rank %d: checkpoint %s failed: %s", self.rank, what, error)
+        failures = {r: e for r, e in enumerate(self.all_gather(error)) if e}
+        if failures:
+            raise CheckpointWriteError(f"checkpoint {what} failed", failures)
+        return result

@@ -1,19 +1,8 @@
-"""Finding checkpoints: which steps are committed, and which is the newest one that verifies.
+"""The newest checkpoint that verifies, and what happens to the ones that do not.
 
-Rules (``docs/format.md``, "Which checkpoint is the latest"):
+Which steps are committed is :func:`~resilient_train.checkpoint.steps.newest_committed`
+(``steps.py``). This module holds the fallback rules on top of it:
 
-* A step folder is committed when its ``manifest.json`` exists **and parses**; a torn or empty
-  manifest (a crash while committing on a store without atomic writes) counts as uncommitted:
-  it is ignored here and a new save of that step replaces it.
-* Commits are found by listing each step folder and reading its manifest, never by
-  ``exists``/``size`` alone: fsspec clients answer those (and s3fs even sizes a whole-object
-  read) from a listing cache that may predate another client's commit. :meth:`Store.list`
-  drops the client's cached listing of that folder and lists it afresh, which also renews the
-  cache every later read of the folder consults.
-* With verification keys, a manifest whose signature does not verify is not a candidate.
-* A store that cannot be reached is an error (:class:`StoreUnavailableError` once its retry
-  budget is spent), never "no checkpoint". Over several providers, the unreachable ones are
-  skipped with a warning as long as one answers; only when none answers is the error raised.
 * :func:`load_newest_verifiable` walks the candidates newest first and falls back past a
   checkpoint that fails verification (corrupt, unsigned, torn, missing), warning and calling
   ``on_skip`` for each one skipped. Training then goes on from the older step and will save
@@ -22,12 +11,13 @@ Rules (``docs/format.md``, "Which checkpoint is the latest"):
   manifest is kept aside as ``rejected-manifest.json`` (for inspection) and ``manifest.json``
   removed, which makes the folder an uncommitted leftover that the next save of that step
   (or retention) clears.
+* :func:`sign_checkpoint` signs a committed checkpoint in place (``resilient-train ckpt sign``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping
 
 from ..errors import (
     CheckpointError,
@@ -42,22 +32,21 @@ from ..errors import (
     TruncatedFileError,
     UnsupportedFormatVersionError,
 )
-from ..format.manifest import Manifest
-from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
-from ..storage import Store, redact
-from .collectives import Coordinator
+from ..format.names import MANIFEST_NAME, step_dirname
+from ..format.signing import SIGNATURE_NAME, KeyRing, SigningKey
+from ..storage import Store
+from .collectives import Coordinator, describe
+from .location import as_store
+from .signatures import read_signature, write_signature
+from .steps import newest_committed, read_manifest
 
 __all__ = [
-    "step_folders",
-    "committed_steps",
-    "latest_step",
-    "steps_newest_first",
-    "find_latest",
     "load_newest_verifiable",
     "FALLBACK_ERRORS",
     "DEFINITE_ERRORS",
     "REJECTED_MANIFEST_NAME",
     "uncommit",
+    "sign_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,8 +68,6 @@ REJECTED_MANIFEST_NAME = "rejected-manifest.json"
 def uncommit(store: Store, step: int, reason: str) -> bool:
     """Turn committed checkpoint ``step`` that failed verification into an uncommitted folder
     (see module doc). Returns False when there was no manifest. Storage errors propagate."""
-    from .signatures import SIGNATURE_NAME
-
     folder = step_dirname(step)
     try:
         data = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
@@ -91,102 +78,6 @@ def uncommit(store: Store, step: int, reason: str) -> bool:
     store.delete(f"{folder}/{SIGNATURE_NAME}")
     log.warning("uncommitted checkpoint step %d under %s (its manifest is kept as %s): %s", step, store.uri, REJECTED_MANIFEST_NAME, reason)
     return True
-
-
-def step_folders(store: Store) -> list[int]:
-    """Steps of every ``step-NNNNNNNNNN`` folder under ``store``, ascending (committed or not)."""
-    steps = []
-    for name in store.list(""):
-        step = parse_step_dirname(name)
-        if step is not None:
-            steps.append(step)
-    return sorted(steps)
-
-
-def _manifest(store: Store, step: int, keys: Any) -> Manifest | None:
-    """The manifest of ``step`` if committed (and signed, with ``keys``); None otherwise."""
-    from .reader import read_manifest
-
-    if MANIFEST_NAME not in store.list(step_dirname(step)):  # fresh listing: renews the client's cache
-        return None
-    try:
-        return read_manifest(store, step, keys=keys)
-    except CheckpointNotFoundError:
-        return None
-    except UnsupportedFormatVersionError:
-        raise  # a newer library wrote it: upgrading is the fix, not falling back to an older step
-    except (ManifestError, SignatureError) as exc:
-        log.warning("ignoring step %d under %s: %s", step, store.uri, redact(str(exc)))
-        return None
-
-
-def committed_steps(store: Store, *, validate: bool = True, keys: Any = None) -> list[int]:
-    """Committed steps under ``store``, ascending (see module doc). ``validate=False`` only
-    checks that the manifest is non-empty, without parsing it (it is still read: sizes may
-    come from a stale cache)."""
-    out = []
-    for step in step_folders(store):
-        if validate or keys is not None:
-            ok = _manifest(store, step, keys) is not None
-        else:
-            try:
-                ok = MANIFEST_NAME in store.list(step_dirname(step)) and bool(store.read_bytes(f"{step_dirname(step)}/{MANIFEST_NAME}"))
-            except FileNotFoundError:
-                ok = False
-        if ok:
-            out.append(step)
-    return out
-
-
-def latest_step(store: Store, *, keys: Any = None) -> int | None:
-    """The highest committed step (signed, with ``keys``) or None if there is none.
-    Raises StorageError when the store cannot be reached."""
-    for step in reversed(step_folders(store)):
-        if _manifest(store, step, keys) is not None:
-            return step
-    return None
-
-
-def _per_source(sources: Sequence[Store], fn: Callable[[Store], Any]) -> list[tuple[Store, Any]]:
-    """``fn`` on every source; unreachable ones are warned about and left out. Raises when
-    none could be reached (the one error for one source; StoreUnavailableError naming all)."""
-    results, errors = [], []
-    for store in sources:
-        try:
-            results.append((store, fn(store)))
-        except (StorageError, OSError) as exc:
-            log.warning("provider %s unavailable while looking for checkpoints: %s", store.name, redact(f"{type(exc).__name__}: {exc}"))
-            errors.append((store, exc))
-    if errors and not results:
-        if len(errors) == 1:
-            raise errors[0][1]
-        raise StoreUnavailableError(
-            "no checkpoint provider could be reached, so whether a checkpoint exists is unknown: "
-            + "; ".join(redact(f"{s.name}: {type(e).__name__}: {e}") for s, e in errors)
-        )
-    return results
-
-
-def steps_newest_first(sources: Sequence[Store], *, keys: Any = None) -> list[int]:
-    """Every step committed on at least one reachable source, newest first."""
-    steps: set[int] = set()
-    for _, found in _per_source(sources, lambda s: committed_steps(s, keys=keys)):
-        steps.update(found)
-    return sorted(steps, reverse=True)
-
-
-def find_latest(sources: Sequence[Store], *, keys: Any = None) -> tuple[int, Manifest]:
-    """The newest committed step over ``sources`` and its manifest (from the first source that
-    has it). CheckpointNotFoundError when none has one; StorageError when none is reachable."""
-    best: tuple[int, Store] | None = None
-    for store, s in _per_source(sources, lambda st: latest_step(st, keys=keys)):
-        if s is not None and (best is None or s > best[0]):
-            best = (s, store)
-    if best is None:
-        raise CheckpointNotFoundError("no committed checkpoint on any of: " + ", ".join(s.uri for s in sources))
-    from .reader import read_manifest
-
-    return best[0], read_manifest(best[1], best[0], keys=keys)
 
 
 def _verdict(exc: BaseException | None) -> str:
@@ -227,7 +118,7 @@ def load_newest_verifiable(
             steps = list(find_steps())
         except (StorageError, OSError) as exc:
             err = exc
-    steps = coord.broadcast(steps if err is None else redact(f"{type(err).__name__}: {err}"))
+    steps = coord.broadcast(steps if err is None else describe(err))
     if err is not None:
         raise err
     if isinstance(steps, str):
@@ -241,7 +132,7 @@ def load_newest_verifiable(
             result = load_step(step)
         except (CheckpointError, StorageError, OSError, ValueError) as e:  # judged below, on every rank
             exc = e
-        verdicts = coord.all_gather((_verdict(exc), None if exc is None else redact(f"{type(exc).__name__}: {exc}")[:500]))
+        verdicts = coord.all_gather((_verdict(exc), None if exc is None else describe(exc)[:500]))
         if all(v == "ok" for v, _ in verdicts):
             return result
         if any(v in ("fallback", "definite") for v, _ in verdicts):
@@ -256,3 +147,23 @@ def load_newest_verifiable(
             raise exc
         raise CheckpointError("checkpoint load failed on other ranks: " + "; ".join(m for v, m in verdicts if m))
     raise CorruptCheckpointError(f"none of the {len(steps)} committed checkpoints could be loaded: " + "; ".join(skipped[:5]))
+
+
+def sign_checkpoint(uri: "str | Store", step: int | None, key: SigningKey, *, storage_options: Mapping[str, Any] | None = None) -> tuple[int, str]:
+    """Sign committed checkpoint ``step`` (default: the latest) in place: writes its
+    ``manifest.sig``; the manifest itself is not changed. Returns ``(step, key_id)``."""
+    store = as_store(uri, storage_options)
+    if step is None:
+        latest = newest_committed(store, limit=1)
+        if not latest:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
+        step = latest[0]
+    read_manifest(store, step)  # committed and well-formed; refuses anything else
+    folder = step_dirname(step)
+    data = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
+    write_signature(store, folder, data, key)
+    # Read back what is there now: a manifest replaced meanwhile must not end up "signed".
+    if KeyRing([key]).verify(store.read_bytes(f"{folder}/{MANIFEST_NAME}"), read_signature(store, folder), where=f"{store.uri}/{folder}") != key.key_id:
+        raise SignatureError(f"{store.uri}/{folder}: signature did not verify after writing it")
+    log.info("signed %s/%s with key %s", store.uri, folder, key.key_id)
+    return step, key.key_id

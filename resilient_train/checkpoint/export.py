@@ -13,9 +13,13 @@ from ..format.jsontree import dumps_canonical
 from ..format.names import HF_INDEX_NAME
 from ..format.safetensors_io import ST_TO_DTYPE, build_header, tensor_bytes
 from ..progress import Progress
-from ..storage import Store, open_store
+from ..storage import Store
+from .chunks import Chunks
+from .location import as_location, as_store
 from .planner import plan_reads, region_volume, tiling_problem
-from .reader import _Chunks, _Op, _place, _records_by_key, _Target, _whole_target, latest_step, open_sources, read_manifest, read_tensors
+from .reader import read_whole_tensors
+from .steps import newest_committed, read_manifest
+from .targets import CopyOp, Target, place_op, records_by_key
 
 __all__ = ["read_model_tensors", "export_hf"]
 
@@ -24,16 +28,16 @@ log = logging.getLogger(__name__)
 
 def read_model_tensors(uri: Any, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None, io_threads: int = 4) -> tuple[int, dict[str, torch.Tensor]]:
     """Every model tensor of a checkpoint, reassembled whole on the CPU, every byte verified."""
-    sources = open_sources(uri, storage_options)
+    sources = list(as_location(uri, storage_options).stores)
     if step is None:
-        step = latest_step(sources[0])
-        if step is None:
+        latest = newest_committed(sources[0], limit=1)
+        if not latest:
             raise CheckpointNotFoundError(f"no committed checkpoint under {sources[0].uri}")
+        step = latest[0]
     manifest = read_manifest(sources[0], step)
-    targets = [_whole_target(key, recs) for key, recs in sorted(_records_by_key(manifest).items()) if key.startswith("model/")]
     # Every byte is hashed from the buffer it is copied from (one pass, chunk by chunk).
-    read_tensors(sources, manifest, targets, io_threads=io_threads)
-    return step, {t.key.removeprefix("model/"): t.dest for t in targets}
+    tensors = read_whole_tensors(sources, manifest, "model/", io_threads=io_threads)
+    return step, {key.removeprefix("model/"): t for key, t in tensors.items()}
 
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
@@ -57,13 +61,14 @@ def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shar
         raise ValueError("max_shard_bytes must be positive")
     if block_bytes <= 0:
         raise ValueError("block_bytes must be positive")
-    sources = open_sources(src, storage_options)
+    sources = list(as_location(src, storage_options).stores)
     if step is None:
-        step = latest_step(sources[0])
-        if step is None:
+        latest = newest_committed(sources[0], limit=1)
+        if not latest:
             raise CheckpointNotFoundError(f"no committed checkpoint under {sources[0].uri}")
+        step = latest[0]
     manifest = read_manifest(sources[0], step)
-    by_key = _records_by_key(manifest)
+    by_key = records_by_key(manifest)
     entries = []  # (name, dtype, global shape, key), in name order as before
     for key, recs in sorted(by_key.items()):
         if key.startswith("model/"):
@@ -80,13 +85,13 @@ def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shar
             size = 0
         shards[-1].append(e)
         size += nbytes(e)
-    out = open_store(dst, dst_storage_options)
+    out = as_store(dst, dst_storage_options)
     names: list[str] = []
     weight_map: dict[str, str] = {}
     total = sum(nbytes(e) for e in entries)
     bar = Progress(total, f"export to {out.name}", bar=progress, enabled=progress)
     with ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="rt-export") as pool:
-        chunks = _Chunks(sources, manifest, pool)
+        chunks = Chunks(sources, manifest, pool)
         headers: dict[str, Any] = {}
         for i, items in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -106,22 +111,22 @@ def export_hf(src: Any, dst: "str | Store", step: int | None = None, *, max_shar
     return names + [HF_INDEX_NAME]
 
 
-def _blocks(key: str, dtype: torch.dtype, shape: tuple[int, ...], block_bytes: int) -> Iterator[_Target]:
+def _blocks(key: str, dtype: torch.dtype, shape: tuple[int, ...], block_bytes: int) -> Iterator[Target]:
     """Consecutive slices of whole rows (first dimension) of at most ``block_bytes`` (one row
     at least); a 0-d tensor is one block. Allocated one at a time, as the caller asks."""
     if len(shape) == 0:
-        yield _Target(key, torch.empty((), dtype=dtype), (), ())
+        yield Target(key, torch.empty((), dtype=dtype), (), ())
         return
     row = region_volume(shape[1:]) * torch.empty((), dtype=dtype).element_size()
     rows = max(1, block_bytes // max(1, row))
     for a in range(0, max(shape[0], 1), rows):
         n = min(rows, shape[0] - a)
-        yield _Target(key, torch.empty((n, *shape[1:]), dtype=dtype), (a,) + (0,) * (len(shape) - 1), shape)
+        yield Target(key, torch.empty((n, *shape[1:]), dtype=dtype), (a,) + (0,) * (len(shape) - 1), shape)
         if shape[0] == 0:
             return
 
 
-def _fill(chunks: _Chunks, headers: dict[str, Any], manifest: Any, by_key: Mapping[str, Any], t: _Target) -> None:
+def _fill(chunks: Chunks, headers: dict[str, Any], manifest: Any, by_key: Mapping[str, Any], t: Target) -> None:
     """Fill one block from the pieces overlapping it; drop every chunk afterwards (bounded)."""
     read_ops, covered = plan_reads(by_key[t.key], t.offsets, tuple(t.dest.shape))
     if covered != t.dest.numel():
@@ -149,7 +154,7 @@ def _fill(chunks: _Chunks, headers: dict[str, Any], manifest: Any, by_key: Mappi
             else:
                 data_start, slots = headers[f]
                 slot = slots[op.record.name]
-                _place(chunks, _Op(t, op, f, slot, b, e))
+                place_op(chunks, CopyOp(t, op, f, slot, b, e))
     finally:
         for k in list(chunks.cache):
             chunks.drop(k)

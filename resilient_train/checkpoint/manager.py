@@ -1,4 +1,4 @@
-"""CheckpointManager: save on a schedule, keep the last K, resume from the latest."""
+"""CheckpointManager: save on a schedule, keep the last K (:mod:`.retention`), resume from the newest that verifies."""
 
 from __future__ import annotations
 
@@ -6,32 +6,21 @@ import logging
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import ConfigError, StorageError
-from ..format.names import MANIFEST_NAME, parse_step_dirname, step_dirname
-from ..storage import Store, open_store, redact
+from ..format.signing import as_keyring
+from ..storage import Store, redact
 from .collectives import Coordinator
-from .discovery import committed_steps, latest_step, load_newest_verifiable, uncommit
-from .reader import LoadResult, load
+from .loading import load_checkpoint
+from .location import as_location, as_store
+from .reader import LoadResult
+from .retention import apply_retention, retention_plan
+from .steps import newest_committed
 from .state import TrainState
-from .writer import SaveOptions, SaveResult, save
+from .saving import save
+from .writer import SaveOptions, SaveResult
 
 __all__ = ["CheckpointManager", "retention_plan"]
 
 log = logging.getLogger(__name__)
-
-
-def retention_plan(folders: Mapping[int, bool], keep_last: int) -> list[int]:
-    """Steps whose folders to delete. ``folders`` maps step -> committed.
-
-    Keeps the ``keep_last`` highest committed steps (never fewer than one: the newest committed
-    checkpoint is never deleted) and uncommitted folders above the newest committed step (a
-    save may be writing there). Deletes older committed steps and uncommitted leftovers below.
-    """
-    committed = sorted(s for s, ok in folders.items() if ok)
-    if not committed:
-        return []
-    keep = set(committed[-max(1, keep_last):])
-    newest = committed[-1]
-    return sorted(s for s, ok in folders.items() if (ok and s not in keep) or (not ok and s < newest))
 
 
 class CheckpointManager:
@@ -60,15 +49,13 @@ class CheckpointManager:
             raise ConfigError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ConfigError(f"keep_last must be an int >= 1 (the newest checkpoint is always kept), got {keep_last!r}")
-        self.store = open_store(uri, storage_options)
+        self.store = as_store(uri, storage_options)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.protect: Callable[[], Iterable[int]] | None = None
         self.process_group = process_group
         self.options = options or SaveOptions()
         self.last_saved_step: int | None = None
-        from ..format.signing import as_keyring
-
         self.verify_keys = as_keyring(verify_keys)
         self.skipped: list[tuple[int, str]] = []
         """Checkpoints :meth:`restore` fell back past: ``(step, reason)``."""
@@ -104,53 +91,23 @@ class CheckpointManager:
         see :func:`~resilient_train.checkpoint.discovery.uncommit`), since its step will be
         saved again. An unreachable store raises StorageError; it is never "no checkpoint".
         """
-        if step is not None:
-            result = load(self.store, state, step, process_group=self.process_group, verify_keys=self.verify_keys)
-        else:
-            result = load_newest_verifiable(
-                lambda: list(reversed(committed_steps(self.store))),
-                lambda s: load(self.store, state, s, process_group=self.process_group, verify_keys=self.verify_keys),
-                process_group=self.process_group,
-                on_skip=self._skipped,
-            )
-            if result is None:
-                return None
-        self.last_saved_step = result.step
+        result = load_checkpoint(as_location(self.store), state, step, newest_verifiable=True, on_skip=lambda s, why: self.skipped.append((s, why)),
+                                 process_group=self.process_group, verify_keys=self.verify_keys)
+        if result is not None:
+            self.last_saved_step = result.step
         return result
 
-    def _skipped(self, step: int, reason: str, definite: bool) -> None:
-        self.skipped.append((step, reason))
-        if definite and Coordinator(self.process_group).rank == 0:
-            try:
-                uncommit(self.store, step, reason)
-            except StorageError as exc:
-                log.warning("could not uncommit step %d under %s: %s", step, self.store.uri, redact(str(exc)))
-
     def steps(self) -> list[int]:
-        return committed_steps(self.store)
+        """Committed steps, ascending."""
+        return sorted(newest_committed(self.store))
 
     def latest_step(self) -> int | None:
-        return latest_step(self.store, keys=self.verify_keys)
+        """The newest committed step (signed by a trusted key, with ``verify_keys``), or None."""
+        latest = newest_committed(self.store, keys=self.verify_keys, limit=1)
+        return latest[0] if latest else None
 
     def apply_retention(self) -> list[int]:
-        """Delete what :func:`retention_plan` says; returns the deleted steps. Rank 0 only."""
-        # with verify_keys, a step whose manifest is not signed by a trusted key is not a
-        # checkpoint: forged newer steps must not push trusted ones out of keep_last
-        committed = set(committed_steps(self.store, keys=self.verify_keys))
-        folders = {}
-        for name in self.store.list(""):
-            step = parse_step_dirname(name)
-            if step is not None:
-                folders[step] = step in committed
-        protected = set(self.protect()) if self.protect is not None else set()  # keep_best (checkpoint/keep_best.py)
-        doomed = [s for s in retention_plan(folders, self.keep_last) if s not in protected]
-        for step in doomed:
-            folder = step_dirname(step)
-            try:
-                # The manifest goes first so a half-deleted folder is never mistaken for a checkpoint.
-                self.store.delete(f"{folder}/{MANIFEST_NAME}")
-                self.store.delete(folder, recursive=True)
-                log.info("retention removed %s/%s", self.store.uri, folder)
-            except StorageError as exc:
-                log.warning("retention could not remove %s/%s: %s", self.store.uri, folder, redact(str(exc)))
-        return doomed
+        """Apply :func:`~.retention.apply_retention` (``keep_last``, ``verify_keys``, the steps
+        ``protect`` names: keep_best, :mod:`.keep_best`); returns the deleted steps. Rank 0 only."""
+        protected = set(self.protect()) if self.protect is not None else set()
+        return apply_retention(self.store, self.keep_last, verify_keys=self.verify_keys, protect=protected)

@@ -1,4 +1,4 @@
-"""Committed checkpoints across providers: copy, migrate, replicate, save and load with replicas.
+"""Committed checkpoints across providers: copy, migrate, replicate.
 
 Every copy follows one rule: files first, each streamed (no local staging) and verified against
 the source manifest's size and SHA-256; the destination's ``manifest.json`` last, byte for byte
@@ -9,20 +9,14 @@ hash are skipped (resumable).
 * :func:`copy_checkpoint`: one step, from one or more replicas (a file that is missing or
   corrupt on one source is read from the next) to one destination.
 * :func:`migrate`: one step, or all, from SRC to DST (``resilient-train ckpt migrate``).
-* :func:`write_replicated` / :func:`save_replicated`: write a checkpoint to its primary provider,
-  then replicate it to the policy's other providers. A provider that fails does not stop the
-  others; the error names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
-* :func:`write_primary`: the collective part of a replicated save alone: write to the first
-  healthy provider that takes it; the copies are left to the caller (the asynchronous
-  checkpointer hands them to :class:`~resilient_train.checkpoint.background.CheckpointWorker`,
-  so no rank waits in a collective while rank 0 copies).
+* :func:`fill_copies`: the ``replicate`` phase of a save
+  (:func:`~resilient_train.checkpoint.saving.save_checkpoint`) and of the background worker:
+  copy a committed step to the policy's other providers. A provider that fails does not stop
+  the others; the caller names it (:class:`ReplicationError`, ``.committed`` lists who has a copy).
 * :func:`replicate`: bring existing checkpoints up to the policy's copy count.
-* :func:`load_replicated`: load from the replicas in the policy's read order; the reader falls
-  back per file when a provider is down or a hash does not match, and reports who served what.
 
-Replication after a collective write runs on rank 0 only. :func:`write_replicated` keeps every
-rank in a broadcast until rank 0's copies are done (so every rank returns the same outcome);
-saves on the training path use :func:`write_primary` and copy in the background instead.
+Saving to a :class:`~resilient_train.storage.providers.Placement` is
+:func:`~resilient_train.checkpoint.saving.save_checkpoint` (the one save route).
 
 Every function that moves bytes takes an optional ``ledger``
 (:class:`~resilient_train.storage.ledger.Ledger`) and records what it moved there.
@@ -34,34 +28,30 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, OperationCancelledError, ReplicationError, ResilientTrainError, StorageError, StoreConflictError, StoreTransientError, StoreUnavailableError
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..progress import LOG_MIN_BYTES, Progress
-from ..storage import Store, open_store, redact
+from ..storage import Store, classify
 from ..storage.ledger import Ledger
-from ..storage.providers import HealthBook, Placement
+from ..storage.providers import Placement
 from ..storage.transfer import copy_file, file_matches, run_concurrently
-from .collectives import Coordinator
+from .collectives import describe
+from .location import as_store
 from ..format.signing import SIGNATURE_NAME, as_keyring
-from .discovery import committed_steps
-from .reader import LoadResult, load
+from .steps import newest_committed
 from .signatures import read_signature
-from .state import Snapshot, TrainState, capture
-from .writer import SaveOptions, _describe, write_snapshot
 
 __all__ = [
-    "write_primary",
     "CopyReport",
     "ReplicationReport",
+    "candidates",
     "copy_checkpoint",
+    "fill_copies",
     "migrate",
-    "write_replicated",
-    "save_replicated",
     "replicate",
-    "load_replicated",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,7 +81,9 @@ class ReplicationReport:
     copies: dict[str, CopyReport] = field(default_factory=dict)
     reason: str = ""
     manifest: Manifest | None = None
-    """The committed manifest, when this process wrote it (:func:`write_primary`)."""
+    """The committed manifest, when this process wrote it (a save, not a copy)."""
+    saved: Any = None
+    """The :class:`~resilient_train.checkpoint.writer.SaveResult` of the write, for a save."""
 
 
 def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, bytes, Manifest]:
@@ -105,15 +97,13 @@ def _read_source_manifest(sources: Sequence[Store], step: int) -> tuple[Store, b
                 raise CheckpointError(f"{s.name}:{path} says step {manifest.step}")
             return s, data, manifest
         except (ResilientTrainError, OSError) as exc:
-            reasons.append(_describe(exc))
+            reasons.append(describe(exc))
     raise CheckpointNotFoundError(f"step {step} is not committed on any source: " + "; ".join(reasons))
 
 
 def _retry_can_help(exc: BaseException) -> bool:
     """Whether running the copy again may succeed: yes when a store was unreachable or flaky,
     no when access was denied, a file is missing or corrupt, or the configuration is wrong."""
-    from ..storage.retry import classify
-
     if isinstance(exc, OperationCancelledError):
         return True
     if isinstance(exc, (CorruptCheckpointError, ConfigError)):
@@ -176,19 +166,38 @@ def copy_checkpoint(
             raise CheckpointError(f"{dst.name} already holds a different committed checkpoint for step {step}; refusing to overwrite it (delete {folder} there first)")
         dst.delete(mpath)
 
-    todo: list[FileRecord] = []
-    skipped = 0
+    todo, skipped = _files_to_copy(dst, folder, manifest, io_threads)
+    sizes = _copy_files(srcs, dst, folder, step, todo, io_threads, progress, stop)
+    _commit_copy(dst, folder, step, manifest_bytes, signature)
+    seconds = time.perf_counter() - t0
+    report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
+    if ledger is not None and report.bytes_copied:
+        ledger.record_copy(src.name, dst.name, report.bytes_copied, purpose)
+    log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
+    return report
 
+
+def _files_to_copy(dst: Store, folder: str, manifest: Manifest, io_threads: int) -> tuple[list[FileRecord], int]:
+    """The files ``dst`` lacks (or holds with another size or hash), and how many it has already."""
     def needs_copy(rec: FileRecord) -> bool:
         return not file_matches(dst, f"{folder}/{rec.path}", rec.size_bytes, rec.sha256)
 
-    flags, failures = run_concurrently(needs_copy, manifest.files, io_threads, "rt-check")
+    todo: list[FileRecord] = []
+    skipped = 0
+    flags, _ = run_concurrently(needs_copy, manifest.files, io_threads, "rt-check")
     for rec, flag in zip(manifest.files, flags):
         if flag is False:
             skipped += 1
         else:
             todo.append(rec)  # a failed check means "copy it"
-    bar = Progress(sum(r.size_bytes for r in todo), f"{src.name} -> {dst.name} {folder}", bar=progress, min_bytes=LOG_MIN_BYTES)
+    return todo, skipped
+
+
+def _copy_files(srcs: list[Store], dst: Store, folder: str, step: int, todo: list[FileRecord], io_threads: int, progress: bool,
+                stop: threading.Event | None) -> list[Any]:
+    """Stream ``todo`` to ``dst`` concurrently, each file from the first source that serves it
+    intact; bytes per file. ReplicationError (or OperationCancelledError) when any failed."""
+    bar = Progress(sum(r.size_bytes for r in todo), f"{srcs[0].name} -> {dst.name} {folder}", bar=progress, min_bytes=LOG_MIN_BYTES)
 
     def on_bytes(n: int) -> None:
         bar(n)
@@ -208,7 +217,7 @@ def copy_checkpoint(
             except OperationCancelledError:
                 raise
             except (ResilientTrainError, OSError) as exc:
-                reasons.append(_describe(exc))
+                reasons.append(describe(exc))
                 causes.append(exc)
         err = ReplicationError(f"{rec.path} could not be copied to {dst.name}: " + "; ".join(reasons))
         err.causes = causes
@@ -226,10 +235,16 @@ def copy_checkpoint(
         hint = "; run again to resume" if all(_retry_can_help(c) for c in causes) else ""
         err = ReplicationError(
             f"step {step} was not committed on {dst.name}: {len(failures)} of {len(todo)} files failed{hint}",
-            {dst.name: "; ".join(_describe(e) for _, e in failures[:3])},
+            {dst.name: "; ".join(describe(e) for _, e in failures[:3])},
         )
         err.causes = causes
         raise err
+    return sizes
+
+
+def _commit_copy(dst: Store, folder: str, step: int, manifest_bytes: bytes, signature: bytes | None) -> None:
+    """The signature (if any), then the manifest, create-only: the copy's commit."""
+    mpath = f"{folder}/{MANIFEST_NAME}"
     dst.sync_folder(folder)
     if signature is not None:
         dst.write_bytes(f"{folder}/{SIGNATURE_NAME}", signature)
@@ -239,12 +254,6 @@ def copy_checkpoint(
         if dst.read_bytes(mpath) != manifest_bytes:
             raise CheckpointError(f"{dst.name}: another writer committed a different checkpoint for step {step} while it was being copied") from None
     dst.sync_folder(folder)
-    seconds = time.perf_counter() - t0
-    report = CopyReport(step, src.name, dst.name, len(todo), skipped, sum(s or 0 for s in sizes), seconds)
-    if ledger is not None and report.bytes_copied:
-        ledger.record_copy(src.name, dst.name, report.bytes_copied, purpose)
-    log.info("copied step %d %s -> %s: %d files (%d already there), %.1f MB in %.2f s", step, src.name, dst.name, report.files_copied, skipped, report.bytes_copied / 1e6, seconds)
-    return report
 
 
 def _copy_signature(dst: Store, folder: str, signature: bytes | None) -> None:
@@ -275,10 +284,10 @@ def migrate(
     that is not signed by a trusted key raises SignatureError."""
     if step is not None and all_steps:
         raise ConfigError("pass either a step or all_steps=True, not both")
-    s = open_store(src, src_options)
-    d = open_store(dst, dst_options)
+    s = as_store(src, src_options)
+    d = as_store(dst, dst_options)
     ring = as_keyring(verify_keys)
-    steps = committed_steps(s, keys=ring) if step is None else committed_steps(s)
+    steps = sorted(newest_committed(s, keys=ring if step is None else None))
     if not steps:
         raise CheckpointNotFoundError(f"no committed checkpoint under {s.uri}" + (" signed by a trusted key" if ring is not None else ""))
     if all_steps:
@@ -296,16 +305,18 @@ def migrate(
     return reports
 
 
-def _candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
-    """Allowed, healthy providers in declared order: the targets first, then substitutes."""
+def candidates(placement: Placement, health: Mapping[str, bool] | None) -> list[str]:
+    """Allowed, healthy providers in declared order: the targets first, then substitutes (where
+    a save writes, and where copies go)."""
     health = health or {}
     return [p.name for p in placement.providers if placement.policy.allows(p.region) and health.get(p.name, True)]
 
 
-def _fill_copies(placement: Placement, report: ReplicationReport, candidates: list[str], failures: dict[str, str], io_threads: int, progress: bool = False) -> None:
-    """Copy from the committed providers to further candidates until the policy's count."""
+def fill_copies(placement: Placement, report: ReplicationReport, targets: list[str], failures: dict[str, str], io_threads: int, progress: bool = False) -> None:
+    """Copy from the committed providers to further ``targets`` until the policy's count; each
+    provider that fails goes into ``failures``. Storage only: run it on one process."""
     want = placement.policy.copies
-    rest = [c for c in candidates if c not in report.committed and c not in failures]
+    rest = [c for c in targets if c not in report.committed and c not in failures]
     while len(report.committed) < want and rest:
         batch, rest = rest[: want - len(report.committed)], rest[want - len(report.committed):]
         sources = [placement.store(n) for n in report.committed]
@@ -316,122 +327,12 @@ def _fill_copies(placement: Placement, report: ReplicationReport, candidates: li
         results, errs = run_concurrently(one, batch, max_workers=len(batch), thread_name_prefix="rt-replicate")
         failed = {name for name, _ in errs}
         for name, exc in errs:
-            failures[name] = _describe(exc)
+            failures[name] = describe(exc)
             log.error("replication of step %d to %s failed: %s", report.step, name, failures[name])
         for name, res in zip(batch, results):
             if name not in failed and res is not None:
                 report.committed.append(name)
                 report.copies[name] = res
-
-
-def write_replicated(
-    placement: Placement,
-    snap: Snapshot,
-    step: int,
-    *,
-    process_group: Any = None,
-    options: SaveOptions | None = None,
-    health: Mapping[str, bool] | None = None,
-    io_threads: int = 4,
-    health_book: HealthBook | None = None,
-    now: float | None = None,
-) -> ReplicationReport:
-    """Write ``snap`` as ``step`` to the primary provider, then replicate (see module doc).
-
-    With ``health_book`` (and the clock reading ``now``), its view decides the targets when
-    ``health`` is not given, and each provider's outcome is recorded in it.
-
-    Collective for the write. If the primary fails, the next allowed healthy provider becomes
-    the primary. Raises ReplicationError naming every failed provider (``.committed`` and
-    ``.report`` tell who has a copy) if fewer than ``policy.copies`` copies committed.
-    """
-    if health is None and health_book is not None:
-        health = health_book.snapshot([p.name for p in placement.providers], now if now is not None else time.monotonic())
-    decision = placement.decide(health)
-    report = ReplicationReport(step, reason=decision.reason)
-    failures: dict[str, str] = {}
-    candidates = _candidates(placement, health)
-    for name in candidates:
-        try:
-            write_snapshot(placement.store(name), snap, step, process_group=process_group, options=options)
-        except (ResilientTrainError, OSError) as exc:
-            failures[name] = _describe(exc)
-            log.error("save of step %d to %s failed, trying the next provider: %s", step, name, failures[name])
-            continue
-        report.committed.append(name)
-        break
-    coord = Coordinator(process_group)
-    if report.committed and coord.rank == 0:
-        _fill_copies(placement, report, candidates, failures, io_threads)
-    # Every rank returns (or raises) the same outcome as rank 0, which did the copies.
-    report.committed, report.copies, failures = coord.broadcast((report.committed, report.copies, failures) if coord.rank == 0 else None)
-    if health_book is not None:
-        t = now if now is not None else time.monotonic()
-        for name in failures:
-            health_book.failed(name, t)
-        for name in report.committed:
-            health_book.succeeded(name)
-    if len(report.committed) < placement.policy.copies:
-        err = ReplicationError(
-            f"step {step} has {len(report.committed)} of {placement.policy.copies} copies (committed on: {', '.join(report.committed) or 'none'})",
-            failures or {"policy": "not enough healthy providers in the allowed regions: " + decision.reason},
-        )
-        err.committed = list(report.committed)  # type: ignore[attr-defined]
-        err.report = report  # type: ignore[attr-defined]
-        raise err
-    return report
-
-
-def write_primary(
-    placement: Placement,
-    snap: Snapshot,
-    step: int,
-    *,
-    process_group: Any = None,
-    options: SaveOptions | None = None,
-    health_book: HealthBook | None = None,
-    now: float | None = None,
-) -> ReplicationReport:
-    """Write ``snap`` as ``step`` to the first allowed provider that takes it. Collective.
-
-    The candidates are rank 0's (healthy allowed providers in declared order, from its health
-    book; all allowed ones if none is healthy), broadcast so every rank tries the same ones.
-    A provider that fails is marked in ``health_book``. Returns a report with one committed
-    provider; raises ReplicationError naming every provider's cause (``.committed`` empty) on
-    every rank when none took the checkpoint. No copies here: see the module doc.
-    """
-    coord = Coordinator(process_group)
-    t = now if now is not None else time.monotonic()
-    names = None
-    if coord.rank == 0:
-        health = health_book.snapshot([p.name for p in placement.providers], t) if health_book is not None else None
-        names = _candidates(placement, health) or _candidates(placement, None)
-    names = coord.broadcast(names)
-    report = ReplicationReport(step, reason=f"write to the first of {', '.join(names)}")
-    failures: dict[str, str] = {}
-    for name in names:
-        try:
-            report.manifest = write_snapshot(placement.store(name), snap, step, process_group=process_group, options=options).manifest
-        except (ResilientTrainError, OSError) as exc:
-            failures[name] = _describe(exc)
-            if health_book is not None:
-                health_book.failed(name, time.monotonic() if now is None else t, failures[name])
-            log.error("save of step %d to %s failed, trying the next provider: %s", step, name, failures[name])
-            continue
-        report.committed.append(name)
-        if health_book is not None:
-            health_book.succeeded(name)
-        return report
-    err = ReplicationError(f"step {step} was committed on no provider (tried {', '.join(names)})", failures or {"policy": "no allowed provider"})
-    err.committed = []  # type: ignore[attr-defined]
-    err.report = report  # type: ignore[attr-defined]
-    raise err
-
-
-def save_replicated(placement: Placement, state: TrainState, step: int, *, process_group: Any = None, options: SaveOptions | None = None, health: Mapping[str, bool] | None = None) -> ReplicationReport:
-    """Capture ``state`` and :func:`write_replicated` it. Collective."""
-    coord = Coordinator(process_group)
-    return write_replicated(placement, capture(state, coord.rank, coord.world_size), step, process_group=process_group, options=options, health=health)
 
 
 def replicate(placement: Placement, step: int | None = None, *, all_steps: bool = False, health: Mapping[str, bool] | None = None, io_threads: int = 4, progress: bool = False, ledger: Ledger | None = None) -> list[ReplicationReport]:
@@ -441,15 +342,15 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
     some allowed provider. Raises ReplicationError naming the providers that failed, after
     trying all of them.
     """
-    candidates = _candidates(placement, health)
+    allowed = candidates(placement, health)
     held: dict[int, list[str]] = {}
     unreachable: dict[str, str] = {}
-    for name in candidates:
+    for name in allowed:
         try:
-            for s in committed_steps(placement.store(name)):
+            for s in newest_committed(placement.store(name)):
                 held.setdefault(s, []).append(name)
         except (ResilientTrainError, OSError) as exc:
-            unreachable[name] = _describe(exc)
+            unreachable[name] = describe(exc)
     if not held:
         raise CheckpointNotFoundError("no committed checkpoint on any provider" + (f" (unreachable: {unreachable})" if unreachable else ""))
     if all_steps:
@@ -462,11 +363,11 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
         steps = [step]
     reports = []
     all_failures: dict[str, str] = {}
-    alive = [c for c in candidates if c not in unreachable]
+    alive = [c for c in allowed if c not in unreachable]
     for s in steps:
         rep = ReplicationReport(s, committed=list(held[s]))
         failures = dict(unreachable)
-        _fill_copies(placement, rep, alive, failures, io_threads, progress)
+        fill_copies(placement, rep, alive, failures, io_threads, progress)
         if ledger is not None:
             for c in rep.copies.values():
                 if c.bytes_copied:
@@ -479,56 +380,3 @@ def replicate(placement: Placement, step: int | None = None, *, all_steps: bool 
         err.report = reports  # type: ignore[attr-defined]
         raise err
     return reports
-
-
-def load_replicated(
-    placement: Placement,
-    state: TrainState,
-    step: int | None = None,
-    *,
-    process_group: Any = None,
-    health: Mapping[str, bool] | None = None,
-    strict: bool = True,
-    on_served: Callable[[dict[str, str]], None] | None = None,
-    verify_keys: Any = None,
-    ledger: Ledger | None = None,
-) -> LoadResult:
-    """Load from the replicas in the policy's read order (healthy first, then cheapest).
-
-    Providers that ``health`` marks down are left out, and tried only if the healthy ones
-    cannot serve the checkpoint (not found or corrupt there).
-
-    Each file comes from the first replica whose copy verifies; the result's ``sources`` maps
-    every file to the provider that served it, and the mapping is logged. With ``ledger``, the
-    bytes each provider served are recorded (purpose ``recovery``), with what reading from the
-    cheaper replica saved against the declared order (``PlacementDecision.read_saving_per_gb``).
-    """
-    decision = placement.decide(health)
-    order = decision.read_order
-    healthy = [n for n in order if (health or {}).get(n, True)]
-    try:
-        # Providers known to be unhealthy are not even asked, unless the healthy ones cannot serve.
-        result = load([placement.store(n) for n in (healthy or order)], state, step, process_group=process_group, strict=strict, verify_keys=verify_keys)
-    except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
-        if not healthy or len(healthy) == len(order):
-            raise
-        log.warning("healthy replicas (%s) could not serve the checkpoint (%s); trying the unhealthy ones too", ", ".join(healthy), redact(str(exc))[:300])
-        result = load([placement.store(n) for n in order], state, step, process_group=process_group, strict=strict, verify_keys=verify_keys)
-    by_provider: dict[str, int] = {}
-    for prov in result.sources.values():
-        by_provider[prov] = by_provider.get(prov, 0) + 1
-    log.info("step %d loaded; files per provider: %s (read order %s)", result.step, by_provider, ", ".join(order))
-    if ledger is not None:
-        sizes = {f.path: f.size_bytes for f in result.manifest.files}
-        read: dict[str, int] = {}
-        for fname, prov in result.sources.items():
-            read[prov] = read.get(prov, 0) + sizes.get(fname, 0)
-        for prov, n in read.items():
-            ledger.record_read(prov, n, "recovery")
-        if decision.read_saving_per_gb > 0:
-            saved = read.get(order[0], 0) / 1e9 * decision.read_saving_per_gb
-            ledger.record_saving(saved)
-            log.info("reading from %s instead of the declared first provider saved %.4f", order[0], saved)
-    if on_served is not None:
-        on_served(dict(result.sources))
-    return result

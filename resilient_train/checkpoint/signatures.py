@@ -1,20 +1,21 @@
-"""Manifest signatures on storage: read and check ``manifest.sig``, sign a checkpoint.
+"""Manifest signatures on storage: read, check and write ``manifest.sig``.
 
 The pure part (keys, the signature file format, verification) is :mod:`resilient_train.format.signing`;
-this module only moves ``manifest.sig`` between a Store and it.
+this module only moves ``manifest.sig`` between a Store and it. Signing a committed checkpoint
+in place is :func:`~resilient_train.checkpoint.discovery.sign_checkpoint`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any
 
-from ..errors import CheckpointNotFoundError, SignatureError
-from ..format.names import MANIFEST_NAME, step_dirname
-from ..format.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, KeyRing, SigningKey, as_keyring
-from ..storage import Store, open_store
+from ..errors import SignatureError
+from ..format.names import MANIFEST_NAME
+from ..format.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, SigningKey, as_keyring
+from ..storage import Store
 
-__all__ = ["SIGNATURE_NAME", "read_signature", "check_signature", "write_signature", "sign_checkpoint"]
+__all__ = ["SIGNATURE_NAME", "read_signature", "check_signature", "write_signature"]
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +51,3 @@ def write_signature(store: Store, folder: str, manifest_bytes: bytes, key: Signi
     if not isinstance(key, SigningKey):
         raise TypeError(f"a signing key must be a SigningKey, got {type(key).__name__}")
     store.write_bytes(f"{folder}/{SIGNATURE_NAME}", key.sign(manifest_bytes))
-
-
-def sign_checkpoint(uri: "str | Store", step: int | None, key: SigningKey, *, storage_options: Mapping[str, Any] | None = None) -> tuple[int, str]:
-    """Sign committed checkpoint ``step`` (default: the latest) in place: writes its
-    ``manifest.sig``; the manifest itself is not changed. Returns ``(step, key_id)``."""
-    from .discovery import latest_step
-    from .reader import read_manifest
-
-    store = open_store(uri, storage_options)
-    if step is None:
-        step = latest_step(store)
-        if step is None:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {store.uri}")
-    read_manifest(store, step)  # committed and well-formed; refuses anything else
-    folder = step_dirname(step)
-    data = store.read_bytes(f"{folder}/{MANIFEST_NAME}")
-    write_signature(store, folder, data, key)
-    # Read back what is there now: a manifest replaced meanwhile must not end up "signed".
-    if KeyRing([key]).verify(store.read_bytes(f"{folder}/{MANIFEST_NAME}"), read_signature(store, folder), where=f"{store.uri}/{folder}") != key.key_id:
-        raise SignatureError(f"{store.uri}/{folder}: signature did not verify after writing it")
-    log.info("signed %s/%s with key %s", store.uri, folder, key.key_id)
-    return step, key.key_id

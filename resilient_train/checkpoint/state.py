@@ -2,9 +2,9 @@
 
 :class:`TrainState` names the objects of a training run. :func:`capture` turns them into a
 :class:`Snapshot`: tensor pieces (views of the live tensors, not copies) plus JSON trees for
-everything else. Loading goes the other way through :class:`LoadTargets`, which knows where
-every stored tensor must land and validates the checkpoint against the live objects before
-any tensor is changed.
+everything else. Loading goes the other way in :mod:`.targets` (``build_targets``: where every
+stored tensor must land, the checkpoint validated against the live objects before any tensor
+is changed).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from ..format.jsontree import decode, encode
 from ..format.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE
 from .planner import PieceMeta
 
-__all__ = ["TrainState", "Piece", "Snapshot", "capture", "rng_state", "set_rng_state", "unwrap_model", "encode_rank_tree", "decode_rank_tree"]
+__all__ = ["TrainState", "Piece", "Snapshot", "capture", "rng_state", "set_rng_state", "checkpoint_module", "local_piece", "optimizer_fqns",
+           "encode_rank_tree", "decode_rank_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,12 @@ class Snapshot:
         return sum(p.meta.nbytes for p in self.pieces)
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+def checkpoint_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose parameter names are the checkpoint's keys: DDP's ``module.`` and
     ``torch.compile``'s ``_orig_mod.`` dropped, in any nesting (DDP of a compiled model, a
-    compiled DDP), so a checkpoint loads with compile on or off and exports plain names."""
+    compiled DDP), so a checkpoint loads with compile on or off and exports plain names.
+    Not :func:`resilient_train.adapt.unwrap_model`, which returns ``(module, ddp or None)`` for
+    the trainer and refuses FSDP."""
     for _ in range(8):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
@@ -146,7 +149,7 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+def local_piece(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """``(local tensor, global_shape, offsets)`` for a plain tensor or a DTensor."""
     if _is_dtensor(t):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -161,7 +164,7 @@ def _local_piece(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[
 
 
 def _piece(key: str, group: str, name: str, t: torch.Tensor) -> Piece:
-    local, gshape, offs = _local_piece(t)
+    local, gshape, offs = local_piece(t)
     st = DTYPE_TO_ST.get(local.dtype)
     if st is None:
         raise ConfigError(f"tensor {key!r} has dtype {local.dtype}, which safetensors cannot store")
@@ -171,12 +174,12 @@ def _piece(key: str, group: str, name: str, t: torch.Tensor) -> Piece:
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
     names: dict[int, str] = {}
-    for name, p in unwrap_model(model).named_parameters(remove_duplicate=False):
+    for name, p in checkpoint_module(model).named_parameters(remove_duplicate=False):
         names.setdefault(id(p), name)
     return names
 
 
-def _optimizer_fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+def optimizer_fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     ids = _param_names(model)
     groups = []
     for gi, group in enumerate(optimizer.param_groups):
@@ -222,14 +225,14 @@ def capture(state: TrainState, rank: int = 0, world_size: int = 1) -> Snapshot:
     shared: dict[str, Any] = {}
 
     if state.model is not None:
-        for name, t in unwrap_model(state.model).state_dict().items():
+        for name, t in checkpoint_module(state.model).state_dict().items():
             if not isinstance(t, torch.Tensor):
                 raise ConfigError(f"model state entry {name!r} is not a tensor")
             pieces.append(_piece(f"model/{name}", "model", name, t))
 
     if state.optimizer is not None:
         assert state.model is not None  # checked in TrainState
-        fqn_groups = _optimizer_fqns(state.model, state.optimizer)
+        fqn_groups = optimizer_fqns(state.model, state.optimizer)
         sd = state.optimizer.state_dict()
         index_to_fqn = {}
         for group_sd, fqns in zip(sd["param_groups"], fqn_groups):

@@ -1,6 +1,7 @@
-"""Saving: plan -> write shards -> commit the manifest. Collective over the process group.
+"""The phases of a save to one store: prepare, plan, write, commit (and the save's options).
 
-Every rank calls :func:`save` (or :func:`write_snapshot`) with the same step. Phases:
+The orchestration that runs them (collectively, through :mod:`.collectives`) is
+:func:`~resilient_train.checkpoint.saving.save_checkpoint`; every save goes through it. Phases:
 
 1. **prepare** (rank 0): refuse a step that is already committed. A torn or empty
    ``manifest.json`` left by a crash counts as uncommitted and is removed; other files of an
@@ -23,29 +24,27 @@ manifest, so it is invisible to readers and removed by retention later.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, CheckpointWriteError, CommitConflictError, ManifestError, ResilientTrainError, StoreConflictError
+from ..errors import CheckpointError, ManifestError, ResilientTrainError, StoreConflictError
 from ..progress import LOG_MIN_BYTES, Progress
 from ..format.jsontree import dumps_canonical
 from ..format.manifest import DEFAULT_HASH_CHUNK_BYTES, MAX_HASH_CHUNK_BYTES, MIN_HASH_CHUNK_BYTES, FileRecord, Manifest, TensorRecord
-from ..format.names import FORMAT_VERSION, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename, step_dirname
+from ..format.names import FORMAT_VERSION, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename
 from ..format.safetensors_io import FileHasher, write_file_hashed
 from ..format.signing import SigningKey
-from ..storage import Store, open_store, redact
-from .collectives import Coordinator
-from .planner import DEFAULT_MAX_FILE_BYTES, FilePlan, SavePlan, plan_save
-from .state import Snapshot, TrainState, capture
+from ..storage import Store, redact
+from .signatures import write_signature
+from .planner import DEFAULT_MAX_FILE_BYTES, FilePlan, SavePlan
+from .state import Snapshot
 
-__all__ = ["save", "write_snapshot", "SaveOptions", "SaveResult"]
+__all__ = ["SaveOptions", "SaveResult", "prepare_folder", "write_rank_files", "build_manifest", "commit_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +87,7 @@ class SaveResult:
     seconds: float
 
 
-def save(
-    uri: "str | Store",
-    state: TrainState,
-    step: int,
-    *,
-    process_group: Any = None,
-    storage_options: Mapping[str, Any] | None = None,
-    options: SaveOptions | None = None,
-) -> SaveResult:
-    """Save ``state`` as checkpoint ``step`` under ``uri``. Collective: every rank calls it.
-
-    Returns once the manifest is written (the checkpoint is committed) on every rank.
-    Raises CheckpointWriteError on every rank if any rank failed; ConfigError for a state
-    that cannot be stored (raised on every rank).
-    """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a TrainState, got {type(state).__name__}")
-    coord = Coordinator(process_group)
-    snap = capture(state, coord.rank, coord.world_size)
-    return write_snapshot(open_store(uri, storage_options), snap, step, process_group=process_group, options=options)
-
-
-def _prepare(store: Store, folder: str) -> None:
+def prepare_folder(store: Store, folder: str) -> None:
     """Refuse a committed step; make a torn manifest (a crash while committing) uncommitted.
 
     Files of an earlier, uncommitted attempt are not deleted here: the new files overwrite the
@@ -169,81 +146,16 @@ def _tensor_records(plan: SavePlan) -> list[TensorRecord]:
     ]
 
 
-def _agree(coord: Coordinator, error: str | None, what: str) -> None:
-    """Raise the same CheckpointWriteError on every rank if any rank reports an error."""
-    errors = coord.all_gather(error)
-    failures = {r: e for r, e in enumerate(errors) if e}
-    if failures:
-        raise CheckpointWriteError(f"checkpoint {what} failed", failures)
-
-
-def _describe(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {exc}")
-
-
-def write_snapshot(
-    store: Store,
-    snap: Snapshot,
-    step: int,
-    *,
-    process_group: Any = None,
-    options: SaveOptions | None = None,
-) -> SaveResult:
-    """Write an already captured :class:`Snapshot` as checkpoint ``step`` (see module doc).
-
-    The snapshot's tensors must stay unchanged until this returns (async savers pass copies).
-    """
-    opts = options or SaveOptions()
-    coord = Coordinator(process_group)
-    folder = step_dirname(step)
-    t0 = time.perf_counter()
-
-    err = None
-    if coord.rank == 0:
-        try:
-            _prepare(store, folder)
-        except ResilientTrainError as exc:
-            err = _describe(exc)
-    _agree(coord, err, f"preparation of {folder}")
-
-    plan = plan_save(coord.all_gather(snap.metas()), opts.max_file_bytes)
-
-    records: list[FileRecord] = []
-    err = None
-    try:
-        records = _write_rank_files(store, folder, snap, plan, coord, opts)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        log.error("rank %d failed writing %s: %s", coord.rank, folder, _describe(exc))
-        err = _describe(exc)
-    _agree(coord, err, f"write of {folder} to {store.uri}")
-    all_records = [r for rank_records in coord.all_gather(records) for r in rank_records]
-    manifest = Manifest(
-        step=step, world_size=coord.world_size, files=tuple(all_records), tensors=tuple(_tensor_records(plan)),
+def build_manifest(step: int, world_size: int, records: list[FileRecord], plan: SavePlan, opts: SaveOptions) -> Manifest:
+    """The manifest of a checkpoint whose files are ``records`` (every rank's)."""
+    return Manifest(
+        step=step, world_size=world_size, files=tuple(records), tensors=tuple(_tensor_records(plan)),
         format_version=opts.format_version, chunk_bytes=opts._chunk_bytes,
     )
 
-    err = None
-    if coord.rank == 0:
-        try:
-            _commit(store, folder, manifest.to_bytes(), opts.signing_key)
-        except Exception as exc:  # noqa: BLE001
-            err = _describe(exc)
-    errs = coord.all_gather(err)
-    if errs[0] and errs[0].startswith(StoreConflictError.__name__):
-        raise CommitConflictError(f"step {step} under {store.uri} was committed by another writer first; this save did not commit ({errs[0]})")
-    failures = {r: e for r, e in enumerate(errs) if e}
-    if failures:
-        raise CheckpointWriteError(f"checkpoint commit of {folder} failed", failures)
-    seconds = time.perf_counter() - t0
-    written = sum(r.size_bytes for r in records)
-    log.info("saved step %d to %s: %d files, %.1f MB by rank %d in %.2f s", step, store.uri, len(records), written / 1e6, coord.rank, seconds)
-    return SaveResult(step, manifest, written, seconds)
 
-
-def _commit(store: Store, folder: str, manifest_bytes: bytes, key: SigningKey | None) -> None:
+def commit_manifest(store: Store, folder: str, manifest_bytes: bytes, key: SigningKey | None) -> None:
     """Signature first (if any), then the manifest, create-only: the commit point."""
-    from .signatures import write_signature
-
     store.sync_folder(folder)
     if key is not None:
         write_signature(store, folder, manifest_bytes, key)
@@ -264,9 +176,11 @@ def _commit(store: Store, folder: str, manifest_bytes: bytes, key: SigningKey | 
     store.sync_folder(folder)
 
 
-def _write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan, coord: Coordinator, opts: SaveOptions) -> list[FileRecord]:
+def write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan, rank: int, opts: SaveOptions) -> list[FileRecord]:
+    """This rank's share of ``plan`` (several files at once on a thread pool, each hashed while it
+    is written), rank 0's ``state.json`` and Hugging Face index, and this rank's rank-state file."""
     by_ident = {p.meta.ident: p.tensor for p in snap.pieces}
-    mine: list[FilePlan] = plan.for_rank(coord.rank)
+    mine: list[FilePlan] = plan.for_rank(rank)
     jobs = []
     for f in mine:
         items = [(p.name, by_ident[p.ident]) for p in f.pieces]
@@ -276,14 +190,14 @@ def _write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan,
     if jobs:
         total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
         with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool, \
-                Progress(total, f"save {folder} (rank {coord.rank})", min_bytes=LOG_MIN_BYTES) as progress:
+                Progress(total, f"save {folder} (rank {rank})", min_bytes=LOG_MIN_BYTES) as progress:
             futures = [pool.submit(_write_one, store, path, items, meta, opts._chunk_bytes) for path, items, meta in jobs]
             for fut in futures:
                 records.append(fut.result())
                 progress(records[-1].size_bytes)
-    if coord.rank == 0:
+    if rank == 0:
         records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared, opts._chunk_bytes))
         if any(f.group == "model" for f in plan.files):
             records.append(_write_json(store, f"{folder}/{HF_INDEX_NAME}", _hf_index(plan), opts._chunk_bytes))
-    records.append(_write_json(store, f"{folder}/{rank_state_filename(coord.rank)}", snap.rank_state, opts._chunk_bytes))
+    records.append(_write_json(store, f"{folder}/{rank_state_filename(rank)}", snap.rank_state, opts._chunk_bytes))
     return records

@@ -1,4 +1,5 @@
-"""The on-disk checkpoint format, version 1: names, manifest schema, safetensors layout, JSON state.
+"""The on-disk checkpoint format, version 2 (``FORMAT_VERSION``; version 1 stays readable): names,
+manifest schema, safetensors layout, JSON state, signatures.
 
 Everything persisted is defined here and pinned by exact-bytes tests. See ``docs/format.md``.
 """

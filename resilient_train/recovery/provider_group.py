@@ -632,10 +632,11 @@ class ProviderGroup:
 
 
 class DiLoCoGlobalState:
-    """The replicated part of a DiLoCo engine as one flat tensor for :func:`sync_state`: every
-    fragment's global weights and outer SGD momentum (zeros plus a flag while it does not exist
-    yet), and the trainer's step in the meta. ``apply`` installs a received state and sets the
-    local weights to the global ones."""
+    """The state :func:`sync_state` moves between members: a thin adapter over the DiLoCo
+    engine's own replicated state (:meth:`~resilient_train.sync.diloco.DiLoCo.global_flat`, ``global_flat_meta``,
+    :meth:`~resilient_train.sync.diloco.DiLoCo.load_global_flat`, the same encoding as its
+    checkpoint ``state_dict``) plus the trainer's step in the meta. ``apply`` installs a
+    received state and sets the local weights to the global ones."""
 
     def __init__(self, diloco: Any, get_step: Callable[[], int], set_step: Callable[[int], None]):
         self.diloco = diloco
@@ -646,44 +647,13 @@ class DiLoCoGlobalState:
     def step(self) -> int:
         return self._get_step()
 
-    def _frag_state(self, frag: Any) -> dict:
-        return frag.outer.state.get(frag.global_, {})
-
     def flat(self) -> torch.Tensor:
-        parts = []
-        for frag in self.diloco._fragments:
-            parts.append(frag.global_.detach().reshape(-1))
-            buf = self._frag_state(frag).get("momentum_buffer")
-            parts.append(buf.reshape(-1) if buf is not None else torch.zeros(frag.numel))
-        return torch.cat([p.to(torch.float32) for p in parts]).contiguous()
+        return self.diloco.global_flat()
 
     def meta_bytes(self) -> bytes:
-        d = self.diloco
-        return json.dumps({"step": self.step, "sync_step": d.step_count, "rounds": d.rounds, "skipped": d.skipped_rounds,
-                           "momentum": [self._frag_state(f).get("momentum_buffer") is not None for f in d._fragments]},
-                          sort_keys=True).encode()
+        return json.dumps({"step": self.step, **self.diloco.global_flat_meta()}, sort_keys=True).encode()
 
-    @torch.no_grad()
     def apply(self, flat: torch.Tensor, meta: bytes) -> None:
-        from ..sync.diloco import _write
-
         info = json.loads(meta)
-        d = self.diloco
-        d.abort_round()
-        off = 0
-        for frag, has_mom in zip(d._fragments, info["momentum"]):
-            n = frag.numel
-            frag.global_.data.copy_(flat[off:off + n].view_as(frag.global_))
-            off += n
-            st = frag.outer.state.setdefault(frag.global_, {})
-            if has_mom:
-                st["momentum_buffer"] = flat[off:off + n].clone().view_as(frag.global_)
-            else:
-                st.pop("momentum_buffer", None)
-            off += n
-            _write(frag.params, frag.global_.detach())
-        d.step_count = int(info["sync_step"])
-        d.rounds = int(info["rounds"])
-        d.skipped_rounds = int(info["skipped"])
-        d._handshake_done = True
+        self.diloco.load_global_flat(flat, info)
         self._set_step(int(info["step"]))

@@ -58,11 +58,13 @@ from ..errors import ConfigError, PayloadMismatchError, ReplicaMismatchError, St
 from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, _CODEC_IDS,
                            allreduce_encoded)
 
-__all__ = ["DiLoCo", "LocalSGD", "default_outer_optimizer", "STATE_FORMAT"]
+__all__ = ["DiLoCo", "LocalSGD", "default_outer_optimizer", "STATE_FORMAT", "GLOBAL_STATE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "resilient_train.sync/1"
+GLOBAL_STATE_FORMAT = "resilient_train.sync.global/1"
+"""The replicated part (:meth:`DiLoCo.global_state_dict`): exchanged between live members, never persisted."""
 _DIGEST_SAMPLES = 4096
 
 
@@ -358,35 +360,65 @@ class DiLoCo:
 
     # ------------------------------------------------------------------ state
 
+    # The checkpoint (state_dict) and the healing of a joiner (global_state_dict and its flat
+    # form) share one encoding: _encode_fragment / _load_fragment.
+
+    def _encode_fragment(self, f: _Fragment, tensors: dict[str, torch.Tensor], *, local: bool, copy: bool = True) -> dict[str, Any]:
+        """One fragment's global weights and outer optimizer state (``local``: also this replica's
+        residual and round in flight, waiting for it) into ``tensors`` + a JSON-able entry."""
+        pre = f"fragment.{f.index}"
+        own = (lambda t: t.clone()) if copy else (lambda t: t)
+        tensors[f"{pre}.global"] = own(f.global_.detach())
+        osd = f.outer.state_dict()
+        ostate: dict[str, dict[str, Any]] = {}
+        for pid, st in osd["state"].items():
+            ostate[str(pid)] = {}
+            for key, val in st.items():
+                if isinstance(val, torch.Tensor):
+                    tensors[f"{pre}.outer.{pid}.{key}"] = own(val)
+                    ostate[str(pid)][key] = {"tensor": f"{pre}.outer.{pid}.{key}"}
+                else:
+                    ostate[str(pid)][key] = {"value": val}
+        entry: dict[str, Any] = {"numel": f.numel, "offset": f.offset, "outer_state": ostate, "outer_param_groups": osd["param_groups"]}
+        if not local:
+            return entry
+        if f.residual is not None:
+            tensors[f"{pre}.residual"] = f.residual.clone()
+        pending = None
+        if f.pending is not None:
+            mean, nbad = f.pending.handle.wait(self.timeout)
+            pending = {"launched_at": f.pending.launched_at, "apply_at": f.pending.apply_at, "nbad": nbad}
+            if mean is not None:
+                tensors[f"{pre}.pending.mean"] = mean.clone()
+            if f.pending.saved_residual is not None:
+                tensors[f"{pre}.pending.saved_residual"] = f.pending.saved_residual.clone()
+        entry["pending"] = pending
+        return entry
+
+    @staticmethod
+    def _tensor(tensors: dict[str, Any], name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in tensors:
+            raise StateMismatchError(f"sync state lacks tensor {name!r}")
+        t = tensors[name]
+        if t.shape != like.shape:
+            raise StateMismatchError(f"{name}: shape {tuple(t.shape)} != expected {tuple(like.shape)}")
+        return t.to(device=like.device, dtype=like.dtype)
+
+    def _load_fragment(self, f: _Fragment, fm: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Inverse of :meth:`_encode_fragment` for the replicated part (global weights, outer state)."""
+        pre = f"fragment.{f.index}"
+        if fm.get("numel") != f.numel:
+            raise StateMismatchError(f"{pre}: {fm.get('numel')} elements saved, model has {f.numel}")
+        f.global_.data.copy_(self._tensor(tensors, f"{pre}.global", f.global_))
+        ostate = {}
+        for pid, entries in fm["outer_state"].items():
+            ostate[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in entries.items()}
+        f.outer.load_state_dict({"state": ostate, "param_groups": fm["outer_param_groups"]})
+
     def state_dict(self) -> dict[str, Any]:
         """``{"meta": JSON-able, "tensors": {name: Tensor}}``. Waits for rounds in flight."""
         tensors: dict[str, torch.Tensor] = {}
-        frags = []
-        for f in self._fragments:
-            pre = f"fragment.{f.index}"
-            tensors[f"{pre}.global"] = f.global_.detach().clone()
-            if f.residual is not None:
-                tensors[f"{pre}.residual"] = f.residual.clone()
-            osd = f.outer.state_dict()
-            ostate: dict[str, dict[str, Any]] = {}
-            for pid, st in osd["state"].items():
-                ostate[str(pid)] = {}
-                for key, val in st.items():
-                    if isinstance(val, torch.Tensor):
-                        tensors[f"{pre}.outer.{pid}.{key}"] = val.clone()
-                        ostate[str(pid)][key] = {"tensor": f"{pre}.outer.{pid}.{key}"}
-                    else:
-                        ostate[str(pid)][key] = {"value": val}
-            pending = None
-            if f.pending is not None:
-                mean, nbad = f.pending.handle.wait(self.timeout)
-                pending = {"launched_at": f.pending.launched_at, "apply_at": f.pending.apply_at, "nbad": nbad}
-                if mean is not None:
-                    tensors[f"{pre}.pending.mean"] = mean.clone()
-                if f.pending.saved_residual is not None:
-                    tensors[f"{pre}.pending.saved_residual"] = f.pending.saved_residual.clone()
-            frags.append({"numel": f.numel, "offset": f.offset, "outer_state": ostate,
-                          "outer_param_groups": osd["param_groups"], "pending": pending})
+        frags = [self._encode_fragment(f, tensors, local=True) for f in self._fragments]
         meta = {"format": STATE_FORMAT, "kind": type(self).__name__, "step": self.step_count,
                 "sync_every": self.sync_every, "overlap_steps": self.overlap_steps, "mix": self.mix,
                 "codec": {"name": self.codec.name, "options": self.codec.options()},
@@ -407,31 +439,15 @@ class DiLoCo:
         if mine != theirs:
             raise StateMismatchError(f"sync state was saved as (kind, sync_every, overlap_steps, codec, fragments) "
                                      f"= {theirs}, this object is {mine}")
-
-        def tensor(name: str, like: torch.Tensor) -> torch.Tensor:
-            if name not in tensors:
-                raise StateMismatchError(f"sync state lacks tensor {name!r}")
-            t = tensors[name]
-            if t.shape != like.shape:
-                raise StateMismatchError(f"{name}: shape {tuple(t.shape)} != expected {tuple(like.shape)}")
-            return t.to(device=like.device, dtype=like.dtype)
-
         for f, fm in zip(self._fragments, meta["fragments"]):
             pre = f"fragment.{f.index}"
-            if fm.get("numel") != f.numel:
-                raise StateMismatchError(f"{pre}: {fm.get('numel')} elements saved, model has {f.numel}")
-            f.global_.data.copy_(tensor(f"{pre}.global", f.global_))
+            self._load_fragment(f, fm, tensors)
             if f.residual is not None:
-                f.residual.copy_(tensor(f"{pre}.residual", f.residual))
-            ostate = {}
-            for pid, entries in fm["outer_state"].items():
-                ostate[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"])
-                                    for k, v in entries.items()}
-            f.outer.load_state_dict({"state": ostate, "param_groups": fm["outer_param_groups"]})
+                f.residual.copy_(self._tensor(tensors, f"{pre}.residual", f.residual))
             f.pending = None
             p = fm.get("pending")
             if p is not None:
-                mean = tensor(f"{pre}.pending.mean", f.global_) if not p["nbad"] else None
+                mean = self._tensor(tensors, f"{pre}.pending.mean", f.global_) if not p["nbad"] else None
                 saved = tensors.get(f"{pre}.pending.saved_residual")
                 f.pending = _Pending(p["launched_at"], p["apply_at"], Handle.completed((mean, p["nbad"])),
                                      saved.clone() if saved is not None else None)
@@ -439,6 +455,81 @@ class DiLoCo:
         self.rounds = int(meta["rounds"])
         self.skipped_rounds = int(meta["skipped_rounds"])
         self._handshake_done = bool(meta["handshake_done"])
+
+    # ------------------------------------------------------------------ the replicated (global) state
+
+    def global_state_dict(self, *, copy: bool = True) -> dict[str, Any]:
+        """The part of :meth:`state_dict` every replica holds alike after a round, in the same
+        encoding: each fragment's global weights and outer optimizer state, and the round
+        counters. No residuals and no rounds in flight (this replica's own); does not wait.
+        ``copy=False``: the tensors are the live ones (read them before the next round)."""
+        tensors: dict[str, torch.Tensor] = {}
+        frags = [self._encode_fragment(f, tensors, local=False, copy=copy) for f in self._fragments]
+        meta = {"format": GLOBAL_STATE_FORMAT, "step": self.step_count, "rounds": self.rounds,
+                "skipped_rounds": self.skipped_rounds, "fragments": frags}
+        return {"meta": meta, "tensors": tensors}
+
+    @torch.no_grad()
+    def load_global_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a peer's :meth:`global_state_dict`: rounds in flight are dropped
+        (:meth:`abort_round`), global weights and outer state installed, the local weights set
+        to the global ones, counters taken, the handshake considered done. StateMismatchError
+        for a state of another shape (nothing is changed then)."""
+        meta, tensors = state.get("meta"), state.get("tensors")
+        if not isinstance(meta, dict) or not isinstance(tensors, dict) or meta.get("format") != GLOBAL_STATE_FORMAT:
+            raise StateMismatchError(f"not a {GLOBAL_STATE_FORMAT} state (need keys 'meta' and 'tensors')")
+        if [fm.get("numel") for fm in meta.get("fragments", [])] != [f.numel for f in self._fragments]:
+            raise StateMismatchError(f"global state has fragments of {[fm.get('numel') for fm in meta.get('fragments', [])]} elements, this object {[f.numel for f in self._fragments]}")
+        self.abort_round()
+        for f, fm in zip(self._fragments, meta["fragments"]):
+            self._load_fragment(f, fm, tensors)
+            _write(f.params, f.global_.detach())
+        self.step_count = int(meta["step"])
+        self.rounds = int(meta["rounds"])
+        self.skipped_rounds = int(meta["skipped_rounds"])
+        self._handshake_done = True
+
+    # The flat form of the global state, for a state transfer between members (one contiguous
+    # fp32 tensor of a size fixed by the model, so peers with and without outer momentum agree):
+    # per fragment its global weights, then its outer momentum (zeros when there is none yet).
+
+    def global_flat(self) -> torch.Tensor:
+        """:meth:`global_state_dict` as one fp32 tensor (its meta: :meth:`global_flat_meta`).
+        Outer state other than SGD's ``momentum_buffer`` is not carried (the receiver's
+        optimizer resets it)."""
+        tensors = self.global_state_dict(copy=False)["tensors"]
+        parts = []
+        for f in self._fragments:
+            mom = tensors.get(f"fragment.{f.index}.outer.0.momentum_buffer")
+            parts.append(tensors[f"fragment.{f.index}.global"].reshape(-1))
+            parts.append(mom.reshape(-1) if mom is not None else torch.zeros(f.numel))
+        return torch.cat([p.to(torch.float32) for p in parts]).contiguous()
+
+    def global_flat_meta(self) -> dict[str, Any]:
+        """The JSON-able meta of :meth:`global_flat`: round counters, which fragments have momentum."""
+        gsd = self.global_state_dict(copy=False)
+        meta = gsd["meta"]
+        flags = [f"fragment.{f.index}.outer.0.momentum_buffer" in gsd["tensors"] for f in self._fragments]
+        return {"sync_step": meta["step"], "rounds": meta["rounds"], "skipped": meta["skipped_rounds"], "momentum": flags}
+
+    def load_global_flat(self, flat: torch.Tensor, meta: dict[str, Any]) -> None:
+        """Take :meth:`global_flat` + :meth:`global_flat_meta` of a peer, through :meth:`load_global_state_dict`."""
+        tensors: dict[str, torch.Tensor] = {}
+        frags = []
+        off = 0
+        for f, has_mom in zip(self._fragments, meta["momentum"]):
+            n = f.numel
+            tensors[f"fragment.{f.index}.global"] = flat[off:off + n].view_as(f.global_)
+            off += n
+            ostate: dict[str, Any] = {}
+            if has_mom:
+                name = f"fragment.{f.index}.outer.0.momentum_buffer"
+                tensors[name] = flat[off:off + n].clone().view_as(f.global_)
+                ostate = {"0": {"momentum_buffer": {"tensor": name}}}
+            off += n
+            frags.append({"numel": n, "outer_state": ostate, "outer_param_groups": f.outer.state_dict()["param_groups"]})
+        self.load_global_state_dict({"meta": {"format": GLOBAL_STATE_FORMAT, "step": int(meta["sync_step"]), "rounds": int(meta["rounds"]),
+                                              "skipped_rounds": int(meta["skipped"]), "fragments": frags}, "tensors": tensors})
 
 
 class LocalSGD(DiLoCo):

@@ -1,35 +1,6 @@
-"""The drop-in wrapper: a training script keeps its model, optimizer and loop.
+"""The step loop: :class:`Trainer` (start, step, save, close) and :func:`wrap`.
 
-::
-
-    trainer = resilient_train.wrap(model, optimizer, TrainerConfig(checkpoint="s3://b/run"))
-    for xb, yb in loader:
-        loss = loss_fn(trainer.model(xb), yb)
-        loss.backward()
-        trainer.step()          # where the loop called optimizer.step()
-    trainer.close()
-
-What :func:`wrap` does, in order (the phases of :meth:`Trainer.start`):
-
-1. **distributed**: under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
-   set) it joins the job's store (under a prefix per restart attempt when the store is the
-   agent's, shared by every attempt: see :func:`init_distributed`), so a restarted gloo job
-   never reads the previous attempt's peer addresses, and initialises the default process
-   group. A group the script
-   initialised itself is adopted instead, and a script's DDP or FSDP2 (``fully_shard``) model and DistributedSampler are
-   accepted (see :mod:`resilient_train.adapt`).
-2. **layout**: ranks are split into ``replica_groups`` contiguous groups (one per provider).
-   Inside a group gradients are averaged every step by DDP over fast local links; between
-   groups the configured latency-tolerant mode synchronises (``localsgd``/``diloco``) over a
-   process group of the ranks that hold the same position in every group. One group and
-   mode ``ddp`` is plain DDP.
-3. **resume**: the latest committed checkpoint on any provider is loaded (resharded to this
-   world size): model, optimizer, scheduler, sampler, sync state, RNG, step.
-4. **loop**: :meth:`Trainer.step` runs the optimizer step, the scheduler, the cross-group
-   sync, and the checkpoint schedule (asynchronous: training stalls only for the copy to CPU
-   staging memory; writing and replication run in the background).
-
-Every phase appends to the event log (JSON lines) when one is configured.
+See the package docstring (:mod:`resilient_train.trainer`) for what :func:`wrap` does, in order.
 """
 
 from __future__ import annotations
@@ -37,237 +8,32 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import adapt
-from .checkpoint import TrainState, load
-from .checkpoint.state import unwrap_model
-from .scripts import _after_resume, _check_script_options, _drop_visible_logging, _init_from, _init_script_parts, _optimizer_step, _script_extras, _visible_logging
-from .checkpoint.async_save import AsyncCheckpointer
-from .checkpoint.discovery import load_newest_verifiable, steps_newest_first, uncommit
-from .checkpoint.writer import SaveOptions
-from .format.signing import as_keyring
-from .checkpoint.replicate import load_replicated
-from .errors import ConfigError, DroppedFromJobError, StorageError
-from .events import EventLog
-from .storage import Store, open_store
-from .storage.ledger import Ledger
-from .storage.providers import Placement
+from .. import adapt
+from ..checkpoint import TrainState
+from ..checkpoint.async_save import AsyncCheckpointer
+from ..checkpoint.location import Location, as_location
+from ..checkpoint.state import checkpoint_module
+from ..checkpoint.writer import SaveOptions
+from ..errors import ConfigError, DroppedFromJobError
+from ..events import EventLog
+from ..format.signing import as_keyring
+from ..scripts import _drop_visible_logging, _init_script_parts, _optimizer_step, _script_extras, _visible_logging
+from ..storage import Store
+from ..storage.ledger import Ledger
+from ..storage.providers import Placement
+from .config import TrainerConfig
+from .resume import restart_at, resume, resume_points
+from .setup import init_distributed
 
-__all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap", "EventLog", "init_distributed"]
+__all__ = ["Trainer", "wrap"]
 
 log = logging.getLogger(__name__)
-
-_MODES = ("ddp", "localsgd", "diloco")
-
-
-@dataclass(frozen=True)
-class SyncConfig:
-    """How replica groups synchronise with each other.
-
-    ``mode``: ``ddp`` (all ranks average gradients every step; needs one group), ``localsgd``
-    (groups average parameters every ``sync_every`` steps) or ``diloco`` (pseudo-gradients
-    averaged every ``sync_every`` steps and applied by an outer Nesterov SGD). ``codec``,
-    ``fragments`` and ``overlap_steps`` are passed to :class:`~resilient_train.sync.DiLoCo`.
-    """
-
-    mode: str = "ddp"
-    sync_every: int = 50
-    codec: str = "none"
-    fragments: int = 1
-    overlap_steps: int = 0
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    max_vetoes_in_a_row: int = 3
-
-    def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ConfigError(f"sync mode {self.mode!r} is unknown; choose one of {', '.join(_MODES)}")
-        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
-            raise ConfigError(f"sync_every must be an int >= 1, got {self.sync_every!r}")
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Everything :func:`wrap` needs. Validated here; no I/O.
-
-    ``checkpoint``: where checkpoints go: a URI (any fsspec URL), a Store, or a
-    :class:`~resilient_train.storage.providers.Placement` (providers + replication policy).
-    ``every_n_steps``/``keep_last``: the schedule and retention. ``replica_groups``: how many
-    groups the world is split into (one per provider); the world size must be divisible by it.
-    ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
-    ``event_log``: where the JSON-lines event log goes: a local path, any fsspec URL (buffered,
-    written at checkpoints, every 30 s and at close) or a callable; ``{rank}`` is replaced by
-    the rank. ``on_event``: a callable given every event dict (metrics: TensorBoard, W&B,
-    Prometheus). A failing sink is logged and never stops training (see :mod:`.events`).
-    ``timeout_s``: bound on every collective and store operation the wrapper starts.
-    ``signing_key``: a :class:`~resilient_train.format.signing.SigningKey` that signs every
-    checkpoint saved. ``verify_keys``: a KeyRing, key, key file path or list of them; resume
-    then loads only checkpoints signed by one of them (the newest such). Neither is ever shown.
-    ``max_uncommitted_steps`` / ``max_checkpoint_failures``: a failed checkpoint never stops
-    training (it is logged, reported in the event log and tried again at the next interval)
-    until no checkpoint committed for more than this many steps / this many saves in a row
-    failed; then :meth:`Trainer.step` raises CheckpointPolicyError naming the providers and
-    causes. None (default): no limit.
-
-    Training scripts (see :mod:`resilient_train.scripts`): ``max_steps``: the run is finished
-    at this step (:attr:`Trainer.finished`; :meth:`Trainer.step` refuses to go past it, so a
-    relaunched finished job trains no extra step). ``init_from`` (+ ``init_step``): when the
-    checkpoint location holds no committed checkpoint yet, start from this torch.save file,
-    Hugging Face folder or DCP folder as step N (see :mod:`resilient_train.foreign`).
-    ``log``: ``"auto"`` (default) prints the library's messages (resume, fallback past a bad
-    checkpoint, reshard, storage trouble) to stderr, rank 0 from INFO and other ranks from
-    WARNING, when the script configured no logging; ``"off"`` never adds a handler.
-    ``keep_best``/``keep_best_mode``: retention also keeps the ``keep_best`` checkpoints with the
-    lowest (``"min"``) or highest (``"max"``) metric given to :meth:`Trainer.report_metric`.
-    """
-
-    checkpoint: Any = None
-    every_n_steps: int = 100
-    keep_last: int = 3
-    replica_groups: int = 1
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    async_save: bool = True
-    event_log: Any = None
-    timeout_s: float = 300.0
-    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    backend: str | None = None
-    group: str | None = None
-    membership: str | None = None
-    heartbeat_interval_s: float = 0.1
-    heartbeat_timeout_s: float = 10.0
-    round_deadline_s: float = 60.0
-    start_groups: int = 1
-    min_groups: int = 1
-    join_timeout_s: float = 300.0
-    code_version: str = ""
-    signing_key: Any = field(default=None, repr=False, compare=False)
-    verify_keys: Any = field(default=None, repr=False, compare=False)
-    # ``save_on_close``: close() checkpoints the final step when no checkpoint holds it yet.
-    save_on_close: bool = True
-    on_event: Any = field(default=None, repr=False)
-    max_uncommitted_steps: int | None = None
-    max_checkpoint_failures: int | None = None
-    # see "Training scripts" in the class docstring
-    max_steps: int | None = None
-    init_from: str | None = None
-    init_step: int | None = None
-    log: str = "auto"
-    keep_best: int = 0
-    keep_best_mode: str = "min"
-
-    def __post_init__(self) -> None:
-        _check_script_options(self)
-        if self.checkpoint is None:
-            raise ConfigError("TrainerConfig.checkpoint is required: a folder, an fsspec URL (s3://bucket/run) or a Placement of providers")
-        if isinstance(self.checkpoint, str) and not self.checkpoint:
-            raise ConfigError("TrainerConfig.checkpoint is an empty string")
-        if not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
-            raise ConfigError(f"every_n_steps must be an int >= 1, got {self.every_n_steps!r}")
-        if not isinstance(self.keep_last, int) or self.keep_last < 1:
-            raise ConfigError(f"keep_last must be an int >= 1, got {self.keep_last!r}")
-        if not isinstance(self.replica_groups, int) or self.replica_groups < 1:
-            raise ConfigError(f"replica_groups must be an int >= 1, got {self.replica_groups!r}")
-        if self.sync.mode == "ddp" and self.replica_groups > 1:
-            raise ConfigError("sync mode 'ddp' averages gradients across all ranks every step, so it needs replica_groups=1; use mode 'diloco' or 'localsgd' between providers")
-        if self.replica_groups > 1:
-            raise ConfigError(f"replica_groups={self.replica_groups}: several providers in one torchrun job are no longer supported (one dead rank restarted everyone); launch one torchrun per provider with TrainerConfig(group='<provider>', membership='tcp://host:port' or 'etcd://...')")
-        if (self.group is None) != (self.membership is None):
-            raise ConfigError("group and membership go together: group='<this provider's name>' and membership='tcp://host:port' (a TCPStore hosted by a long-lived process) or 'etcd://h1:p1,h2:p2,h3:p3'")
-        if self.group is not None:
-            if not isinstance(self.group, str) or not self.group or "/" in self.group:
-                raise ConfigError(f"group must be a non-empty provider name without '/', got {self.group!r}")
-            if self.sync.mode == "ddp":
-                raise ConfigError("with group= (several providers) choose sync mode 'diloco' or 'localsgd': 'ddp' would average gradients across providers every step")
-            if self.sync.overlap_steps:
-                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: a provider lost mid-overlap could not be redone exactly; use overlap_steps=0")
-            if not self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s:
-                raise ConfigError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed 2 * heartbeat_interval_s ({self.heartbeat_interval_s})")
-            if not self.round_deadline_s > 0 or not self.join_timeout_s > 0:
-                raise ConfigError("round_deadline_s and join_timeout_s must be > 0")
-            for name in ("start_groups", "min_groups"):
-                v = getattr(self, name)
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        if self.sync.mode != "ddp":
-            if self.sync.fragments != 1:
-                raise ConfigError("checkpoints need every replica group to hold the same weights at the checkpointed step; streaming (fragments > 1) does not give that yet: use fragments=1 with the trainer")
-            if self.every_n_steps % self.sync.sync_every:
-                raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
-        if self.timeout_s <= 0:
-            raise ConfigError("timeout_s must be positive")
-        for label in ("max_uncommitted_steps", "max_checkpoint_failures"):
-            v = getattr(self, label)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{label} must be None (no limit) or an int >= 1, got {v!r}")
-        from .format.signing import SigningKey
-
-        if self.signing_key is not None and not isinstance(self.signing_key, SigningKey):
-            raise ConfigError("signing_key must be a SigningKey (resilient_train.format.signing.load_signing_key(path) reads one from a file)")
-
-
-def init_distributed(timeout: timedelta, backend: str | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """Initialise the default process group from torchrun's environment, if not done yet.
-
-    Returns ``(rank, world_size)``; ``(0, 1)`` without a distributed environment. The store's
-    prefix is :func:`_store_prefix`'s.
-    """
-    env = os.environ if env is None else env
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" not in env:
-        return 0, 1
-    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
-    if missing:
-        raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun (or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    use_agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    host = rank == 0 and not use_agent_store
-    try:
-        base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=host, timeout=timeout, wait_for_workers=False)
-    except Exception as exc:
-        if host and "EADDRINUSE" in str(exc):
-            # torchrun picked this port and released it before this process could bind it
-            log.error("MASTER_PORT %s, which torchrun chose for this round's store, was taken by another process "
-                      "in between (a race inside torch when TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). torchrun's next "
-                      "attempt picks another port: launch with --max-restarts >= 1, or keep the agent's store "
-                      "(unset the variable) where a provider runs on one node", env["MASTER_PORT"])
-        raise
-    prefix = _store_prefix(env)
-    store = dist.PrefixStore(prefix, base)
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    log.info("process group up: rank %d of %d, store prefix %s, backend %s", rank, world, prefix, backend)
-    return rank, world
-
-
-def _store_prefix(env: Mapping[str, str]) -> str:
-    """The prefix under which the workers of one torchrun attempt meet in its store.
-
-    The agent's store (``TORCHELASTIC_USE_AGENT_STORE=True``, torch's default) outlives the
-    attempts: gloo workers of a restarted attempt would read the previous attempt's peer
-    addresses and fail in connectFullMesh or hang, so each attempt gets
-    ``resilient_train/attempt-N`` (N = ``TORCHELASTIC_RESTART_COUNT``). That count is the
-    agent's own, though: with several agents (``--nnodes``) a membership change restarts
-    workers without counting and an agent that comes back starts again at 0, so agents of one
-    round can disagree on N. Without the agent's store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``)
-    rank 0 of each round hosts a new store on a port its agent just chose: nothing of an
-    earlier attempt is in it, and the prefix names no attempt, so workers of agents with
-    different counts meet. Either way the prefix names the job (``TORCHELASTIC_RUN_ID``: random
-    per ``--standalone`` launch, ``--rdzv-id`` otherwise), so a worker that reaches another job's
-    store (two agents on one machine can pick the same free port for it) waits for its own peers
-    instead of taking a rank in that job.
-    """
-    run = env.get("TORCHELASTIC_RUN_ID", "")
-    base = f"resilient_train/{run}" if run else "resilient_train"
-    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
-        return f"{base}/attempt-{int(env.get('TORCHELASTIC_RESTART_COUNT', '0'))}"
-    return base
 
 
 class Trainer:
@@ -347,12 +113,12 @@ class Trainer:
         cfg = self.config
         if cfg.group is None:
             return
-        from .membership import model_fingerprint
-        from .recovery.provider_group import ProviderGroup, open_membership_store
+        from ..membership import model_fingerprint
+        from ..recovery.provider_group import ProviderGroup, open_membership_store
 
         store = open_membership_store(cfg.membership, cfg.timeout_s) if self.rank == 0 else None
         sc = cfg.sync
-        fingerprint = model_fingerprint(unwrap_model(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
+        fingerprint = model_fingerprint(checkpoint_module(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
         # the group's other ranks wait on this group while the leader rejoins: bound it by that
         wait_s = max(cfg.timeout_s, cfg.join_timeout_s + 2 * cfg.round_deadline_s)
         control = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s)) if self.world_size > 1 else None
@@ -390,7 +156,7 @@ class Trainer:
         sc = self.config.sync
         if sc.mode == "ddp":
             return
-        from .sync import DiLoCo, LocalSGD, ProcessGroupCommunicator
+        from ..sync import DiLoCo, LocalSGD, ProcessGroupCommunicator
 
         comm = self.cross if self.cross is not None else ProcessGroupCommunicator(self._cross)
         heal = dict(max_vetoes_in_a_row=sc.max_vetoes_in_a_row, on_local_veto=self._heal_after_veto)
@@ -401,7 +167,7 @@ class Trainer:
             outer = lambda ps: torch.optim.SGD(ps, lr=sc.outer_lr, momentum=sc.outer_momentum, nesterov=sc.outer_momentum > 0)  # noqa: E731
             self.sync = DiLoCo(self.module, None, outer, sync_every=sc.sync_every, comm=comm, codec=sc.codec, fragments=sc.fragments, overlap_steps=sc.overlap_steps, timeout=timeout, **heal)
         if self.cross is not None:
-            from .recovery.provider_group import DiLoCoGlobalState
+            from ..recovery.provider_group import DiLoCoGlobalState
 
             self.cross.state = DiLoCoGlobalState(self.sync, lambda: self.step_count, self._set_step)
             self.cross.resume_points, self.cross.restart_at = self._resume_points, self._restart_at
@@ -437,93 +203,23 @@ class Trainer:
             return ck.rstrip("/") + f"/group-{g}"
         raise ConfigError("with group=, checkpoint must be a URI or a Placement (a Store object cannot be given a per-group sub-folder)")
 
-    def _target(self) -> Any:
-        ck = self._checkpoint()
-        if isinstance(ck, Placement):
-            return ck
-        return open_store(ck, self.config.storage_options)
+    def _target(self) -> Location:
+        return as_location(self._checkpoint(), self.config.storage_options)
 
     def _sources(self) -> list[Store]:
-        ck = self._checkpoint()
-        if isinstance(ck, Placement):
-            return [ck.store(n) for n in ck.decide().read_order]
-        return [open_store(ck, self.config.storage_options)]
+        return self._target().read_order()
 
     def _resume(self, at_most: int | None = None) -> None:
-        """Load the newest checkpoint that verifies, on any provider (see checkpoint/discovery.py):
-        a corrupt or unsigned newest one is skipped (warning + ``resume_fallback`` event) and
-        uncommitted, since training will save that step again; an
-        unreachable provider is skipped while another answers; when none answers, StorageError.
-        With ``group=`` this is the group's own checkpoint folder. ``at_most``: only steps up to
-        this one (a job-wide consistent restart, see :meth:`_restart_at`)."""
-        ck = self._checkpoint()
-        pg = self._ckpt_group
-        keys = as_keyring(self.config.verify_keys)
-        state = self.train_state()
-        t0 = time.perf_counter()
-
-        def load_step(step: int) -> Any:
-            if isinstance(ck, Placement):
-                return load_replicated(ck, state, step, process_group=pg, verify_keys=keys)
-            return load(self._sources(), state, step, process_group=pg, verify_keys=keys)
-
-        def skipped(step: int, reason: str, definite: bool) -> None:
-            self.events.emit("resume_fallback", step=step, reason=reason)
-            if definite and self.rank == 0:  # training goes on from an older step and will save this one again
-                for store in self._sources():
-                    try:
-                        uncommit(store, step, reason)
-                    except (StorageError, OSError) as exc:
-                        log.warning("could not uncommit step %d on %s: %s", step, store.name, exc)
-
-        def candidates() -> list[int]:
-            return [s for s in steps_newest_first(self._sources()) if at_most is None or s <= at_most]
-
-        result = load_newest_verifiable(candidates, load_step, process_group=pg, on_skip=skipped)
-        if result is None:
-            self.events.emit("no_checkpoint")
-            if at_most is None and self.config.init_from is not None:
-                _init_from(self)
-            else:
-                log.info("no checkpoint under %s: training starts at step 0", self._checkpoint() if isinstance(self._checkpoint(), str) else "the checkpoint location")
-            return
-        _after_resume(self)
-        self.step_count = int(self.extra.get("resilient_train.step", result.step))
-        self.resumed_from = result.step
-        served: dict[str, int] = {}
-        for prov in result.sources.values():
-            served[prov] = served.get(prov, 0) + 1
-        self.events.emit("resume", step=result.step, seconds=round(time.perf_counter() - t0, 4), world_size=self.world_size, saved_world_size=result.manifest.world_size, files_by_provider=served)
-        log.info("resumed from step %d (saved by %d ranks) on %d ranks", result.step, result.manifest.world_size, self.world_size)
+        """See :func:`.resume.resume`."""
+        resume(self, at_most)
 
     def _resume_points(self) -> list[int]:
-        """This group's committed steps, newest first (the group leader, for a consistent restart)."""
-        try:
-            return steps_newest_first(self._sources()) if self.resumed_from is not None else []
-        except (StorageError, OSError) as exc:
-            log.warning("could not list this group's checkpoints for the restart agreement: %s", exc)
-            return [self.resumed_from] if self.resumed_from is not None else []
+        """See :func:`.resume.resume_points`."""
+        return resume_points(self)
 
     def _restart_at(self, step: int) -> int:
-        """Collective over this group's ranks: the groups of a job that restarts as a whole agreed
-        to resume from ``step`` (the newest step every group has committed), older than the one
-        this group loaded. Load it; retire this group's newer checkpoints (their global state is
-        from a future the other groups never reached, and training will save those steps again).
-        Returns the step loaded."""
-        newer = self.resumed_from
-        self._resume(at_most=step)
-        loaded = self.resumed_from if self.resumed_from is not None else 0
-        self.events.emit("restart_agreed", step=loaded, agreed=step, loaded_before=newer)
-        if self.rank == 0:
-            for store in self._sources():
-                try:
-                    later = [s for s in steps_newest_first([store]) if s > loaded]
-                    for s in later:
-                        uncommit(store, s, f"newer than step {loaded}, where the job restarted (the other groups had not committed step {s})")
-                except (StorageError, OSError) as exc:
-                    log.warning("could not retire checkpoints newer than step %d on %s: %s", loaded, store.name, exc)
-        log.warning("the job restarted from step %d, the newest step every group had committed (this group had loaded step %s)", loaded, newer)
-        return loaded
+        """See :func:`.resume.restart_at`."""
+        return restart_at(self, step)
 
     def save(self) -> bool:
         """Checkpoint the current step now (collective). Returns False if skipped.
@@ -721,13 +417,13 @@ class Trainer:
     def report_metric(self, value: float, step: int | None = None) -> None:
         """The metric of the checkpoint at ``step`` (default: the current step), e.g. a validation
         loss; with ``keep_best`` retention keeps the best such checkpoints beside the last N."""
-        from .scripts import report_metric
+        from ..scripts import report_metric
 
         report_metric(self, value, step)
 
     def best_steps(self) -> set[int]:
         """The steps ``keep_best`` protects from retention (empty without ``keep_best``)."""
-        from .scripts import protected_steps
+        from ..scripts import protected_steps
 
         return protected_steps(self)
 
@@ -758,4 +454,3 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Train
     elif config_kwargs:
         raise ConfigError("pass either config= or TrainerConfig keyword arguments, not both")
     return Trainer(model, optimizer, config, scheduler=scheduler, sampler=sampler, extra=extra, scaler=scaler, extra_per_rank=extra_per_rank, stateful_per_rank=stateful_per_rank).start()
-
