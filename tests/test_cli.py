@@ -93,6 +93,7 @@ def test_ctrl_c_while_the_command_line_starts_exits_130_without_a_traceback(tmp_
     runs, Ctrl-C is the usual KeyboardInterrupt again (exit 130 through cli.main)."""
     import signal
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a background job
     script = (
         "import os, signal, sys\n"
         "import resilient_train.cli as cli, resilient_train.logs as logs\n"
@@ -111,4 +112,4 @@ def test_ctrl_c_while_the_command_line_starts_exits_130_without_a_traceback(tmp_
     for where in ("parser", "logging", "command"):
         out = subprocess.run([sys.executable, "-c", script, where, "ckpt", "ls", str(tmp_path)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 130 and "Traceback" not in out.stderr and "interrupted" in out.stderr, (where, out.returncode, out.stderr)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process is untouched
+    assert signal.getsignal(signal.SIGINT) is before  # this process is untouched
