@@ -157,19 +157,33 @@ def _proc_entry(host, port, member_id, fingerprint, cfg, events) -> None:
 
 
 class Events:
-    """Collects events from members; ``wait_for(pred)`` with a timeout; fails on member errors."""
+    """Collects events from members; ``wait_for(pred)`` with a timeout; fails on member errors.
 
-    def __init__(self, q: Any):
-        self.q, self.log = q, []
+    One queue per member: a multiprocessing queue's writers share one lock, and a member
+    SIGKILLed (or SIGSTOPped) while its feeder thread held it would silence every other member's
+    events for good (the test then timed out waiting for survivors that were training fine)."""
+
+    def __init__(self, ctx: Any):
+        self.ctx, self.queues, self.log = ctx, {}, []
+
+    def queue_for(self, mid: str) -> Any:
+        self.queues[mid] = self.ctx.Queue()
+        return self.queues[mid]
 
     def drain(self, timeout_s: float = 0.05) -> None:
-        try:
-            item = self.q.get(timeout=timeout_s)
-        except queue.Empty:
-            return
-        self.log.append(item)
-        if item[0] == "error":
-            pytest.fail(f"member {item[1]} failed: {item[3]['error']}")
+        got = False
+        for q in list(self.queues.values()):
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                got = True
+                self.log.append(item)
+                if item[0] == "error":
+                    pytest.fail(f"member {item[1]} failed: {item[3]['error']}")
+        if not got:
+            time.sleep(min(timeout_s, 0.01))
 
     def wait_for(self, pred, timeout_s: float, what: str):
         deadline = time.monotonic() + timeout_s
@@ -194,11 +208,11 @@ def test_sigkill_then_join_then_sigstop():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["resilient_train.membership", "tests.test_membership_faults"])
     t0 = time.time()
-    ev = Events(ctx.Queue())
+    ev = Events(ctx)
     procs: dict[str, Any] = {}
 
     def spawn(mid: str, fp: str = "fp-toy-v1") -> None:
-        procs[mid] = ctx.Process(target=_proc_entry, args=("127.0.0.1", kv.port, mid, fp, cfg, ev.q), daemon=True)
+        procs[mid] = ctx.Process(target=_proc_entry, args=("127.0.0.1", kv.port, mid, fp, cfg, ev.queue_for(mid)), daemon=True)
         procs[mid].start()
 
     try:
