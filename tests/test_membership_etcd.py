@@ -291,14 +291,29 @@ class _Members:
     def __init__(self, url: str, prefix: str, request_timeouts: dict[str, float], urls: dict[str, str] | None = None):
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["resilient_train.membership", "tests.test_membership_etcd"])
-        self.events = ctx.Queue()
         self.log: list[tuple] = []
         urls = {**{mid: url for mid in request_timeouts}, **(urls or {})}
-        self.procs = {mid: ctx.Process(target=_member, args=(urls[mid], prefix, mid, self.events,
+        # one queue per member: a queue's writers share one lock, and a member killed while its
+        # feeder thread held it would silence every other member's events for good
+        self.queues = {mid: ctx.Queue() for mid in urls}
+        self.procs = {mid: ctx.Process(target=_member, args=(urls[mid], prefix, mid, self.queues[mid],
                                                               request_timeouts.get(mid, 1.0)), daemon=True)
                       for mid in urls}
         for p in self.procs.values():
             p.start()
+
+    def _get(self, timeout_s: float) -> tuple:
+        """The next event of any member; queue.Empty after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for q in self.queues.values():
+                try:
+                    return q.get_nowait()
+                except queue.Empty:
+                    pass
+            if time.monotonic() >= deadline:
+                raise queue.Empty
+            time.sleep(0.01)
 
     def wait_for(self, pred, timeout_s: float, what: str) -> tuple:
         deadline = time.monotonic() + timeout_s
@@ -307,7 +322,7 @@ class _Members:
                 if pred(e):
                     return e
             try:
-                e = self.events.get(timeout=0.1)
+                e = self._get(0.1)
             except queue.Empty:
                 continue
             self.log.append(e)
@@ -318,7 +333,7 @@ class _Members:
     def drain(self) -> None:
         while True:
             try:
-                self.log.append(self.events.get(timeout=0.2))
+                self.log.append(self._get(0.2))
             except queue.Empty:
                 return
 
