@@ -164,7 +164,11 @@ class Events:
     events for good (the test then timed out waiting for survivors that were training fine)."""
 
     def __init__(self, ctx: Any):
-        self.ctx, self.queues, self.log = ctx, {}, []
+        self.log: list = []
+        if isinstance(ctx, queue.Queue):  # thread members (test_membership_service): one shared queue, ``.q``
+            self.ctx, self.q, self.queues = None, ctx, {"threads": ctx}
+        else:  # a multiprocessing context: queue_for(member) makes each member's own
+            self.ctx, self.queues = ctx, {}
 
     def queue_for(self, mid: str) -> Any:
         self.queues[mid] = self.ctx.Queue()
