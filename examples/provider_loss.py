@@ -131,7 +131,8 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
                "--membership", f"tcp://127.0.0.1:{kv_host.port}", "--providers", spec, "--out", args.out,
                "--steps", str(UNTIL_STOP_FILE if relaunch else args.steps), "--stop-file", stop_file,
                "--sync-every", str(H), "--every", str(args.every), "--start-groups", "3", "--step-delay", str(args.step_delay),
-               "--round-deadline", str(args.round_deadline), "--keep-last", str(args.keep_last), *extra]
+               "--round-deadline", str(args.round_deadline), "--keep-last", str(args.keep_last),
+               *(["--fsdp"] if getattr(args, "fsdp", False) else []), *extra]
         procs[name] = subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
 
     def orch(event: str, **fields: Any) -> None:
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-deadline", type=float, default=30.0)
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept per group")
     p.add_argument("--step-delay", type=float, default=0.08, help="sleep per step so that the CPU demo is watchable")
+    p.add_argument("--fsdp", action="store_true", help="shard the model over each provider's ranks with FSDP2: every rank "
+                                                      "exchanges its own shard with the other providers")
     args = p.parse_args(argv)
     if args.every % args.sync_every or (args.fault_round + args.rejoin_after_rounds) * args.sync_every >= args.steps:
         p.error("need --every a multiple of --sync-every and (--fault-round + --rejoin-after-rounds) * --sync-every < --steps")

@@ -38,16 +38,16 @@ BUCKET = "rt-provider-loss"
 H, EVERY, FAULT_ROUND = 10, 20, 3
 
 
-def _args(out, fault):
+def _args(out, fault, fsdp=False):
     # The reference (b leaves cleanly) needs no relaunch and no delay: neither changes the maths.
     # keep_last: every checkpoint stays (the survivors train until b has rejoined, however long
     # that takes on a loaded machine; the comparison below reads their step-40 checkpoints).
     return argparse.Namespace(out=str(out), steps=220, ranks=2, sync_every=H, every=EVERY, fault=fault, fault_member="b",
                               fault_round=FAULT_ROUND, rejoin_after_rounds=1, round_deadline=30.0,
-                              step_delay=0.1 if fault == "kill" else 0.0, keep_last=1000, relaunch=fault == "kill")
+                              step_delay=0.1 if fault == "kill" else 0.0, keep_last=1000, relaunch=fault == "kill", fsdp=fsdp)
 
 
-def _scenario(tmp_path, fault):
+def _scenario(tmp_path, fault, fsdp=False):
     servers = {"b": start_server("azure"), "c": start_server("s3")}
     out = tmp_path / fault
     local = out / "storage-a"
@@ -63,7 +63,7 @@ def _scenario(tmp_path, fault):
             servers[name].start()
             servers[name].create_bucket(BUCKET)
 
-        summary = provider_loss.run(_args(out, fault), providers, lambda n: servers[n].stop(), up)
+        summary = provider_loss.run(_args(out, fault, fsdp), providers, lambda n: servers[n].stop(), up)
         return out, summary
     finally:
         for srv in servers.values():
@@ -83,8 +83,13 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
-    out, s = _scenario(tmp_path, "kill")
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path, layout):
+    """``ddp``: DDP inside each provider, the leaders exchange the model. ``fsdp2``: the model
+    sharded with FSDP2 over each provider's 2 ranks; rank i of every provider exchanges shard i
+    (two lanes), and one commit vote makes both lanes redo the round in the same new view."""
+    fsdp = layout == "fsdp2"
+    out, s = _scenario(tmp_path, "kill", fsdp)
     # the survivors continued without restarting and without redoing a step
     assert s["steps_redone"] == 0
     assert s["fault_step"] == FAULT_ROUND * H
@@ -98,7 +103,7 @@ def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
     assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
     assert s["final_val_loss"]["a"] < s["first_val_loss"]["a"] - 0.2
 
-    ref_out, ref = _scenario(tmp_path, "none")
+    ref_out, ref = _scenario(tmp_path, "none", fsdp)
     assert ref["steps_redone"] == 0 and not ref["rejoin"]
     # between the fault and b's return, the survivors' state equals the run in which b left cleanly
     for step in (FAULT_ROUND * H + EVERY - (FAULT_ROUND * H) % EVERY,):

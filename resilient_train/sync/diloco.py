@@ -80,7 +80,7 @@ def param_digest(params: list[torch.Tensor]) -> int:
     detects replicas initialised differently, not a single changed element."""
     h = hashlib.blake2b(digest_size=8)
     for p in params:
-        flat = p.detach().reshape(-1)
+        flat = _local(p).detach().reshape(-1)
         stride = max(1, flat.numel() // _DIGEST_SAMPLES)
         sample = flat[::stride][:_DIGEST_SAMPLES].contiguous().cpu()
         h.update(f"{tuple(p.shape)}|{p.dtype}|".encode())
@@ -88,18 +88,28 @@ def param_digest(params: list[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a parameter: the local shard of a DTensor (FSDP2, tensor parallel;
+    it shares the parameter's storage), the tensor itself otherwise. Sync state (global
+    weights, outer momentum, residuals) is kept per local piece, so a sharded model's sync state
+    is sharded like its parameters and nothing is ever gathered."""
+    to_local = getattr(p, "to_local", None)
+    return to_local() if callable(to_local) else p
+
+
 def _flatten(params: list[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(0)
-    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
+    return torch.cat([_local(p).detach().reshape(-1).to(torch.float32) for p in params])
 
 
 @torch.no_grad()
 def _write(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     off = 0
     for p in params:
-        n = p.numel()
-        p.copy_(flat[off:off + n].view_as(p))
+        t = _local(p)
+        n = t.numel()
+        t.copy_(flat[off:off + n].view_as(t))
         off += n
 
 
@@ -128,7 +138,7 @@ class _Fragment:
 
 def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
     """K contiguous groups with about total/K elements each (every group non-empty)."""
-    total = sum(p.numel() for p in params)
+    total = sum(_local(p).numel() for p in params)
     groups: list[list[torch.Tensor]] = [[] for _ in range(k)]
     seen = 0
     for i, p in enumerate(params):
@@ -139,7 +149,7 @@ def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
         if remaining_params <= empty_after:
             g = next(j for j, grp in enumerate(groups) if not grp)
         groups[g].append(p)
-        seen += p.numel()
+        seen += _local(p).numel()
     return groups
 
 
@@ -271,6 +281,9 @@ class DiLoCo:
             self._handshake()
         delta = frag.global_.detach() - _flatten(frag.params).to(frag.global_.device)
         finite = bool(torch.isfinite(delta).all())
+        agree = getattr(self.comm, "all_finite", None)
+        if callable(agree):  # a sharded replica: one non-finite shard vetoes the whole replica's contribution
+            finite = bool(agree(finite))
         if not finite:
             delta.zero_()  # never send a non-finite value; the flag vetoes the round everywhere
         saved = frag.residual.clone() if frag.residual is not None else None
