@@ -214,6 +214,10 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         "final_val_loss": {e["member"]: e["val_loss"] for e in leaders if e["event"] == "done"},
         "first_val_loss": first_loss,
         "wall_s": round(time.time() - t0, 2),
+        # cross-provider bytes each rank sent per round (a sharded group: every rank its shard on
+        # its lane; a replicated group: the leader the whole model), from each rank's own events
+        "sync_bytes_per_round_by_rank": {who: round(last["bytes_sent"] / last["rounds"]) for who in sorted({e["who"] for e in evs if e["event"] == "sync"})
+                                         for last in [[e for e in evs if e["event"] == "sync" and e["who"] == who and e.get("rounds")][-1]]},
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = [{"name": n, "uri": os.path.join(storage, n), "region": r, "egress_cost_per_gb": cost} for n, r, cost in (("b", "us-east", 0.02), ("c", "eu-north", 0.05), ("a", "eu-west", 0.09))]
     for pr in providers:
         os.makedirs(pr["uri"], exist_ok=True)
-    print(f"provider-loss demo: 3 providers x {args.ranks} ranks ({', '.join(PROVIDERS)}), AdamW inside, DiLoCo int8 every {args.sync_every} steps, "
+    print(f"provider-loss demo: 3 providers x {args.ranks} ranks ({', '.join(PROVIDERS)}), {'FSDP2' if args.fsdp else 'DDP'} + AdamW inside, DiLoCo int8 every {args.sync_every} steps, "
           f"checkpoints every {args.every} replicated to 2 providers; provider {args.fault_member} "
           f"{'SIGKILLed during' if args.fault == 'kill' else 'leaves before'} round {args.fault_round}; output in {args.out}", flush=True)
     summary = run(args, providers, lambda n: local_storage_down(storage, n), lambda n: local_storage_up(storage, n))
