@@ -337,3 +337,45 @@ def test_etcd_member_killed_mid_run_changes_nothing_for_training(tmp_path, etcd_
     around = [b["t"] - x["t"] for x, b in zip(a, a[1:]) if x["t"] <= killed_at + 3 and b["t"] >= killed_at - 1]
     print(f"round gaps {min(gaps):.2f}-{max(gaps):.2f} s; around the etcd kill {around}")
     assert max(gaps) < sorted(gaps)[len(gaps) // 2] + 2.5  # at most the client's failover beyond a normal round
+
+
+def test_group_sharded_differently_is_refused_at_join_and_the_others_go_on(tmp_path):
+    """a and c: FSDP2 over 2 ranks each (2 lanes). b: FSDP2 on 1 rank (1 lane), then DDP over 2
+    ranks (1 lane): neither can pair its shards with the members', so each is refused at join
+    with an error that says why, and a and c train on without a single reconfiguration."""
+    from resilient_train.membership.kvstore import TCPKVStore
+
+    provider_loss.warm_codec_cache()
+    kv = TCPKVStore.host(0)
+    stop = str(tmp_path / "stop-at-step")
+    procs = {g: _launch(tmp_path, kv.port, g, "--fsdp", "--start-groups", "2", "--step-delay", "0.05", "--stop-file", stop,
+                        ranks=2, steps=provider_loss.UNTIL_STOP_FILE) for g in "ac"}
+    try:
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "sync" for e in _events_or_none(tmp_path, "a-rank0")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "a and c did not start training"
+            time.sleep(0.2)
+        for i, (ranks, extra) in enumerate(((1, ("--fsdp",)), (2, ()))):
+            b = _launch(tmp_path, kv.port, "b", *extra, "--start-groups", "2", "--join-timeout", "60", ranks=ranks,
+                        steps=provider_loss.UNTIL_STOP_FILE, log_name=f"log-b{i}.txt")
+            assert b.wait(timeout=240) != 0, "a group sharded differently was admitted"
+            log = _tail(b.log_path, 400)
+            assert "MembershipRefusedError" in log and "shard(s)" in log and "sharded alike" in log, log[-3000:]
+        assert all(p.poll() is None for p in procs.values()), "a member went down while b was refused"
+        last = max(e["step"] for e in _events(tmp_path, "a-rank0") if e["event"] == "sync")
+        provider_loss.write_stop_step(stop, last + 30)  # a few rounds on: a and c read it at most a round apart
+    except BaseException:
+        provider_loss.write_stop_step(stop, 1)
+        raise
+    _wait_all(procs)
+    a = _events(tmp_path, "a-rank0")
+    assert not [e for e in a if e["event"] in ("reconfigured", "round_failed")], "the members were disturbed"
+    steps = [e["step"] for e in a if e["event"] == "sync"]
+    assert steps == list(range(10, steps[-1] + 1, 10))
+
+
+def _events_or_none(folder, who):
+    try:
+        return _events(folder, who)
+    except (OSError, ValueError):
+        return []
