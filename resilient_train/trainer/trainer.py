@@ -198,13 +198,8 @@ class Trainer:
         self.extra["resilient_train.step"] = self.step_count
         _script_extras(self)
         stateful = {"sync": self.sync} if self.sync is not None else {}
-        per_rank = self.stateful_per_rank
-        if self.layout == "sharded" and stateful:
-            # a sharded model's sync state (global weights, outer momentum, residuals) is sharded
-            # like its parameters: every rank persists its own piece in its rank file
-            per_rank, stateful = {**per_rank, **stateful}, {}
         return TrainState(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, stateful=stateful, extra=self.extra,
-                          extra_per_rank=self.extra_per_rank, stateful_per_rank=per_rank)
+                          extra_per_rank=self.extra_per_rank, stateful_per_rank=self.stateful_per_rank)
 
     def _checkpoint(self) -> Any:
         """The configured checkpoint location; with ``group=``, the group's own sub-folder
