@@ -256,22 +256,26 @@ def test_rank_dying_inside_a_group_takes_the_group_out_and_torchrun_brings_it_ba
     assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
 
 
-def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, layout):
     """Every provider (2 ranks each, AdamW, DiLoCo int8) SIGKILLed between checkpoints, then
     relaunched. Each group holds before step 41 and the job is killed once all have committed
     step 40; b's step-40 manifest is then removed, which is what a kill between a's and b's
     commits leaves: the groups agree on the newest step all of them committed (20), a and c go
-    back to it, and the result equals the uninterrupted run bit for bit."""
+    back to it, and the result equals the uninterrupted run bit for bit. ``fsdp2``: each group's
+    model sharded over its 2 ranks, its DiLoCo state checkpointed in pieces like the parameters."""
     from resilient_train.membership.kvstore import TCPKVStore
+
+    fsdp = ("--fsdp",) if layout == "fsdp2" else ()
 
     provider_loss.warm_codec_cache()
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir(), run_dir.mkdir()
     kv = TCPKVStore.host(0)
-    _wait_all({g: _launch(ref_dir, kv.port, g, ranks=2) for g in "abc"})
+    _wait_all({g: _launch(ref_dir, kv.port, g, *fsdp, ranks=2) for g in "abc"})
     kv2 = TCPKVStore.host(0)
     # every group stops before step 41 and is killed once its step-40 save is committed
-    procs = {g: _launch(run_dir, kv2.port, g, "--hold-at-step", "41", ranks=2) for g in "abc"}
+    procs = {g: _launch(run_dir, kv2.port, g, "--hold-at-step", "41", *fsdp, ranks=2) for g in "abc"}
     manifests = [run_dir / "ck" / f"group-{g}" / "step-0000000040" / "manifest.json" for g in "abc"]
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -291,7 +295,7 @@ def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
         if (b40 / name).exists():
             (b40 / name).unlink()
     kv3 = TCPKVStore.host(0)
-    _wait_all({g: _launch(run_dir, kv3.port, g, ranks=2) for g in "abc"})
+    _wait_all({g: _launch(run_dir, kv3.port, g, *fsdp, ranks=2) for g in "abc"})
     resumed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "resume"]
     assert [e["step"] for e in resumed] == [40, 20]  # a's own newest checkpoint, then the agreed one
     agreed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "restart_point"]
