@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError, HashMismatchError, ManifestError, SafetensorsHeaderError, StateFileError, StorageError, TruncatedFileError
 from ..format.jsontree import MAX_JSON_BYTES, loads_strict
+from ..format.hashing import BLAKE3, SHA256, chunk_hexdigest
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..format.safetensors_io import TensorSlot, parse_header
@@ -36,8 +37,11 @@ MAX_RUN_BYTES = 64 * 1024**2
 """Largest single ranged read: consecutive chunks of one file are fetched together up to this."""
 
 
-def _sha256_hex(data: Any) -> str:
-    return hashlib.sha256(data).hexdigest()
+_LABEL = {SHA256: "SHA-256", BLAKE3: "BLAKE3"}
+
+
+def _label(algorithm: str) -> str:
+    return _LABEL.get(algorithm, algorithm)
 
 
 _HASH_POOL: ThreadPoolExecutor | None = None
@@ -68,6 +72,7 @@ class Chunks:
         self.sources = list(sources)
         self.manifest = manifest
         self.folder = step_dirname(manifest.step)
+        self.algorithm = manifest.hash_algorithm
         self.pool = pool
         self.cache: dict[tuple[str, int], Any] = {}  # bytes, or memoryviews into one ranged read
         self.bytes_fetched = 0
@@ -116,10 +121,10 @@ class Chunks:
                 how = "longer" if len(data) > end - start else "shorter"
                 reasons.append(f"{store.name}: {file} is {how} than the {rec.size_bytes} bytes the manifest records")
                 continue
-            if _sha256_hex(data) != digest:
+            if chunk_hexdigest(self.algorithm, data) != digest:
                 kinds.append(HashMismatchError)
                 what = "" if len(self.ranges(file)) == 1 else f" bytes [{start}, {end})"
-                reasons.append(f"{store.name}: {file}{what} differ from the SHA-256 in the manifest")
+                reasons.append(f"{store.name}: {file}{what} differ from the {_label(self.algorithm)} digest in the manifest")
                 continue
             if i > 0:
                 log.warning("%s chunk %d served by replica %s after: %s", file, idx, store.name, "; ".join(reasons))
@@ -179,7 +184,7 @@ class Chunks:
             c0, c1, _ = r[idx]
             if mv is None or len(mv) < c1 - start or (last and idx == idxs[-1] and len(mv) != end - start):
                 return None
-            return _sha256_hex(mv[c0 - start:c1 - start])
+            return chunk_hexdigest(self.algorithm, mv[c0 - start:c1 - start])
 
         # The chunks of one read hash in parallel on every core (hashlib releases the GIL).
         digests = list(_hash_pool().map(digest_of, idxs)) if len(idxs) > 1 else [digest_of(idxs[0])]
@@ -278,14 +283,24 @@ class Chunks:
             raise StateFileError(f"{where}: {rec.size_bytes} bytes exceeds the {MAX_JSON_BYTES}-byte limit for a JSON file")
         return loads_strict(self.whole(file), where=where)
 
+    @property
+    def needs_whole_pass(self) -> bool:
+        """Formats 1 and 2 record a whole-file SHA-256 that a second pass over a multi-chunk
+        file checks; format 3's file digest is the digest of the chunk digests, checked when the
+        manifest was parsed, so every byte is hashed exactly once (against its chunk)."""
+        return self.manifest.whole_file_digest
+
     def check_whole(self, file: str, digest: Any = None) -> None:
         """Check the manifest's whole-file SHA-256 of ``file`` against its verified chunks (all
         cached, or hashed into ``digest`` by the caller in order). A file of one chunk was
-        checked when the manifest was parsed (its chunk digest must equal the whole-file one).
+        checked when the manifest was parsed (its chunk digest must equal the whole-file one),
+        and so was every format 3 file (its digest is the digest of its chunk digests).
         The chunks matched their own digests, so a mismatch is the manifest contradicting
         itself: ManifestError."""
         rec = self.manifest.file(file)
         r = self.ranges(file)
+        if not self.needs_whole_pass:
+            return
         if digest is None:
             if len(r) == 1:
                 return
@@ -297,9 +312,9 @@ class Chunks:
                     data = self.get(file, idx)
                 digest.update(data)
         got = digest.hexdigest()
-        if got != rec.sha256:
+        if got != rec.digest:
             raise ManifestError(
-                f"{self.folder}/{MANIFEST_NAME}: the whole-file SHA-256 it records for {file} ({rec.sha256}) differs from the "
+                f"{self.folder}/{MANIFEST_NAME}: the whole-file SHA-256 it records for {file} ({rec.digest}) differs from the "
                 f"SHA-256 of the bytes its chunk digests verify ({got}): the manifest contradicts itself"
             )
 
@@ -308,7 +323,8 @@ class Chunks:
 
 
 def read_json_file(sources: Sequence[Store], folder: str, rec: FileRecord) -> Any:
-    """Read one JSON file of a step, verified against its whole-file SHA-256, parsed strictly."""
+    """Read one JSON file of a step, verified against its file digest (the whole-file SHA-256 in
+    formats 1 and 2, the digest of its chunk digests in format 3), parsed strictly."""
     reasons = []
     where = f"{folder}/{rec.path}"
     if rec.size_bytes > MAX_JSON_BYTES:
@@ -319,8 +335,10 @@ def read_json_file(sources: Sequence[Store], folder: str, rec: FileRecord) -> An
         except (StorageError, OSError) as exc:
             reasons.append(redact(f"{store.name}: {exc}"))
             continue
-        if len(data) != rec.size_bytes or _sha256_hex(data) != rec.sha256:
-            reasons.append(f"{store.name}: {rec.path} does not match its size and SHA-256 in the manifest")
+        h = rec.new_digester()
+        h.update(data)
+        if len(data) != rec.size_bytes or h.hexdigest() != rec.digest:
+            reasons.append(f"{store.name}: {rec.path} does not match its size and {_label(rec.hash_algorithm)} digest in the manifest")
             continue
         return loads_strict(data, where=where)
     raise CorruptCheckpointError(f"no readable copy of {where}: " + "; ".join(reasons))
