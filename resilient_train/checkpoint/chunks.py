@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError, HashMismatchError, ManifestError, SafetensorsHeaderError, StateFileError, StorageError, TruncatedFileError
 from ..format.jsontree import MAX_JSON_BYTES, loads_strict
-from ..format.hashing import BLAKE3, SHA256, chunk_hexdigest
+from ..format.hashing import BLAKE3, SHA256, chunk_hexdigest, new_hasher
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..format.safetensors_io import TensorSlot, parse_header
@@ -198,6 +198,66 @@ class Chunks:
                     by_src[0] = by_src.get(0, 0) + 1
             else:
                 self.get(file, idx)
+
+    def read_direct(self, file: str, idx: int, segments: Sequence[Any]) -> None:
+        """Read chunk ``idx`` of ``file`` straight into ``segments`` (writable buffers that tile
+        the chunk in order: slices of destination tensors, scratch for bytes no one uses) and
+        hash those very buffers, in order: no staging copy, every byte hashed where it is used.
+        Tries each replica in turn into the same buffers; raises like :meth:`get` when none
+        serves the chunk intact (the buffers then hold unverified bytes: the caller's targets
+        are partially written). A store with ``read_into`` (local files) scatters the read into
+        the buffers; others read the range and copy it in, then the buffers are hashed."""
+        start, end, digest = self.ranges(file)[idx]
+        rec = self.manifest.file(file)
+        last = end == rec.size_bytes
+        path = f"{self.folder}/{file}"
+        views = [memoryview(b).cast("B") for b in segments]
+        if sum(len(v) for v in views) != end - start:
+            raise ValueError(f"segments of {file} chunk {idx} hold {sum(len(v) for v in views)} bytes, the chunk {end - start}")
+        extra = [bytearray(1)] if last else []  # one more byte: notices a file that grew
+        reasons: list[str] = []
+        kinds: list[type] = []
+        for i, store in enumerate(self.sources):
+            try:
+                if callable(getattr(type(store), "read_into", None)):
+                    n = store.read_into(path, start, views + extra)  # type: ignore[attr-defined]
+                else:
+                    data = store.read_bytes(path, start, end + 1 if last else end)
+                    n = len(data)
+                    if n == end - start:
+                        pos = 0
+                        for v in views:
+                            v[:] = memoryview(data)[pos:pos + len(v)]
+                            pos += len(v)
+            except (StorageError, OSError) as exc:
+                kinds.append(type(exc))
+                reasons.append(redact(f"{store.name}: {type(exc).__name__}: {exc}"))
+                continue
+            with self._lock:
+                self.bytes_fetched += n
+            if self.on_bytes is not None:
+                self.on_bytes(n)
+            if n != end - start:
+                kinds.append(TruncatedFileError)
+                how = "longer" if n > end - start else "shorter"
+                reasons.append(f"{store.name}: {file} is {how} than the {rec.size_bytes} bytes the manifest records")
+                continue
+            h = new_hasher(self.algorithm)
+            for v in views:
+                h.update(v)
+            if h.hexdigest() != digest:
+                kinds.append(HashMismatchError)
+                what = "" if len(self.ranges(file)) == 1 else f" bytes [{start}, {end})"
+                reasons.append(f"{store.name}: {file}{what} differ from the {_label(self.algorithm)} digest in the manifest")
+                continue
+            if i > 0:
+                log.warning("%s chunk %d served by replica %s after: %s", file, idx, store.name, "; ".join(reasons))
+            with self._lock:
+                by_src = self.served.setdefault(file, {})
+                by_src[i] = by_src.get(i, 0) + 1
+            return
+        exc_type = next((k for k in kinds if issubclass(k, CorruptCheckpointError)), CorruptCheckpointError)
+        raise exc_type(f"no replica has a valid copy of {self.folder}/{file}: " + "; ".join(reasons))
 
     def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
         """Fetch and verify ``keys`` concurrently; raise the first failure after all finished.

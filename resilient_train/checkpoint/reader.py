@@ -63,8 +63,8 @@ from .chunks import Chunks, read_json_file
 from .planner import region_volume
 from .steps import newest_committed, read_manifest
 from .targets import (
-    CopyOp, LoadPlan, Prepared, Target, apply_objects, apply_rest, build_targets, needed_files, optimizer_tree_ok, place_op,
-    plan_batches, plan_ops, prepare_apply, records_by_key, whole_target, wholly_needed,
+    CopyOp, DirectPlan, LoadPlan, Prepared, Target, apply_objects, apply_rest, build_targets, needed_files, optimizer_tree_ok, place_direct, place_op,
+    plan_batches, plan_direct, plan_ops, prepare_apply, records_by_key, whole_target, wholly_needed,
 )
 from .state import TrainState
 
@@ -405,7 +405,9 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     if staged:
         _place_staged(coord, state, prepared, ops, batches, chunks, place)
     else:
-        _place_streamed(coord, state, prepared, batches, chunks, place, manifest.step, budget)
+        # Beyond the budget: whole pieces are read straight into their tensors and hashed there.
+        direct = plan_direct(chunks, ops)
+        _place_streamed(coord, state, prepared, plan_batches(chunks, direct.rest, budget), chunks, place, manifest.step, budget, direct, pool)
     coord.barrier()
     seconds = time.perf_counter() - t0
     log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
@@ -530,12 +532,19 @@ def _place_staged(coord: Coordinator, state: TrainState, prepared: Prepared, ops
 
 
 def _place_streamed(coord: Coordinator, state: TrainState, prepared: Prepared, batches: list[tuple[list[CopyOp], list[tuple[str, int]]]],
-                    chunks: Chunks, place: Callable[[list[CopyOp]], None], step: int, budget: int) -> None:
-    """4. fetch, hash and place beyond the budget: batch by batch; a failure after a live tensor
-    was written is PartialLoadError on every rank."""
+                    chunks: Chunks, place: Callable[[list[CopyOp]], None], step: int, budget: int, direct: DirectPlan | None = None,
+                    pool: ThreadPoolExecutor | None = None) -> None:
+    """4. fetch, hash and place beyond the budget: first the ``direct`` reads (every chunk read
+    straight into the tensors it fills and hashed there, all at once on ``pool``), then the
+    other ops batch by batch through verified cached chunks; a failure after a live tensor was
+    written (or read into) is PartialLoadError on every rank."""
     touched = False
     err = None
     try:
+        if direct is not None and direct.ops:
+            place_direct(chunks, direct, pool, live=False)  # fresh tensors first: a failure here leaves the state untouched
+            touched = any(o.target.live for o in direct.ops)  # the bytes land before they are verified
+            place_direct(chunks, direct, pool, live=True)
         for batch, keys in batches:
             chunks.prefetch(keys)
             place(batch)
