@@ -709,3 +709,32 @@ def test_streamed_direct_read_from_a_store_without_scatter_reads(tmp_path):
     with pytest.raises(errors.PartialLoadError) as info:
         rt.load(store, make_train_state(seed=3, width=128), staging_budget_bytes=0)
     assert isinstance(info.value.cause, errors.HashMismatchError)
+
+
+def test_staged_load_reads_fresh_tensors_straight_into_place(tmp_path):
+    """Within the budget, the optimizer state (fresh tensors, applied only after every byte
+    verified) is read straight into its tensors; only the live model's bytes are staged. A
+    damaged optimizer file still leaves the whole state untouched."""
+    from .conftest import make_train_state
+
+    saved = _save_wide(tmp_path)
+    store = _CountingStore(str(tmp_path))
+    fresh = make_train_state(seed=3, width=128)
+    rt.load(store, fresh)
+    assert _same(_model_of(saved), _model_of(fresh))
+    assert _same(saved.optimizer.state_dict(), fresh.optimizer.state_dict())
+    opt_bytes = (tmp_path / STEP / "optimizer-00001-of-00001.safetensors").stat().st_size
+    model_bytes = (tmp_path / STEP / "model-00001-of-00001.safetensors").stat().st_size
+    assert opt_bytes - CHUNK <= store.scattered < opt_bytes, (store.scattered, opt_bytes)
+    assert store.ranged >= model_bytes, (store.ranged, model_bytes)
+    p = tmp_path / STEP / "optimizer-00001-of-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0x01
+    p.write_bytes(bytes(data))
+    fresh = make_train_state(seed=3, width=128)
+    before = _model_of(fresh)
+    opt_before = {k: v for k, v in fresh.optimizer.state_dict()["state"].items()}
+    with pytest.raises(errors.HashMismatchError):
+        rt.load(str(tmp_path), fresh)
+    assert _same(before, _model_of(fresh))
+    assert _same(opt_before, fresh.optimizer.state_dict()["state"])

@@ -400,10 +400,13 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     plan, prepared, headers = _validate_and_parse(coord, chunks, manifest, shared, state, strict, budget, pool)
     ops = plan_ops(manifest, plan.targets, headers)
     place = _placer(chunks, ops, pool)
-    batches = plan_batches(chunks, ops, budget)
+    # Fresh tensors (optimizer state, extras) are read straight into place: they are applied
+    # only once every rank verified everything, so only the live tensors' bytes are staged.
+    fresh = plan_direct(chunks, ops, eligible=lambda o: not o.target.live)
+    batches = plan_batches(chunks, fresh.rest, budget)
     staged = len(batches) <= 1
     if staged:
-        _place_staged(coord, state, prepared, ops, batches, chunks, place)
+        _place_staged(coord, state, prepared, fresh.rest, batches, chunks, place, fresh, pool)
     else:
         # Beyond the budget: whole pieces are read straight into their tensors and hashed there.
         direct = plan_direct(chunks, ops)
@@ -459,6 +462,12 @@ def _validate_and_parse(coord: Coordinator, chunks: Chunks, manifest: Manifest, 
             # Files this rank needs whole (the usual case) are fetched in one concurrent round
             # with their headers, within the budget; the others header first, then the ranges.
             whole = wholly_needed(manifest, plan.targets)
+            # Files that fill fresh tensors only (optimizer state, extras) are read straight into
+            # them later (place_direct); they are not staged here. Formats 1 and 2 stage them to
+            # check their whole-file SHA-256 too.
+            if not chunks.needs_whole_pass:
+                live_keys = {t.key for t in plan.targets if t.live}
+                whole -= {f for f in whole if f.endswith(".safetensors") and not any(r.key in live_keys for r in manifest.tensors if r.file == f)}
             whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
             rank_file = _rank_state_name(manifest, coord) if state.has_rank_state else None
             if rank_file is not None and any(f.path == rank_file for f in manifest.files):
@@ -503,10 +512,14 @@ def _placer(chunks: Chunks, ops: list[CopyOp], pool: ThreadPoolExecutor) -> Call
 
 
 def _place_staged(coord: Coordinator, state: TrainState, prepared: Prepared, ops: list[CopyOp], batches: list[tuple[list[CopyOp], list[tuple[str, int]]]],
-                  chunks: Chunks, place: Callable[[list[CopyOp]], None]) -> None:
-    """4. fetch, hash and place within the budget: every rank verifies everything first."""
+                  chunks: Chunks, place: Callable[[list[CopyOp]], None], direct: DirectPlan | None = None, pool: ThreadPoolExecutor | None = None) -> None:
+    """4. fetch, hash and place within the budget: every rank verifies everything first. The
+    ``direct`` reads fill fresh tensors only (read into place and hashed there, before anything
+    live changes); ``ops`` are the rest."""
     err = None
     try:
+        if direct is not None and direct.ops:
+            place_direct(chunks, direct, pool, live=False)
         if batches:
             chunks.prefetch(batches[0][1])
     except _TYPED as exc:

@@ -199,18 +199,21 @@ def write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan, 
         items = [(p.name, by_ident[p.ident]) for p in f.pieces]
         meta = {"format": "pt"} if f.group in ("model", "model_shards") else None
         jobs.append((f"{folder}/{f.filename}", items, meta))
-    records: list[FileRecord] = []
-    if jobs:
-        total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
-        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool, \
-                Progress(total, f"save {folder} (rank {rank})", min_bytes=LOG_MIN_BYTES) as progress:
-            futures = [pool.submit(_write_one, store, path, items, meta, opts) for path, items, meta in jobs]
-            for fut in futures:
-                records.append(fut.result())
-                progress(records[-1].size_bytes)
+    json_jobs = [(f"{folder}/{rank_state_filename(rank)}", snap.rank_state)]
     if rank == 0:
-        records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared, opts))
+        json_jobs.insert(0, (f"{folder}/{STATE_NAME}", snap.shared))
         if any(f.group == "model" for f in plan.files):
-            records.append(_write_json(store, f"{folder}/{HF_INDEX_NAME}", _hf_index(plan), opts))
-    records.append(_write_json(store, f"{folder}/{rank_state_filename(rank)}", snap.rank_state, opts))
+            json_jobs.insert(1, (f"{folder}/{HF_INDEX_NAME}", _hf_index(plan)))
+    records: list[FileRecord] = []
+    total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
+    # The JSON files are written (and fsynced) beside the tensor files, not after them: on a
+    # busy disk each small fsync waits its turn.
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.io_threads, len(jobs))) + 1, thread_name_prefix="rt-save") as pool, \
+            Progress(total, f"save {folder} (rank {rank})", min_bytes=LOG_MIN_BYTES) as progress:
+        json_futures = [pool.submit(_write_json, store, path, obj, opts) for path, obj in json_jobs]
+        futures = [pool.submit(_write_one, store, path, items, meta, opts) for path, items, meta in jobs]
+        for fut in futures:
+            records.append(fut.result())
+            progress(records[-1].size_bytes)
+        records.extend(fut.result() for fut in json_futures)
     return records
