@@ -188,3 +188,38 @@ def test_plan_reads_covers_any_resharding_exactly(n, m, saved_world, load_world)
             src = pieces[op.record.file][tuple(slice(s, s + k) for s, k in zip(op.src_start, op.size))]
             dest[tuple(slice(s, s + k) for s, k in zip(op.dst_start, op.size))] = src
         assert torch.equal(dest, full[lo:hi])
+
+
+def test_v3_with_sha256_chunk_digests_round_trips(tmp_path):
+    """Format 3 names its algorithm: SHA-256 chunks (for readers that need it) are written,
+    loaded and verified with SHA-256, never with the default; an unknown algorithm is refused
+    at SaveOptions."""
+    import hashlib
+    import json
+
+    from resilient_train import errors
+    from resilient_train.checkpoint import SaveOptions, verify_checkpoint
+
+    state = rt.TrainState(model=_tiny_model(), rng=False, extra={"t": torch.arange(3000, dtype=torch.float32)})
+    rt.save(str(tmp_path), state, 7, options=SaveOptions(hash_algorithm="sha256", hash_chunk_bytes=4096))
+    folder = tmp_path / "step-0000000007"
+    m = json.loads((folder / "manifest.json").read_bytes())
+    assert m["format_version"] == 3 and m["hash"] == {"algorithm": "sha256", "chunk_bytes": 4096}
+    for f in m["files"]:
+        data = (folder / f["path"]).read_bytes()
+        chunks = [hashlib.sha256(data[i:i + 4096]).hexdigest() for i in range(0, max(len(data), 1), 4096)]
+        assert f["chunks"] == chunks and f["digest"] == hashlib.sha256(b"".join(bytes.fromhex(c) for c in chunks)).hexdigest()
+    fresh = rt.TrainState(model=torch.nn.Linear(2, 1), rng=False, extra={})
+    rt.load(str(tmp_path), fresh)
+    assert torch.equal(fresh.extra["t"], state.extra["t"])
+    assert verify_checkpoint(str(tmp_path), 7)[1] == []
+    p = folder / "extra-00001-of-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0x04
+    p.write_bytes(bytes(data))
+    with pytest.raises(errors.HashMismatchError, match="SHA-256 digest"):
+        rt.load(str(tmp_path), rt.TrainState(model=torch.nn.Linear(2, 1), rng=False, extra={}))
+    problems = verify_checkpoint(str(tmp_path), 7)[1]
+    assert len(problems) == 1 and "extra-00001-of-00001.safetensors" in problems[0] and "SHA-256" in problems[0]
+    with pytest.raises(ValueError, match="hash_algorithm"):
+        SaveOptions(hash_algorithm="md5")
