@@ -400,9 +400,10 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     plan, prepared, headers = _validate_and_parse(coord, chunks, manifest, shared, state, strict, budget, pool)
     ops = plan_ops(manifest, plan.targets, headers)
     place = _placer(chunks, ops, pool)
-    # Fresh tensors (optimizer state, extras) are read straight into place: they are applied
-    # only once every rank verified everything, so only the live tensors' bytes are staged.
-    fresh = plan_direct(chunks, ops, eligible=lambda o: not o.target.live)
+    # Fresh tensors (optimizer state, extras) are read straight into place from local files:
+    # they are applied only once every rank verified everything, so only the live tensors'
+    # bytes are staged.
+    fresh = plan_direct(chunks, ops, eligible=lambda o: not o.target.live and _scatters(sources))
     batches = plan_batches(chunks, fresh.rest, budget)
     staged = len(batches) <= 1
     if staged:
@@ -465,7 +466,7 @@ def _validate_and_parse(coord: Coordinator, chunks: Chunks, manifest: Manifest, 
             # Files that fill fresh tensors only (optimizer state, extras) are read straight into
             # them later (place_direct); they are not staged here. Formats 1 and 2 stage them to
             # check their whole-file SHA-256 too.
-            if not chunks.needs_whole_pass:
+            if not chunks.needs_whole_pass and _scatters(chunks.sources):
                 live_keys = {t.key for t in plan.targets if t.live}
                 whole -= {f for f in whole if f.endswith(".safetensors") and not any(r.key in live_keys for r in manifest.tensors if r.file == f)}
             whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
@@ -486,6 +487,13 @@ def _validate_and_parse(coord: Coordinator, chunks: Chunks, manifest: Manifest, 
     _agree_or_raise(coord, err)
     assert plan is not None and prepared is not None
     return plan, prepared, headers
+
+
+def _scatters(sources: Sequence[Store]) -> bool:
+    """Whether the preferred replica reads straight into memory (``read_into``: local files).
+    Within the budget, fresh tensors are read in place only then: on an object store the
+    staged path's few large ranged reads (up to MAX_RUN_BYTES) beat one request per chunk."""
+    return bool(sources) and callable(getattr(type(sources[0]), "read_into", None))
 
 
 def _placer(chunks: Chunks, ops: list[CopyOp], pool: ThreadPoolExecutor) -> Callable[[list[CopyOp]], None]:
