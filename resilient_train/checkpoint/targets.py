@@ -290,11 +290,11 @@ def plan_direct(chunks: Chunks, ops: list[CopyOp], eligible: Callable[[CopyOp], 
     reads: list[tuple[str, int, list[Any], bool]] = []
     from_cache: list[tuple[CopyOp, int, int]] = []
     for (f, i), users in sorted(by_chunk.items()):
-        if not all(id(o) in direct for o in users):
-            continue
         c0, c1, _ = chunks.ranges(f)[i]
-        if (f, i) in chunks.cache:
-            from_cache.extend((o, max(c0, o.begin), min(c1, o.end)) for o in users)
+        if (f, i) in chunks.cache:  # verified already (a header's chunk): copied, whoever else uses it
+            from_cache.extend((o, max(c0, o.begin), min(c1, o.end)) for o in users if id(o) in direct)
+            continue
+        if not all(id(o) in direct for o in users):
             continue
         segments: list[Any] = []
         pos = c0
