@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resilient_train as rt  # noqa: E402
-from common import timed, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
 
 class Blob(torch.nn.Module):

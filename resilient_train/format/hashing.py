@@ -17,7 +17,7 @@ the SHA-256 of the whole file.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 try:  # a dependency of the package; the import error is raised where format 3 is used
     import blake3 as _blake3
@@ -104,6 +104,3 @@ class FileDigester:
             digests.append(self._chunk.hexdigest())  # type: ignore[union-attr]
         return digest_of_digests(self.algorithm, digests)
 
-
-def digester_factory(algorithm: str, chunk_bytes: int | None, whole: bool) -> Callable[[], FileDigester]:
-    return lambda: FileDigester(algorithm, chunk_bytes, whole)
