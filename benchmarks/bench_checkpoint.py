@@ -1,8 +1,18 @@
 """Checkpoint save/load throughput: resilient-train vs torch.save, safetensors, DCP, and the
-physical ceilings (memcpy into preallocated memory; dd with fdatasync), in one run.
+physical ceilings (memcpy into preallocated memory; dd with fdatasync; the hash rate of SHA-256
+and BLAKE3 on this machine), in one interleaved run (A B C ... A B C ..., medians).
 
-    python benchmarks/bench_checkpoint.py --size-gib 2 --reps 3 [--dir /path/on/disk]
+    python benchmarks/bench_checkpoint.py --size-gib 1 --reps 5 [--cold] [--two-ranks] [--dir /path/on/disk]
     python benchmarks/bench_checkpoint.py --load-only --size-gib 0.25 --reps 5
+
+The default run: saves (every one durable: fsync) of torch.save, safetensors, dcp.save and
+rt.save in format 3 (BLAKE3) and format 2 (SHA-256); then loads into a second model's tensors
+(torch.load, safetensors.load_file, dcp.load: nothing verified) against rt.load staged (the
+default within the staging budget: every byte verified before the live state changes) and
+streamed (``staging_budget_bytes=0``: every chunk read straight into its tensor and hashed
+there). ``--cold`` evicts the benchmark's own files from the page cache before each load
+(posix_fadvise; nobody else's cache is dropped). The JSON holds every run, the ratios and
+which goals of issue 22 are met: benchmarks/results/<--out>.json.
 
 ``--load-only``: verified load alone, interleaved (dcp.load, rt.load staged, rt.load streamed,
 dcp.load, ...), beside the hash ceiling (cores x one core's SHA-256 rate, measured in the same
@@ -28,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resilient_train as rt  # noqa: E402
-from common import timed, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
 
 class Blob(torch.nn.Module):
@@ -153,13 +163,60 @@ def load_only(args) -> int:
     return 0
 
 
+def hash_rates(nbytes: int = 256 * 1024**2, chunk: int = 8 * 1024**2) -> dict[str, float]:
+    """GB/s of each digest algorithm on this machine, best of 3 over ``nbytes`` of random data
+    hashed in ``chunk`` pieces as the reader does: one thread, and one thread per core."""
+    import hashlib
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import blake3
+
+    buf = memoryview(os.urandom(nbytes))
+    pieces = [buf[i:i + chunk] for i in range(0, nbytes, chunk)]
+    cores = os.cpu_count() or 1
+    algos = {"sha256": lambda b: hashlib.sha256(b).digest(), "blake3": lambda b: blake3.blake3(b).digest()}
+    out: dict[str, float] = {}
+    with ThreadPoolExecutor(cores) as pool:
+        for name, h in algos.items():
+            for label, run in (("1_thread", lambda: [h(p) for p in pieces]), (f"{cores}_threads", lambda: list(pool.map(h, pieces)))):
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    run()
+                    best = min(best, time.perf_counter() - t0)
+                out[f"{name}_{label}_gb_per_s"] = nbytes / best / 1e9
+    return out
+
+
+def _evict(path: str) -> None:
+    """Drop ``path``'s pages (every file under it) from the page cache: a cold read of our own
+    files, without dropping anyone else's cache."""
+    paths = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main() -> int:
+    import statistics
+    import time
+
+    import safetensors.torch
+    import torch.distributed.checkpoint as dcp
+    from common import peak_rss
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-gib", type=float, default=2.0)
+    p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder)")
     p.add_argument("--out", default="checkpoint")
-    p.add_argument("--load-only", action="store_true", help="only the interleaved verified-load comparison")
+    p.add_argument("--cold", action="store_true", help="evict the benchmark's files from the page cache before every load")
+    p.add_argument("--two-ranks", action="store_true", help="also time rt.save from 2 ranks (gloo, one process each)")
+    p.add_argument("--load-only", action="store_true", help="only the older interleaved verified-load comparison")
     args = p.parse_args()
     if args.load_only:
         return load_only(args)
@@ -171,102 +228,145 @@ def main() -> int:
     nbytes = sum(v.numel() * 4 for v in sd.values())
     base = tempfile.mkdtemp(dir=args.dir, prefix="rt-bench-")
     path = lambda name: os.path.join(base, name)  # noqa: E731
-    reps = args.reps
-    res: dict[str, dict] = {"save": {}, "load": {}}
+    state = rt.TrainState(model=model, rng=False)
+    v2 = rt.checkpoint.SaveOptions(format_version=2)
 
-    def clean(name):
-        return lambda: shutil.rmtree(path(name), ignore_errors=True) if os.path.isdir(path(name)) else (os.path.exists(path(name)) and os.unlink(path(name)))
+    def rm(name):
+        full = path(name)
+        shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else (os.path.exists(full) and os.unlink(full))
 
-    # ceilings
-    dst = {k: torch.empty_like(v) for k, v in sd.items()}
-    res["save"]["memcpy_ceiling"] = timed(lambda: [dst[k].copy_(v) for k, v in sd.items()], reps)
+    def fsync_file(f):
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+    # ---- saves, each into a fresh path, durable (fsync), interleaved
     count = max(1, nbytes // (16 * 1024**2))
-    res["save"]["dd_fdatasync_ceiling"] = timed(lambda: subprocess.run(["dd", "if=/dev/zero", f"of={path('dd.bin')}", "bs=16M", f"count={count}", "conv=fdatasync"], check=True, capture_output=True), reps, clean("dd.bin"))
-    del dst
+    dst = {k: torch.empty_like(v) for k, v in sd.items()}
+    for t in dst.values():
+        t.fill_(1)  # touched: the ceiling is the copy, not page faults
 
-    # saves
     def torch_save():
         with open(path("t.pt"), "wb") as f:
             torch.save(sd, f)
             f.flush()
             os.fsync(f.fileno())
 
-    def st_save():
-        import safetensors.torch
+    saves = {
+        "memcpy (ceiling, preallocated)": (lambda: [dst[k].copy_(v) for k, v in sd.items()], None),
+        "dd conv=fdatasync (disk ceiling)": (lambda: subprocess.run(["dd", "if=/dev/zero", f"of={path('dd.bin')}", "bs=16M", f"count={count}", "conv=fdatasync"], check=True, capture_output=True), "dd.bin"),
+        "torch.save+fsync": (torch_save, "t.pt"),
+        "safetensors.save_file+fsync": (lambda: (safetensors.torch.save_file(sd, path("s.safetensors")), fsync_file(path("s.safetensors"))), "s.safetensors"),
+        "dcp.save+fsync": (lambda: (dcp.save(sd, checkpoint_id=path("dcp")), fsync_tree(path("dcp"))), "dcp"),
+        "rt.save (format 3, BLAKE3, fsync)": (lambda: rt.save(path("rt"), state, 1), "rt"),
+        "rt.save (format 2, SHA-256, fsync)": (lambda: rt.save(path("rt2"), state, 1, options=v2), "rt2"),
+    }
+    res: dict[str, dict] = {"save": {k: {"all_s": [], "peak_extra_bytes": 0} for k in saves}, "load": {}}
+    for name, (fn, out) in saves.items():  # warm-up (imports, allocator), not timed
+        fn()
+        if out:
+            rm(out)
+    for _ in range(args.reps):
+        for name, (fn, out) in saves.items():  # interleaved: A B C ... A B C ...
+            with peak_rss() as mem:
+                t0 = time.perf_counter()
+                fn()
+                res["save"][name]["all_s"].append(time.perf_counter() - t0)
+            res["save"][name]["peak_extra_bytes"] = max(res["save"][name]["peak_extra_bytes"], mem["peak_extra_bytes"])
+            if out:
+                rm(out)
+    del dst
 
-        safetensors.torch.save_file(sd, path("s.safetensors"))
-        fd = os.open(path("s.safetensors"), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-    def dcp_save():
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(sd, checkpoint_id=path("dcp"))
-        fsync_tree(path("dcp"))
-
-    state = rt.TrainState(model=model, rng=False)
-    res["save"]["torch.save+fsync"] = timed(torch_save, reps, clean("t.pt"))
-    res["save"]["safetensors.save_file+fsync"] = timed(st_save, reps, clean("s.safetensors"))
-    res["save"]["dcp.save+fsync"] = timed(dcp_save, reps, clean("dcp"))
-    res["save"]["resilient_train.save (hashed, fsync)"] = timed(lambda: rt.save(path("rt"), state, 1), reps, clean("rt"))
-
-    from resilient_train.testing.ranks import run_ranks
-
-    two = run_ranks(_two_rank_save, 2, total, path("rt2"), reps, timeout_s=1800)
-    res["save"]["resilient_train.save, 2 ranks (hashed, fsync)"] = {"median_s": max(two), "all_s": two, "peak_extra_bytes": None}
-
-    # loads (each into the model's existing tensors where the API allows)
+    # ---- loads, each into the existing tensors of a second model where the API allows
+    torch_save()
+    safetensors.torch.save_file(sd, path("s.safetensors"))
+    dcp.save(sd, checkpoint_id=path("dcp"))
+    rt.save(path("rt"), state, 1)
+    rt.save(path("rt2"), state, 1, options=v2)
     target = Blob(total)
     tsd = {k: v.detach() for k, v in target.state_dict().items()}
+    tstate = rt.TrainState(model=target, rng=False)
 
     def torch_load():
-        loaded = torch.load(path("t.pt"), weights_only=True, mmap=False)
-        for k, v in loaded.items():
+        for k, v in torch.load(path("t.pt"), weights_only=True, mmap=False).items():
             tsd[k].copy_(v)
 
     def st_load():
-        import safetensors.torch
-
         for k, v in safetensors.torch.load_file(path("s.safetensors")).items():
             tsd[k].copy_(v)
 
-    def dcp_load():
-        import torch.distributed.checkpoint as dcp
+    loads = {
+        "torch.load (+copy)": (torch_load, "t.pt"),
+        "safetensors.load_file (+copy, no verification)": (st_load, "s.safetensors"),
+        "dcp.load (no verification)": (lambda: dcp.load(tsd, checkpoint_id=path("dcp")), "dcp"),
+        "rt.load staged (format 3, every byte verified, state untouched on failure)": (lambda: rt.load(path("rt"), tstate), "rt"),
+        "rt.load streamed (format 3, every byte verified, read into the tensors)": (lambda: rt.load(path("rt"), tstate, staging_budget_bytes=0), "rt"),
+        "rt.load staged (format 2, SHA-256)": (lambda: rt.load(path("rt2"), tstate), "rt2"),
+    }
+    res["load"] = {k: {"all_s": [], "peak_extra_bytes": 0} for k in loads}
+    for fn, _ in loads.values():  # warm the page cache and imports
+        fn()
+    for _ in range(args.reps):
+        for name, (fn, src) in loads.items():
+            for t in tsd.values():
+                t.zero_()
+            if args.cold:
+                _evict(path(src))
+            with peak_rss() as mem:
+                t0 = time.perf_counter()
+                fn()
+                res["load"][name]["all_s"].append(time.perf_counter() - t0)
+            res["load"][name]["peak_extra_bytes"] = max(res["load"][name]["peak_extra_bytes"], mem["peak_extra_bytes"])
+            assert all(torch.equal(tsd[k], sd[k]) for k in sd), name
 
-        dcp.load(tsd, checkpoint_id=path("dcp"))
+    two = None
+    if args.two_ranks:
+        from resilient_train.testing.ranks import run_ranks
 
-    tstate = rt.TrainState(model=target, rng=False)
-    res["load"]["torch.load (+copy)"] = timed(torch_load, reps)
-    res["load"]["safetensors.load_file (+copy)"] = timed(st_load, reps)
-    res["load"]["dcp.load (no verification)"] = timed(dcp_load, reps)
-    res["load"]["resilient_train.load (every byte verified)"] = timed(lambda: rt.load(path("rt"), tstate), reps)
-    assert all(torch.equal(tsd[k], sd[k]) for k in sd)
+        two = run_ranks(_two_rank_save, 2, total, path("rt2r"), args.reps, timeout_s=1800)
+    shutil.rmtree(base, ignore_errors=True)
 
     for phase in res.values():
         for r in phase.values():
+            r["median_s"] = statistics.median(r["all_s"])
             r["gb_per_s"] = nbytes / r["median_s"] / 1e9
+    if two is not None:
+        res["save"]["rt.save, 2 ranks (format 3, fsync)"] = {"median_s": max(two), "all_s": two, "gb_per_s": nbytes / max(two) / 1e9, "peak_extra_bytes": None}
     s, l = res["save"], res["load"]
-    ours_s, ours_l = s["resilient_train.save (hashed, fsync)"], l["resilient_train.load (every byte verified)"]
+    rate = lambda rows, k: rows[k]["gb_per_s"]  # noqa: E731
+    ours_s = "rt.save (format 3, BLAKE3, fsync)"
+    staged, streamed = "rt.load staged (format 3, every byte verified, state untouched on failure)", "rt.load streamed (format 3, every byte verified, read into the tensors)"
     ratios = {
-        "save_vs_safetensors": ours_s["gb_per_s"] / s["safetensors.save_file+fsync"]["gb_per_s"],
-        "save_vs_torch_save": ours_s["gb_per_s"] / s["torch.save+fsync"]["gb_per_s"],
-        "save_vs_dcp": ours_s["gb_per_s"] / s["dcp.save+fsync"]["gb_per_s"],
-        "save_vs_dd_ceiling": ours_s["gb_per_s"] / s["dd_fdatasync_ceiling"]["gb_per_s"],
-        "save_2_ranks_vs_1": s["resilient_train.save, 2 ranks (hashed, fsync)"]["gb_per_s"] / ours_s["gb_per_s"],
-        "load_vs_dcp": ours_l["gb_per_s"] / l["dcp.load (no verification)"]["gb_per_s"],
-        "load_vs_torch_load": ours_l["gb_per_s"] / l["torch.load (+copy)"]["gb_per_s"],
-        "load_vs_safetensors": ours_l["gb_per_s"] / l["safetensors.load_file (+copy)"]["gb_per_s"],
+        "save_vs_safetensors": rate(s, ours_s) / rate(s, "safetensors.save_file+fsync"),
+        "save_vs_dcp": rate(s, ours_s) / rate(s, "dcp.save+fsync"),
+        "save_vs_torch_save": rate(s, ours_s) / rate(s, "torch.save+fsync"),
+        "save_vs_dd_ceiling": rate(s, ours_s) / rate(s, "dd conv=fdatasync (disk ceiling)"),
+        "save_format3_vs_format2": rate(s, ours_s) / rate(s, "rt.save (format 2, SHA-256, fsync)"),
+        "load_staged_vs_dcp": rate(l, staged) / rate(l, "dcp.load (no verification)"),
+        "load_streamed_vs_dcp": rate(l, streamed) / rate(l, "dcp.load (no verification)"),
+        "load_staged_vs_safetensors": rate(l, staged) / rate(l, "safetensors.load_file (+copy, no verification)"),
+        "load_streamed_vs_safetensors": rate(l, streamed) / rate(l, "safetensors.load_file (+copy, no verification)"),
+        "load_staged_format3_vs_format2": rate(l, staged) / rate(l, "rt.load staged (format 2, SHA-256)"),
     }
-    shutil.rmtree(base, ignore_errors=True)
-    out = write_result(args.out, {"state_bytes": nbytes, "reps": reps, "page_cache": "warm", "results": res, "ratios": ratios})
-    print(f"state: {nbytes / 1e9:.2f} GB fp32, medians of {reps}")
+    goals = {
+        "verified load >= 3x dcp.load (staged / streamed)": [ratios["load_staged_vs_dcp"] >= 3, ratios["load_streamed_vs_dcp"] >= 3],
+        "verified load >= 0.5x safetensors.load_file+copy (staged / streamed)": [ratios["load_staged_vs_safetensors"] >= 0.5, ratios["load_streamed_vs_safetensors"] >= 0.5],
+        "hashed fsynced save >= 1.0x safetensors.save_file+fsync": ratios["save_vs_safetensors"] >= 1.0,
+        "hashed fsynced save >= 1.2x dcp.save": ratios["save_vs_dcp"] >= 1.2,
+    }
+    out = write_result(args.out, {
+        "state_bytes": nbytes, "reps": args.reps, "order": "interleaved (A B C ... A B C ...), one warm-up round first",
+        "page_cache": "cold (posix_fadvise DONTNEED of the files before every load)" if args.cold else "warm",
+        "hash_rates": hash_rates(), "load_average_1m_at_end": os.getloadavg()[0],
+        "results": res, "ratios": ratios, "goals_met": goals,
+    })
+    print(f"state: {nbytes / 1e9:.2f} GB fp32, medians of {args.reps}, interleaved, page cache {'cold' if args.cold else 'warm'}")
     for phase, rows in res.items():
         for name, r in rows.items():
             peak = "n/a" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 1e9:.2f} GB"
-            print(f"  {phase:<5} {name:<50} {r['gb_per_s']:7.2f} GB/s  {r['median_s']:7.3f} s  peak +{peak}")
+            print(f"  {phase:<5} {name:<78} {r['gb_per_s']:6.2f} GB/s  {r['median_s']:7.3f} s  peak +{peak}")
     for k, v in ratios.items():
-        print(f"  {k:<22} {v:5.2f}x")
+        print(f"  {k:<32} {v:5.2f}x")
     print(f"wrote {out}")
     return 0
 

@@ -219,7 +219,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  format version {m.format_version}, step {m.step}, saved by {m.world_size} rank(s), {len(m.files)} files, {_human(m.total_bytes)}")
     print("  files:")
     for f in m.files:
-        print(f"    {f.path:<48} {_human(f.size_bytes):>10}  sha256 {f.sha256[:16]}...")
+        print(f"    {f.path:<48} {_human(f.size_bytes):>10}  {f.hash_algorithm} {f.digest[:16]}...")
     print("  tensors:")
     by_key: dict[str, list] = {}
     for t in m.tensors:
@@ -258,7 +258,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     keys = _verify_keys(args)
     # the newest committed step, signed or not: an unsigned newest one must fail here
     step = _resolve_step(store, step)
-    log.info("verifying %s/%s: re-reading every file and its SHA-256", store.uri, step_dirname(step))
+    log.info("verifying %s/%s: re-reading every file and its digests", store.uri, step_dirname(step))
     report = audit_checkpoint(store, step, verify_keys=keys, progress=not args.no_progress)
     where = f"{store.uri}/{step_dirname(step)}"
     if report.problems:
@@ -270,7 +270,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = report.manifest
     assert m is not None
     signed = f"; manifest signed by key {report.signed_by}" if report.signed_by else ""
-    print(f"OK: {len(m.files)} files, {_human(m.total_bytes)} of {where} match their SHA-256 and the manifest{signed}")
+    print(f"OK: {len(m.files)} files, {_human(m.total_bytes)} of {where} match their {m.hash_algorithm} digests and the manifest{signed}")
     return 0
 
 
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--step", type=parse_step, help="the step (999, step-999 or step-0000000999); default: the latest committed")
     sp = url_cmd(
         "verify", "re-hash every file of a checkpoint and check its manifest",
-        "Re-read every file of a checkpoint and compare its size and SHA-256 with the manifest; check the manifest itself (schema, file and tensor names, "
+        "Re-read every file of a checkpoint and compare its size and SHA-256 or BLAKE3 digests (the algorithm its manifest names) with the manifest; check the manifest itself (schema, file and tensor names, "
         "world size, pieces that tile each tensor) and against the safetensors headers, the Hugging Face index and state.json; with --verify-key, check "
         "its signature first. Exits 1 and names the file at fault (a file whose bytes match its SHA-256 is not: the manifest is), 0 when everything matches.",
         cmd_verify, "URL or URL/step-N (default: latest)",

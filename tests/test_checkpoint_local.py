@@ -19,6 +19,7 @@ from resilient_train.checkpoint import committed_steps, latest_step
 from resilient_train.storage import open_store
 
 from .helpers import TinyNet, assert_same_state, full_state, make_run, train_steps
+from .test_integrity_load import set_digests
 
 
 def _params(state) -> dict:
@@ -212,12 +213,14 @@ def _rewrite_manifest(folder, mutate):
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda m: m.update(format_version=3), errors.UnsupportedFormatVersionError, "version 3"),
+        (lambda m: m.update(format_version=4), errors.UnsupportedFormatVersionError, "version 4"),
+        (lambda m: m["hash"].update(algorithm="md5"), errors.UnsupportedFormatVersionError, "algorithm 'md5'"),
         (lambda m: m["files"][0].update(path="../../etc/passwd"), errors.UnsafePathError, "leave"),
         (lambda m: m["files"][0].update(path="/abs/file.safetensors"), errors.UnsafePathError, "leave"),
         (lambda m: m["tensors"][0].update(file="../x.safetensors"), errors.UnsafePathError, "leave"),
         (lambda m: m.pop("tensors"), errors.ManifestError, "tensors"),
-        (lambda m: m["files"][0].update(sha256="zz"), errors.ManifestError, "sha256"),
+        (lambda m: m["files"][0].update(digest="zz"), errors.ManifestError, "digest"),
+        (lambda m: m["files"][0]["chunks"].append("0" * 64), errors.ManifestError, "chunks"),
         (lambda m: m["tensors"][0].update(offsets=[5] * len(m["tensors"][0]["offsets"]) or [5]), errors.ManifestError, "offsets|exceeds"),
     ],
 )
@@ -255,10 +258,7 @@ def _patch_header(folder, fname, header_bytes: bytes):
         for f in m["files"]:
             if f["path"] == fname:
                 f["size_bytes"] = len(new)
-                f["sha256"] = hashlib.sha256(new).hexdigest()
-                if "chunk_sha256" in f:  # format v2: the per-chunk digests too
-                    cb = m["hash"]["chunk_bytes"]
-                    f["chunk_sha256"] = [hashlib.sha256(new[i:i + cb]).hexdigest() for i in range(0, max(len(new), 1), cb)]
+                set_digests(m, f, new)
 
     _rewrite_manifest(folder, fix)
 

@@ -41,7 +41,7 @@ def _state(seed: int = 0):
     return state
 
 
-def _save(root, *, chunk=CHUNK, version=2):
+def _save(root, *, chunk=CHUNK, version=3):
     state = _state()
     train_steps(state, 2)
     rt.save(str(root), state, 1, options=SaveOptions(hash_chunk_bytes=chunk, format_version=version))
@@ -111,12 +111,26 @@ def _rehash(folder, names=None):
         p = folder / f["path"]
         if not p.is_file():
             continue
-        data = p.read_bytes()
-        f["size_bytes"] = len(data)
-        f["sha256"] = hashlib.sha256(data).hexdigest()
-        if cb:
-            f["chunk_sha256"] = [hashlib.sha256(data[i:i + cb]).hexdigest() for i in range(0, max(len(data), 1), cb)]
+        set_digests(m, f, p.read_bytes())
     (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def set_digests(m, f, data):
+    """Record ``data`` as file record ``f`` of manifest ``m`` in the manifest's format, with
+    hashlib and the blake3 package directly (not the library's hashing code)."""
+    import blake3
+
+    cb = m.get("hash", {}).get("chunk_bytes")
+    f["size_bytes"] = len(data)
+    pieces = [data[i:i + cb] for i in range(0, max(len(data), 1), cb)] if cb else []
+    if m.get("format_version") == 3:
+        h = blake3.blake3 if m["hash"]["algorithm"] == "blake3" else hashlib.sha256
+        f["chunks"] = [h(c).hexdigest() for c in pieces]
+        f["digest"] = h(b"".join(bytes.fromhex(d) for d in f["chunks"])).hexdigest()
+        return
+    f["sha256"] = hashlib.sha256(data).hexdigest()
+    if cb:
+        f["chunk_sha256"] = [hashlib.sha256(c).hexdigest() for c in pieces]
 
 
 class _OpenAudit:
@@ -164,8 +178,28 @@ def _load_checked(root, before_state):
 # ---------------------------------------------------------------- format v2 chunks
 
 
-def test_v2_chunk_digests_cover_every_range(tmp_path):
+def test_v3_chunk_digests_cover_every_range(tmp_path):
+    """The default format: BLAKE3 of every chunk, and the digest of the digests per file
+    (recomputed with the blake3 package directly)."""
+    import blake3
+
     _save(tmp_path)
+    folder = tmp_path / STEP
+    m = json.loads((folder / "manifest.json").read_bytes())
+    assert m["format_version"] == 3 and m["hash"] == {"algorithm": "blake3", "chunk_bytes": CHUNK}
+    multi = 0
+    for f in m["files"]:
+        data = (folder / f["path"]).read_bytes()
+        want = [blake3.blake3(data[i:i + CHUNK]).hexdigest() for i in range(0, max(len(data), 1), CHUNK)]
+        assert f["chunks"] == want, f["path"]
+        assert f["digest"] == blake3.blake3(b"".join(bytes.fromhex(d) for d in want)).hexdigest()
+        assert "sha256" not in f and f["size_bytes"] == len(data)
+        multi += len(want) > 1
+    assert multi >= 1
+
+
+def test_v2_chunk_digests_cover_every_range(tmp_path):
+    _save(tmp_path, version=2)
     folder = tmp_path / STEP
     m = json.loads((folder / "manifest.json").read_bytes())
     assert m["format_version"] == 2 and m["hash"] == {"algorithm": "sha256", "chunk_bytes": CHUNK}
@@ -464,7 +498,8 @@ def test_beyond_the_staging_budget_a_late_failure_says_partial(tmp_path):
 
     rt.save(str(tmp_path), make_train_state(width=64), 1, options=SaveOptions(hash_chunk_bytes=CHUNK))
     p = tmp_path / STEP / "optimizer-00001-of-00001.safetensors"  # read after the model file
-    data = bytearray(p.read_bytes())
+    good = p.read_bytes()
+    data = bytearray(good)
     assert len(data) > 2 * CHUNK
     data[-1] ^= 0xFF  # the header chunk is intact: the failure comes late
     p.write_bytes(bytes(data))
@@ -473,6 +508,17 @@ def test_beyond_the_staging_budget_a_late_failure_says_partial(tmp_path):
     with pytest.raises(errors.HashMismatchError):  # within the default budget: untouched
         rt.load(str(tmp_path), fresh)
     assert _same(before, {k: v.clone() for k, v in fresh.model.state_dict().items()})
+    # Beyond the budget, fresh tensors (the optimizer state) are read before live ones: a bad
+    # optimizer file still leaves the model untouched.
+    with pytest.raises(errors.HashMismatchError):
+        rt.load(str(tmp_path), fresh, staging_budget_bytes=0)
+    assert _same(before, {k: v.clone() for k, v in fresh.model.state_dict().items()})
+    p.write_bytes(bytes(good))
+    m = tmp_path / STEP / "model-00001-of-00001.safetensors"
+    mdata = bytearray(m.read_bytes())
+    assert len(mdata) > 2 * CHUNK
+    mdata[-1] ^= 0xFF  # a live tensor's last chunk: read straight into the model, then refused
+    m.write_bytes(bytes(mdata))
     with pytest.raises(errors.PartialLoadError, match="partially overwritten") as info:
         rt.load(str(tmp_path), fresh, staging_budget_bytes=0)
     assert isinstance(info.value.cause, errors.HashMismatchError)
@@ -529,3 +575,166 @@ def test_s3_load_downloads_each_byte_once(servers, make_store):
     # everything the server sent: bodies (each byte once) + manifest + listings + HTTP headers
     overhead = len(res.manifest.to_bytes()) + 200 * 1024
     assert data_bytes <= proxy.bytes_to_client <= data_bytes + overhead, (proxy.bytes_to_client, data_bytes)
+
+
+# ---------------------------------------------------------------- beyond the budget: read straight into the tensors
+
+
+class _CountingStore(LocalStore):
+    """A real local store that counts the bytes served by scatter reads and by ranged reads."""
+
+    def __init__(self, root, name="counting"):
+        super().__init__(root, name=name)
+        self.scattered = 0
+        self.ranged = 0
+
+    def read_into(self, path, start, buffers):
+        n = super().read_into(path, start, buffers)
+        self.scattered += n
+        return n
+
+    def read_bytes(self, path, start=None, end=None):
+        data = super().read_bytes(path, start, end)
+        self.ranged += len(data)
+        return data
+
+
+def _save_wide(root, width=128):
+    """A model whose file spans many 4 KiB chunks (live tensors read straight into place)."""
+    from .conftest import make_train_state
+
+    state = make_train_state(width=width)
+    rt.save(str(root), state, 1, options=SaveOptions(hash_chunk_bytes=CHUNK))
+    return state
+
+
+def _model_of(state):
+    return {k: v.clone() for k, v in state.model.state_dict().items()}
+
+
+def test_streamed_load_reads_tensors_straight_into_place(tmp_path):
+    """Beyond the budget, whole pieces are scatter-read into the tensors they fill and hashed
+    there: the tensor bytes never pass through a staging buffer (only headers and JSON do)."""
+    from .conftest import make_train_state
+
+    saved = _save_wide(tmp_path)
+    store = _CountingStore(str(tmp_path))
+    fresh = make_train_state(seed=3, width=128)
+    rt.load(store, fresh, staging_budget_bytes=0)
+    assert _same(_model_of(saved), _model_of(fresh))
+    assert _same(saved.optimizer.state_dict(), fresh.optimizer.state_dict())
+    tensor_bytes = sum(f.stat().st_size for f in (tmp_path / STEP).glob("*.safetensors"))
+    assert store.scattered > 0.9 * tensor_bytes, (store.scattered, store.ranged, tensor_bytes)
+    # ranged reads: each file's first chunk (read with its header, before anything is written) and the JSON files
+    assert store.ranged < 0.2 * tensor_bytes, (store.scattered, store.ranged, tensor_bytes)
+
+
+@pytest.mark.parametrize("where", ["first", "boundary-1", "boundary", "middle", "last"])
+@pytest.mark.parametrize("name", ["model-00001-of-00001.safetensors", "optimizer-00001-of-00001.safetensors"])
+def test_streamed_direct_read_refuses_a_flipped_byte(tmp_path, where, name):
+    """A byte flipped anywhere in a chunk read straight into a tensor is refused: in a live
+    tensor (the model) as PartialLoadError naming the hash mismatch (the bytes landed before
+    they were hashed), in a fresh one (the optimizer state, read first) as the mismatch itself,
+    the model untouched."""
+    from .conftest import make_train_state
+
+    _save_wide(tmp_path)
+    p = tmp_path / STEP / name
+    data = bytearray(p.read_bytes())
+    data_start = 8 + int.from_bytes(data[:8], "little")
+    pos = {"first": data_start, "boundary-1": 2 * CHUNK - 1, "boundary": 2 * CHUNK, "middle": (data_start + len(data)) // 2, "last": len(data) - 1}[where]
+    assert data_start <= pos < len(data) and len(data) > 2 * CHUNK + 1
+    data[pos] ^= 0x01
+    p.write_bytes(bytes(data))
+    fresh = make_train_state(seed=3, width=128)
+    before = _model_of(fresh)
+    with pytest.raises((errors.PartialLoadError, errors.HashMismatchError)) as info:
+        rt.load(str(tmp_path), fresh, staging_budget_bytes=0)
+    if name.startswith("model") and pos >= CHUNK:
+        assert isinstance(info.value, errors.PartialLoadError) and isinstance(info.value.cause, errors.HashMismatchError), repr(info.value)
+    else:  # the optimizer state, or the header chunk (verified before anything is written)
+        assert isinstance(info.value, errors.HashMismatchError), repr(info.value)
+        assert _same(before, _model_of(fresh))
+
+
+@pytest.mark.parametrize("change", ["shorter", "longer"])
+def test_streamed_direct_read_refuses_a_file_of_another_length(tmp_path, change):
+    from .conftest import make_train_state
+
+    _save_wide(tmp_path)
+    p = tmp_path / STEP / "model-00001-of-00001.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[:-1] if change == "shorter" else data + b"\0")
+    with pytest.raises(errors.PartialLoadError) as info:
+        rt.load(str(tmp_path), make_train_state(seed=3, width=128), staging_budget_bytes=0)
+    assert isinstance(info.value.cause, errors.TruncatedFileError) and change in str(info.value.cause), repr(info.value.cause)
+
+
+def test_streamed_direct_read_takes_a_bad_chunk_from_the_next_replica(tmp_path):
+    """The next replica's copy is read into the same tensor memory and hashed there again."""
+    from .conftest import make_train_state
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    saved = _save_wide(a)
+    shutil.copytree(a, b)
+    p = a / STEP / "model-00001-of-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    fresh = make_train_state(seed=3, width=128)
+    stores = [_CountingStore(str(a), name="a"), _CountingStore(str(b), name="b")]
+    res = rt.load(stores, fresh, staging_budget_bytes=0)
+    assert _same(_model_of(saved), _model_of(fresh))
+    assert res.sources["model-00001-of-00001.safetensors"] == "a"  # most chunks from a, the bad one from b
+    assert 0 < stores[1].scattered <= 2 * CHUNK
+
+
+def test_streamed_direct_read_from_a_store_without_scatter_reads(tmp_path):
+    """An fsspec store (no ``read_into``): ranged reads copied into the tensors, hashed there."""
+    from resilient_train.storage import open_store
+
+    from .conftest import make_train_state
+
+    store = open_store(f"memory://direct-{tmp_path.name}")
+    assert not callable(getattr(type(store), "read_into", None))
+    saved = make_train_state(width=128)
+    rt.save(store, saved, 1, options=SaveOptions(hash_chunk_bytes=CHUNK))
+    fresh = make_train_state(seed=3, width=128)
+    rt.load(store, fresh, staging_budget_bytes=0)
+    assert _same(_model_of(saved), _model_of(fresh))
+    path = f"{STEP}/model-00001-of-00001.safetensors"
+    data = bytearray(store.read_bytes(path))
+    data[len(data) // 2] ^= 0x10
+    store.write_bytes(path, bytes(data))
+    with pytest.raises(errors.PartialLoadError) as info:
+        rt.load(store, make_train_state(seed=3, width=128), staging_budget_bytes=0)
+    assert isinstance(info.value.cause, errors.HashMismatchError)
+
+
+def test_staged_load_reads_fresh_tensors_straight_into_place(tmp_path):
+    """Within the budget, the optimizer state (fresh tensors, applied only after every byte
+    verified) is read straight into its tensors; only the live model's bytes are staged. A
+    damaged optimizer file still leaves the whole state untouched."""
+    from .conftest import make_train_state
+
+    saved = _save_wide(tmp_path)
+    store = _CountingStore(str(tmp_path))
+    fresh = make_train_state(seed=3, width=128)
+    rt.load(store, fresh)
+    assert _same(_model_of(saved), _model_of(fresh))
+    assert _same(saved.optimizer.state_dict(), fresh.optimizer.state_dict())
+    opt_bytes = (tmp_path / STEP / "optimizer-00001-of-00001.safetensors").stat().st_size
+    model_bytes = (tmp_path / STEP / "model-00001-of-00001.safetensors").stat().st_size
+    assert opt_bytes - CHUNK <= store.scattered < opt_bytes, (store.scattered, opt_bytes)
+    assert store.ranged >= model_bytes, (store.ranged, model_bytes)
+    p = tmp_path / STEP / "optimizer-00001-of-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0x01
+    p.write_bytes(bytes(data))
+    fresh = make_train_state(seed=3, width=128)
+    before = _model_of(fresh)
+    opt_before = {k: v for k, v in fresh.optimizer.state_dict()["state"].items()}
+    with pytest.raises(errors.HashMismatchError):
+        rt.load(str(tmp_path), fresh)
+    assert _same(before, _model_of(fresh))
+    assert _same(opt_before, fresh.optimizer.state_dict()["state"])

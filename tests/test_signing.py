@@ -19,6 +19,8 @@ from resilient_train.checkpoint import SaveOptions, save
 from resilient_train.cli import main as cli
 from resilient_train.errors import SignatureError
 from resilient_train.format import MANIFEST_NAME, step_dirname
+
+from .test_integrity_load import set_digests
 from resilient_train.format.signing import SIGNATURE_NAME, KeyRing, SigningKey, load_signing_key, load_verify_keys
 from resilient_train.storage import LocalStore
 
@@ -84,9 +86,7 @@ def test_sign_verify_refuse_and_rotate(tmp_path):
     store = LocalStore(root)
     mpath = f"{step_dirname(2)}/{MANIFEST_NAME}"
     m = json.loads(store.read_bytes(mpath))
-    m["files"][0]["sha256"] = "0" * 64
-    if len(m["files"][0].get("chunk_sha256", [])) == 1:
-        m["files"][0]["chunk_sha256"] = ["0" * 64]  # consistent with itself: only the signature can tell
+    set_digests(m, m["files"][0], b"\0" * m["files"][0]["size_bytes"])  # other bytes, consistent with itself: only the signature can tell
     (tmp_path / "ck" / step_dirname(2) / MANIFEST_NAME).write_bytes(json.dumps(m, sort_keys=True, indent=1).encode() + b"\n")
     with pytest.raises(SignatureError, match="does not match the manifest"):
         load(root, make_train_state(seed=5), 2, verify_keys=pub)

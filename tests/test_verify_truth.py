@@ -57,6 +57,23 @@ def ckpt(pristine, tmp_path):
     return root, root / STEP
 
 
+@pytest.fixture(scope="module")
+def pristine_v2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine-truth-v2")
+    state = _state()
+    train_steps(state, 2)
+    rt.save(str(root), state, 1, options=SaveOptions(hash_chunk_bytes=CHUNK, format_version=2))
+    return root
+
+
+@pytest.fixture
+def ckpt_v2(pristine_v2, tmp_path):
+    """Format 2: a whole-file SHA-256 beside the chunk digests, checked in a second pass."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(pristine_v2, root)
+    return root, root / STEP
+
+
 def _manifest(folder):
     return json.loads((folder / "manifest.json").read_bytes())
 
@@ -78,9 +95,9 @@ def _refused_by_load(root, exc_type, match=None, step=1):
 
 
 @pytest.mark.parametrize("name", ["extra-00001-of-00001.safetensors", "rank-00000.json"])
-def test_whole_file_digest_of_a_multi_chunk_file_is_checked(ckpt, name):
+def test_whole_file_digest_of_a_multi_chunk_file_is_checked(ckpt_v2, name):
     """Its chunks all verify; only the manifest's whole-file digest is another valid one."""
-    root, folder = ckpt
+    root, folder = ckpt_v2
     m = _manifest(folder)
     rec = next(f for f in m["files"] if f["path"] == name)
     assert len(rec["chunk_sha256"]) > 1
@@ -94,14 +111,36 @@ def test_whole_file_digest_of_a_multi_chunk_file_is_checked(ckpt, name):
     assert report.problems and all(f == "manifest.json" for f, _ in report.problems), report.problems
 
 
-def test_whole_file_digest_of_a_one_chunk_file_must_equal_its_chunk(ckpt):
-    root, folder = ckpt
+def test_whole_file_digest_of_a_one_chunk_file_must_equal_its_chunk(ckpt_v2):
+    root, folder = ckpt_v2
     m = _manifest(folder)
     rec = next(f for f in m["files"] if f["path"] == "model-00001-of-00001.safetensors")
     assert len(rec["chunk_sha256"]) == 1
     rec["sha256"] = rec["sha256"][:-1] + ("0" if rec["sha256"][-1] != "0" else "1")  # differs in the last digit only
     _write_manifest(folder, m)
     _refused_by_load(root, errors.ManifestError, "contradicts itself")
+    with pytest.raises(errors.ManifestError, match="contradicts itself"):
+        verify_checkpoint(str(root), 1)
+    report = audit_checkpoint(str(root), 1)
+    assert [f for f, _ in report.problems] == ["manifest.json"], report.problems
+
+
+@pytest.mark.parametrize("name", ["extra-00001-of-00001.safetensors", "model-00001-of-00001.safetensors"])
+def test_v3_file_digest_must_be_the_digest_of_its_chunk_digests(ckpt, name):
+    """Format 3's file digest is checked against its chunk digests when the manifest is parsed:
+    a manifest whose file digest names other bytes is refused by load, verify and audit (the
+    manifest is blamed), with no second pass over the file's bytes."""
+    import blake3
+
+    root, folder = ckpt
+    m = _manifest(folder)
+    assert m["format_version"] == 3 and m["hash"]["algorithm"] == "blake3"
+    rec = next(f for f in m["files"] if f["path"] == name)
+    assert rec["digest"] == blake3.blake3(b"".join(bytes.fromhex(d) for d in rec["chunks"])).hexdigest()
+    rec["digest"] = blake3.blake3(b"another file").hexdigest()
+    _write_manifest(folder, m)
+    exc = _refused_by_load(root, errors.ManifestError, "contradicts itself")
+    assert name in str(exc)
     with pytest.raises(errors.ManifestError, match="contradicts itself"):
         verify_checkpoint(str(root), 1)
     report = audit_checkpoint(str(root), 1)

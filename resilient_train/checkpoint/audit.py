@@ -141,9 +141,9 @@ def _read_json(store: Store, path: str, size: int) -> Any:
     return json.loads(store.read_bytes(path).decode("utf-8"))
 
 
-def _same_bytes(store: Store, path: str, size: int, sha256: str) -> bool:
+def _same_bytes(store: Store, path: str, rec: Any) -> bool:
     try:
-        return store.size(path) == size and sha256_of(store, path) == (size, sha256)
+        return store.size(path) == rec.size_bytes and sha256_of(store, path, digester=rec.new_digester) == (rec.size_bytes, rec.digest)
     except (ResilientTrainError, OSError):
         return False
 
@@ -191,30 +191,30 @@ def _blame_file(store: Store, folder: str, manifest: Manifest, rec: Any, mine: l
     manifest (a listed file that does not exist, or bytes that match their recorded SHA-256).
     Returns whether the file itself is intact."""
     try:
-        size, digest = sha256_of(store, f"{folder}/{rec.path}")
+        size, digest = sha256_of(store, f"{folder}/{rec.path}", digester=rec.new_digester)
     except (ResilientTrainError, OSError):
         size, digest = -1, ""
     if size < 0 and on_disk is not None and rec.path not in on_disk:
         # A listed file that does not exist: lost, or named wrong in the manifest.
         listed = {r.path for r in manifest.files}
-        twin = next((u for u in sorted(on_disk - listed - {MANIFEST_NAME, SIGNATURE_NAME}) if _same_bytes(store, f"{folder}/{u}", rec.size_bytes, rec.sha256)), None)
+        twin = next((u for u in sorted(on_disk - listed - {MANIFEST_NAME, SIGNATURE_NAME}) if _same_bytes(store, f"{folder}/{u}", rec)), None)
         if twin is not None:
-            report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist; {twin}, which it does not list, has exactly the size and SHA-256 recorded for it: the manifest names it wrong"))
+            report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist; {twin}, which it does not list, has exactly the size and digest recorded for it: the manifest names it wrong"))
         elif not is_format_file_name(rec.path):
             report.problems.append((MANIFEST_NAME, f"lists {rec.path}, which does not exist (and is not a file name of this format)"))
         else:
             report.problems.append((rec.path, "does not exist (listed in the manifest)"))
         return False
     content_only = rec.path == STATE_NAME or (rec.path.startswith("rank-") and rec.path.endswith(".json"))
-    if size == rec.size_bytes and digest == rec.sha256 and content_only and all("StateFileError" in p and "referenced by the JSON state is missing" not in p for p in mine):
+    if size == rec.size_bytes and digest == rec.digest and content_only and all("StateFileError" in p and "referenced by the JSON state is missing" not in p for p in mine):
         # The file holds the bytes the manifest recorded, and they are invalid on their own
         # (not against the manifest): the file was written so.
-        report.problems.extend((rec.path, f"its content is invalid although its bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}") for p in mine)
+        report.problems.extend((rec.path, f"its content is invalid although its bytes match their recorded digest: {p[len(rec.path) + 1:].strip()}") for p in mine)
         return False
-    if size == rec.size_bytes and digest == rec.sha256:
+    if size == rec.size_bytes and digest == rec.digest:
         # The bytes are the ones the manifest recorded: what disagrees is the manifest.
         for p in mine:
-            report.problems.append((MANIFEST_NAME, f"disagrees with {rec.path}, whose bytes match their recorded SHA-256: {p[len(rec.path) + 1:].strip()}"))
+            report.problems.append((MANIFEST_NAME, f"disagrees with {rec.path}, whose bytes match their recorded digest: {p[len(rec.path) + 1:].strip()}"))
         return True
     report.problems.extend((rec.path, p[len(rec.path) + 1:].strip()) for p in mine)
     return False

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError, HashMismatchError, ManifestError, SafetensorsHeaderError, StateFileError, StorageError, TruncatedFileError
 from ..format.jsontree import MAX_JSON_BYTES, loads_strict
+from ..format.hashing import BLAKE3, SHA256, chunk_hexdigest, new_hasher
 from ..format.manifest import FileRecord, Manifest
 from ..format.names import MANIFEST_NAME, step_dirname
 from ..format.safetensors_io import TensorSlot, parse_header
@@ -36,8 +37,11 @@ MAX_RUN_BYTES = 64 * 1024**2
 """Largest single ranged read: consecutive chunks of one file are fetched together up to this."""
 
 
-def _sha256_hex(data: Any) -> str:
-    return hashlib.sha256(data).hexdigest()
+_LABEL = {SHA256: "SHA-256", BLAKE3: "BLAKE3"}
+
+
+def _label(algorithm: str) -> str:
+    return _LABEL.get(algorithm, algorithm)
 
 
 _HASH_POOL: ThreadPoolExecutor | None = None
@@ -68,6 +72,7 @@ class Chunks:
         self.sources = list(sources)
         self.manifest = manifest
         self.folder = step_dirname(manifest.step)
+        self.algorithm = manifest.hash_algorithm
         self.pool = pool
         self.cache: dict[tuple[str, int], Any] = {}  # bytes, or memoryviews into one ranged read
         self.bytes_fetched = 0
@@ -116,10 +121,10 @@ class Chunks:
                 how = "longer" if len(data) > end - start else "shorter"
                 reasons.append(f"{store.name}: {file} is {how} than the {rec.size_bytes} bytes the manifest records")
                 continue
-            if _sha256_hex(data) != digest:
+            if chunk_hexdigest(self.algorithm, data) != digest:
                 kinds.append(HashMismatchError)
                 what = "" if len(self.ranges(file)) == 1 else f" bytes [{start}, {end})"
-                reasons.append(f"{store.name}: {file}{what} differ from the SHA-256 in the manifest")
+                reasons.append(f"{store.name}: {file}{what} differ from the {_label(self.algorithm)} digest in the manifest")
                 continue
             if i > 0:
                 log.warning("%s chunk %d served by replica %s after: %s", file, idx, store.name, "; ".join(reasons))
@@ -179,7 +184,7 @@ class Chunks:
             c0, c1, _ = r[idx]
             if mv is None or len(mv) < c1 - start or (last and idx == idxs[-1] and len(mv) != end - start):
                 return None
-            return _sha256_hex(mv[c0 - start:c1 - start])
+            return chunk_hexdigest(self.algorithm, mv[c0 - start:c1 - start])
 
         # The chunks of one read hash in parallel on every core (hashlib releases the GIL).
         digests = list(_hash_pool().map(digest_of, idxs)) if len(idxs) > 1 else [digest_of(idxs[0])]
@@ -193,6 +198,66 @@ class Chunks:
                     by_src[0] = by_src.get(0, 0) + 1
             else:
                 self.get(file, idx)
+
+    def read_direct(self, file: str, idx: int, segments: Sequence[Any]) -> None:
+        """Read chunk ``idx`` of ``file`` straight into ``segments`` (writable buffers that tile
+        the chunk in order: slices of destination tensors, scratch for bytes no one uses) and
+        hash those very buffers, in order: no staging copy, every byte hashed where it is used.
+        Tries each replica in turn into the same buffers; raises like :meth:`get` when none
+        serves the chunk intact (the buffers then hold unverified bytes: the caller's targets
+        are partially written). A store with ``read_into`` (local files) scatters the read into
+        the buffers; others read the range and copy it in, then the buffers are hashed."""
+        start, end, digest = self.ranges(file)[idx]
+        rec = self.manifest.file(file)
+        last = end == rec.size_bytes
+        path = f"{self.folder}/{file}"
+        views = [memoryview(b).cast("B") for b in segments]
+        if sum(len(v) for v in views) != end - start:
+            raise ValueError(f"segments of {file} chunk {idx} hold {sum(len(v) for v in views)} bytes, the chunk {end - start}")
+        extra = [bytearray(1)] if last else []  # one more byte: notices a file that grew
+        reasons: list[str] = []
+        kinds: list[type] = []
+        for i, store in enumerate(self.sources):
+            try:
+                if callable(getattr(type(store), "read_into", None)):
+                    n = store.read_into(path, start, views + extra)  # type: ignore[attr-defined]
+                else:
+                    data = store.read_bytes(path, start, end + 1 if last else end)
+                    n = len(data)
+                    if n == end - start:
+                        pos = 0
+                        for v in views:
+                            v[:] = memoryview(data)[pos:pos + len(v)]
+                            pos += len(v)
+            except (StorageError, OSError) as exc:
+                kinds.append(type(exc))
+                reasons.append(redact(f"{store.name}: {type(exc).__name__}: {exc}"))
+                continue
+            with self._lock:
+                self.bytes_fetched += n
+            if self.on_bytes is not None:
+                self.on_bytes(n)
+            if n != end - start:
+                kinds.append(TruncatedFileError)
+                how = "longer" if n > end - start else "shorter"
+                reasons.append(f"{store.name}: {file} is {how} than the {rec.size_bytes} bytes the manifest records")
+                continue
+            h = new_hasher(self.algorithm)
+            for v in views:
+                h.update(v)
+            if h.hexdigest() != digest:
+                kinds.append(HashMismatchError)
+                what = "" if len(self.ranges(file)) == 1 else f" bytes [{start}, {end})"
+                reasons.append(f"{store.name}: {file}{what} differ from the {_label(self.algorithm)} digest in the manifest")
+                continue
+            if i > 0:
+                log.warning("%s chunk %d served by replica %s after: %s", file, idx, store.name, "; ".join(reasons))
+            with self._lock:
+                by_src = self.served.setdefault(file, {})
+                by_src[i] = by_src.get(i, 0) + 1
+            return
+        exc_type = next((k for k in kinds if issubclass(k, CorruptCheckpointError)), CorruptCheckpointError)
+        raise exc_type(f"no replica has a valid copy of {self.folder}/{file}: " + "; ".join(reasons))
 
     def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
         """Fetch and verify ``keys`` concurrently; raise the first failure after all finished.
@@ -278,14 +343,24 @@ class Chunks:
             raise StateFileError(f"{where}: {rec.size_bytes} bytes exceeds the {MAX_JSON_BYTES}-byte limit for a JSON file")
         return loads_strict(self.whole(file), where=where)
 
+    @property
+    def needs_whole_pass(self) -> bool:
+        """Formats 1 and 2 record a whole-file SHA-256 that a second pass over a multi-chunk
+        file checks; format 3's file digest is the digest of the chunk digests, checked when the
+        manifest was parsed, so every byte is hashed exactly once (against its chunk)."""
+        return self.manifest.whole_file_digest
+
     def check_whole(self, file: str, digest: Any = None) -> None:
         """Check the manifest's whole-file SHA-256 of ``file`` against its verified chunks (all
         cached, or hashed into ``digest`` by the caller in order). A file of one chunk was
-        checked when the manifest was parsed (its chunk digest must equal the whole-file one).
+        checked when the manifest was parsed (its chunk digest must equal the whole-file one),
+        and so was every format 3 file (its digest is the digest of its chunk digests).
         The chunks matched their own digests, so a mismatch is the manifest contradicting
         itself: ManifestError."""
         rec = self.manifest.file(file)
         r = self.ranges(file)
+        if not self.needs_whole_pass:
+            return
         if digest is None:
             if len(r) == 1:
                 return
@@ -297,9 +372,9 @@ class Chunks:
                     data = self.get(file, idx)
                 digest.update(data)
         got = digest.hexdigest()
-        if got != rec.sha256:
+        if got != rec.digest:
             raise ManifestError(
-                f"{self.folder}/{MANIFEST_NAME}: the whole-file SHA-256 it records for {file} ({rec.sha256}) differs from the "
+                f"{self.folder}/{MANIFEST_NAME}: the whole-file SHA-256 it records for {file} ({rec.digest}) differs from the "
                 f"SHA-256 of the bytes its chunk digests verify ({got}): the manifest contradicts itself"
             )
 
@@ -308,7 +383,8 @@ class Chunks:
 
 
 def read_json_file(sources: Sequence[Store], folder: str, rec: FileRecord) -> Any:
-    """Read one JSON file of a step, verified against its whole-file SHA-256, parsed strictly."""
+    """Read one JSON file of a step, verified against its file digest (the whole-file SHA-256 in
+    formats 1 and 2, the digest of its chunk digests in format 3), parsed strictly."""
     reasons = []
     where = f"{folder}/{rec.path}"
     if rec.size_bytes > MAX_JSON_BYTES:
@@ -319,8 +395,10 @@ def read_json_file(sources: Sequence[Store], folder: str, rec: FileRecord) -> An
         except (StorageError, OSError) as exc:
             reasons.append(redact(f"{store.name}: {exc}"))
             continue
-        if len(data) != rec.size_bytes or _sha256_hex(data) != rec.sha256:
-            reasons.append(f"{store.name}: {rec.path} does not match its size and SHA-256 in the manifest")
+        h = rec.new_digester()
+        h.update(data)
+        if len(data) != rec.size_bytes or h.hexdigest() != rec.digest:
+            reasons.append(f"{store.name}: {rec.path} does not match its size and {_label(rec.hash_algorithm)} digest in the manifest")
             continue
         return loads_strict(data, where=where)
     raise CorruptCheckpointError(f"no readable copy of {where}: " + "; ".join(reasons))

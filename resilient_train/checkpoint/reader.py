@@ -63,8 +63,8 @@ from .chunks import Chunks, read_json_file
 from .planner import region_volume
 from .steps import newest_committed, read_manifest
 from .targets import (
-    CopyOp, LoadPlan, Prepared, Target, apply_objects, apply_rest, build_targets, needed_files, optimizer_tree_ok, place_op,
-    plan_batches, plan_ops, prepare_apply, records_by_key, whole_target, wholly_needed,
+    CopyOp, DirectPlan, LoadPlan, Prepared, Target, apply_objects, apply_rest, build_targets, needed_files, optimizer_tree_ok, place_direct, place_op,
+    plan_batches, plan_direct, plan_ops, prepare_apply, records_by_key, whole_target, wholly_needed,
 )
 from .state import TrainState
 
@@ -253,12 +253,14 @@ def verify_checkpoint(uri: Any, step: int | None = None, *, storage_options: Map
                     else:
                         _check_state_tree(obj, manifest, rec.path)
                 n = len(chunks.ranges(rec.path))
-                whole = hashlib.sha256()  # the whole-file digest, over the verified chunks in order
+                # formats 1 and 2: the whole-file SHA-256 too, over the verified chunks in order
+                whole = hashlib.sha256() if chunks.needs_whole_pass and n > 1 else None
                 for first in range(0, n, threads):  # a window of chunks at a time, hashed in parallel
                     window = [(rec.path, i) for i in range(first, min(n, first + threads))]
                     chunks.prefetch(window)
                     for key in window:
-                        whole.update(chunks.get(*key))
+                        if whole is not None:
+                            whole.update(chunks.get(*key))
                         chunks.drop(key)
                 try:
                     chunks.check_whole(rec.path, whole)
@@ -398,12 +400,18 @@ def _load(coord: Coordinator, sources: list[Store], state: TrainState, step: int
     plan, prepared, headers = _validate_and_parse(coord, chunks, manifest, shared, state, strict, budget, pool)
     ops = plan_ops(manifest, plan.targets, headers)
     place = _placer(chunks, ops, pool)
-    batches = plan_batches(chunks, ops, budget)
+    # Fresh tensors (optimizer state, extras) are read straight into place from local files:
+    # they are applied only once every rank verified everything, so only the live tensors'
+    # bytes are staged.
+    fresh = plan_direct(chunks, ops, eligible=lambda o: not o.target.live and _scatters(sources))
+    batches = plan_batches(chunks, fresh.rest, budget)
     staged = len(batches) <= 1
     if staged:
-        _place_staged(coord, state, prepared, ops, batches, chunks, place)
+        _place_staged(coord, state, prepared, fresh.rest, batches, chunks, place, fresh, pool)
     else:
-        _place_streamed(coord, state, prepared, batches, chunks, place, manifest.step, budget)
+        # Beyond the budget: whole pieces are read straight into their tensors and hashed there.
+        direct = plan_direct(chunks, ops)
+        _place_streamed(coord, state, prepared, plan_batches(chunks, direct.rest, budget), chunks, place, manifest.step, budget, direct, pool)
     coord.barrier()
     seconds = time.perf_counter() - t0
     log.info("loaded step %d (%d files, %.1f MB fetched, %s) in %.2f s", manifest.step, len(headers), chunks.bytes_fetched / 1e6, "staged" if staged else "streamed", seconds)
@@ -455,6 +463,12 @@ def _validate_and_parse(coord: Coordinator, chunks: Chunks, manifest: Manifest, 
             # Files this rank needs whole (the usual case) are fetched in one concurrent round
             # with their headers, within the budget; the others header first, then the ranges.
             whole = wholly_needed(manifest, plan.targets)
+            # Files that fill fresh tensors only (optimizer state, extras) are read straight into
+            # them later (place_direct); they are not staged here. Formats 1 and 2 stage them to
+            # check their whole-file SHA-256 too.
+            if not chunks.needs_whole_pass and _scatters(chunks.sources):
+                live_keys = {t.key for t in plan.targets if t.live}
+                whole -= {f for f in whole if f.endswith(".safetensors") and not any(r.key in live_keys for r in manifest.tensors if r.file == f)}
             whole_bytes = sum(manifest.file(f).size_bytes for f in whole)
             rank_file = _rank_state_name(manifest, coord) if state.has_rank_state else None
             if rank_file is not None and any(f.path == rank_file for f in manifest.files):
@@ -473,6 +487,13 @@ def _validate_and_parse(coord: Coordinator, chunks: Chunks, manifest: Manifest, 
     _agree_or_raise(coord, err)
     assert plan is not None and prepared is not None
     return plan, prepared, headers
+
+
+def _scatters(sources: Sequence[Store]) -> bool:
+    """Whether the preferred replica reads straight into memory (``read_into``: local files).
+    Within the budget, fresh tensors are read in place only then: on an object store the
+    staged path's few large ranged reads (up to MAX_RUN_BYTES) beat one request per chunk."""
+    return bool(sources) and callable(getattr(type(sources[0]), "read_into", None))
 
 
 def _placer(chunks: Chunks, ops: list[CopyOp], pool: ThreadPoolExecutor) -> Callable[[list[CopyOp]], None]:
@@ -499,10 +520,14 @@ def _placer(chunks: Chunks, ops: list[CopyOp], pool: ThreadPoolExecutor) -> Call
 
 
 def _place_staged(coord: Coordinator, state: TrainState, prepared: Prepared, ops: list[CopyOp], batches: list[tuple[list[CopyOp], list[tuple[str, int]]]],
-                  chunks: Chunks, place: Callable[[list[CopyOp]], None]) -> None:
-    """4. fetch, hash and place within the budget: every rank verifies everything first."""
+                  chunks: Chunks, place: Callable[[list[CopyOp]], None], direct: DirectPlan | None = None, pool: ThreadPoolExecutor | None = None) -> None:
+    """4. fetch, hash and place within the budget: every rank verifies everything first. The
+    ``direct`` reads fill fresh tensors only (read into place and hashed there, before anything
+    live changes); ``ops`` are the rest."""
     err = None
     try:
+        if direct is not None and direct.ops:
+            place_direct(chunks, direct, pool, live=False)
         if batches:
             chunks.prefetch(batches[0][1])
     except _TYPED as exc:
@@ -528,12 +553,19 @@ def _place_staged(coord: Coordinator, state: TrainState, prepared: Prepared, ops
 
 
 def _place_streamed(coord: Coordinator, state: TrainState, prepared: Prepared, batches: list[tuple[list[CopyOp], list[tuple[str, int]]]],
-                    chunks: Chunks, place: Callable[[list[CopyOp]], None], step: int, budget: int) -> None:
-    """4. fetch, hash and place beyond the budget: batch by batch; a failure after a live tensor
-    was written is PartialLoadError on every rank."""
+                    chunks: Chunks, place: Callable[[list[CopyOp]], None], step: int, budget: int, direct: DirectPlan | None = None,
+                    pool: ThreadPoolExecutor | None = None) -> None:
+    """4. fetch, hash and place beyond the budget: first the ``direct`` reads (every chunk read
+    straight into the tensors it fills and hashed there, all at once on ``pool``), then the
+    other ops batch by batch through verified cached chunks; a failure after a live tensor was
+    written (or read into) is PartialLoadError on every rank."""
     touched = False
     err = None
     try:
+        if direct is not None and direct.ops:
+            place_direct(chunks, direct, pool, live=False)  # fresh tensors first: a failure here leaves the state untouched
+            touched = any(o.target.live for o in direct.ops)  # the bytes land before they are verified
+            place_direct(chunks, direct, pool, live=True)
         for batch, keys in batches:
             chunks.prefetch(keys)
             place(batch)

@@ -180,7 +180,7 @@ def copy_checkpoint(
 def _files_to_copy(dst: Store, folder: str, manifest: Manifest, io_threads: int) -> tuple[list[FileRecord], int]:
     """The files ``dst`` lacks (or holds with another size or hash), and how many it has already."""
     def needs_copy(rec: FileRecord) -> bool:
-        return not file_matches(dst, f"{folder}/{rec.path}", rec.size_bytes, rec.sha256)
+        return not file_matches(dst, f"{folder}/{rec.path}", rec.size_bytes, rec.digest, rec.new_digester)
 
     todo: list[FileRecord] = []
     skipped = 0
@@ -210,7 +210,7 @@ def _copy_files(srcs: list[Store], dst: Store, folder: str, step: int, todo: lis
         for s in srcs:
             _check_stop(stop, f"copying {rec.path}")
             try:
-                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.sha256, on_bytes=on_bytes)
+                n, _ = copy_file(s, path, dst, path, size_bytes=rec.size_bytes, sha256=rec.digest, on_bytes=on_bytes, digester=rec.new_digester)
                 if s is not srcs[0]:
                     log.warning("%s: copied from replica %s after: %s", rec.path, s.name, "; ".join(reasons))
                 return n

@@ -241,6 +241,103 @@ def plan_ops(manifest: Manifest, targets: list["Target"], headers: Mapping[str, 
     return ops
 
 
+def _lands_whole(o: CopyOp) -> bool:
+    """The op's stored bytes are exactly its target's memory (a whole contiguous CPU piece of
+    the same dtype): they can be read straight into it."""
+    dest = o.target.dest
+    return (
+        o.op.is_whole_piece
+        and tuple(dest.shape) == o.op.size
+        and dest.device.type == "cpu"
+        and dest.is_contiguous()
+        and dest.dtype == ST_TO_DTYPE[o.slot.dtype]
+    )
+
+
+def _dest_bytes(o: CopyOp) -> Any:
+    return o.target.dest.reshape(-1).view(torch.uint8).numpy()
+
+
+@dataclass
+class DirectPlan:
+    """Reads that land in their targets' memory with no staging copy (see :func:`plan_direct`)."""
+
+    reads: list[tuple[str, int, list[Any], bool]]
+    """``(file, chunk index, segments, live)``: the buffers that tile the chunk, in order, and
+    whether any of them is a live tensor's memory."""
+    from_cache: list[tuple[CopyOp, int, int]]
+    """Byte ranges of direct ops whose chunk is already verified in the cache (headers)."""
+    ops: list[CopyOp]
+    """The ops the plan places."""
+    rest: list[CopyOp]
+    """The ops it does not (they go through verified cached chunks)."""
+
+
+def plan_direct(chunks: Chunks, ops: list[CopyOp], eligible: Callable[[CopyOp], bool] = lambda o: True) -> DirectPlan:
+    """Split ``ops`` into those whose chunks can be read straight into their targets and the
+    rest. An op is direct when it lands whole (:func:`_lands_whole`), ``eligible`` accepts it,
+    and every chunk it needs that is not cached is needed by direct ops only (a chunk is read
+    exactly once either way). A direct chunk's bytes that no op needs (another rank's pieces)
+    go to scratch buffers, so the whole chunk is still hashed."""
+    live = [o for o in ops if o.end > o.begin]
+    direct = {id(o) for o in live if eligible(o) and _lands_whole(o)}
+    by_chunk: dict[tuple[str, int], list[CopyOp]] = {}
+    for o in live:
+        for i in chunks.covering(o.file, o.begin, o.end):
+            by_chunk.setdefault((o.file, i), []).append(o)
+    changed = True
+    while changed:
+        changed = False
+        for key, users in by_chunk.items():
+            if key in chunks.cache or all(id(o) in direct for o in users):
+                continue
+            for o in users:
+                if id(o) in direct:
+                    direct.discard(id(o))
+                    changed = True
+    reads: list[tuple[str, int, list[Any], bool]] = []
+    from_cache: list[tuple[CopyOp, int, int]] = []
+    for (f, i), users in sorted(by_chunk.items()):
+        c0, c1, _ = chunks.ranges(f)[i]
+        if (f, i) in chunks.cache:  # verified already (a header's chunk): copied, whoever else uses it
+            from_cache.extend((o, max(c0, o.begin), min(c1, o.end)) for o in users if id(o) in direct)
+            continue
+        if not all(id(o) in direct for o in users):
+            continue
+        segments: list[Any] = []
+        pos = c0
+        for o in sorted(users, key=lambda o: o.begin):
+            a, b = max(c0, o.begin), min(c1, o.end)
+            if a > pos:
+                segments.append(bytearray(a - pos))  # bytes this rank does not use: hashed, dropped
+            segments.append(_dest_bytes(o)[a - o.begin:b - o.begin])
+            pos = b
+        if pos < c1:
+            segments.append(bytearray(c1 - pos))
+        reads.append((f, i, segments, any(o.target.live for o in users)))
+    placed = [o for o in ops if id(o) in direct or o.end == o.begin]
+    return DirectPlan(reads, from_cache, placed, [o for o in ops if not (id(o) in direct or o.end == o.begin)])
+
+
+def place_direct(chunks: Chunks, plan: DirectPlan, pool: Any, live: bool) -> None:
+    """Run the reads of a :class:`DirectPlan` that touch live tensors (``live``) or only fresh
+    ones (not ``live``): every chunk read into its targets and hashed there, all chunks
+    concurrently on ``pool`` (reads and hashes release the GIL). Raises the first failure
+    after every read ended; the targets are then partially written."""
+    for o, a, b in plan.from_cache:
+        if o.target.live == live:
+            chunks.copy_into(o.file, a, b, _dest_bytes(o)[a - o.begin:b - o.begin])
+    futs = [pool.submit(chunks.read_direct, f, i, segs) for f, i, segs, lv in plan.reads if lv == live]
+    first: BaseException | None = None
+    for fut in futs:
+        try:
+            fut.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after every read ended
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def place_op(chunks: Chunks, o: CopyOp) -> None:
     """Copy one op's verified bytes into its target (straight into the tensor when it is a
     whole contiguous CPU piece, else through a temporary of the stored piece)."""
@@ -248,13 +345,7 @@ def place_op(chunks: Chunks, o: CopyOp) -> None:
         return
     dtype = ST_TO_DTYPE[o.slot.dtype]
     dest = o.target.dest
-    direct = (
-        o.op.is_whole_piece
-        and tuple(dest.shape) == o.op.size
-        and dest.device.type == "cpu"
-        and dest.is_contiguous()
-        and dest.dtype == dtype
-    )
+    direct = _lands_whole(o)
     if direct:
         chunks.copy_into(o.file, o.begin, o.end, dest.reshape(-1).view(torch.uint8).numpy())
         return

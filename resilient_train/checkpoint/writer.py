@@ -36,7 +36,8 @@ from ..errors import CheckpointError, ManifestError, ResilientTrainError, StoreC
 from ..progress import LOG_MIN_BYTES, Progress
 from ..format.jsontree import dumps_canonical
 from ..format.manifest import DEFAULT_HASH_CHUNK_BYTES, MAX_HASH_CHUNK_BYTES, MIN_HASH_CHUNK_BYTES, FileRecord, Manifest, TensorRecord
-from ..format.names import FORMAT_VERSION, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename
+from ..format.hashing import ALGORITHMS, SHA256
+from ..format.names import FORMAT_VERSION, HASH_ALGORITHM, HF_INDEX_NAME, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, STATE_NAME, rank_state_filename
 from ..format.safetensors_io import FileHasher, write_file_hashed
 from ..format.signing import SigningKey
 from ..storage import Store, redact
@@ -52,23 +53,35 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SaveOptions:
     """Tuning knobs of a save. ``io_threads``: files written concurrently per rank.
-    ``format_version``: 2 (default, per-chunk digests of ``hash_chunk_bytes``) or 1 (whole-file
-    digests only, for readers older than format 2). ``signing_key``: sign every manifest
+    ``format_version``: 3 (default: per-chunk digests of ``hash_chunk_bytes`` in
+    ``hash_algorithm``, BLAKE3 unless set to ``"sha256"``, and a digest of the chunk digests per
+    file), 2 (per-chunk and whole-file SHA-256, for readers older than format 3) or 1 (whole-file
+    SHA-256 only, for readers older than format 2); ``hash_algorithm`` applies to format 3 only. ``signing_key``: sign every manifest
     (``manifest.sig``, see format/signing.py); never shown in reprs."""
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     io_threads: int = max(1, min(8, os.cpu_count() or 1))
     format_version: int = FORMAT_VERSION
     hash_chunk_bytes: int = DEFAULT_HASH_CHUNK_BYTES
+    hash_algorithm: str = HASH_ALGORITHM
     signing_key: SigningKey | None = field(default=None, repr=False, compare=False)
 
     @property
     def _chunk_bytes(self) -> int | None:
         return self.hash_chunk_bytes if self.format_version >= 2 else None
 
+    @property
+    def _algorithm(self) -> str:
+        return self.hash_algorithm if self.format_version >= 3 else SHA256
+
+    def _hasher(self) -> FileHasher:
+        return FileHasher(self._chunk_bytes, self._algorithm, whole=self.format_version < 3)
+
     def __post_init__(self) -> None:
         if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"format_version must be one of {READABLE_FORMAT_VERSIONS}, got {self.format_version}")
+        if self.hash_algorithm not in ALGORITHMS:
+            raise ValueError(f"hash_algorithm must be one of {ALGORITHMS}, got {self.hash_algorithm!r}")
         if not MIN_HASH_CHUNK_BYTES <= self.hash_chunk_bytes <= MAX_HASH_CHUNK_BYTES:
             raise ValueError(f"hash_chunk_bytes must be in [{MIN_HASH_CHUNK_BYTES}, {MAX_HASH_CHUNK_BYTES}], got {self.hash_chunk_bytes}")
         if self.signing_key is not None and not isinstance(self.signing_key, SigningKey):
@@ -111,18 +124,18 @@ def prepare_folder(store: Store, folder: str) -> None:
     raise CheckpointError(f"step folder {folder} under {store.uri} is already committed; refusing to overwrite it")
 
 
-def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, chunk_bytes: int | None = None) -> FileRecord:
+def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, opts: SaveOptions) -> FileRecord:
     cpu_items = [(n, t if t.device.type == "cpu" else t.to("cpu")) for n, t in items]
-    hasher = FileHasher(chunk_bytes)
+    hasher = opts._hasher()
     with store.open_write(path) as f:
         write_file_hashed(f, cpu_items, metadata, hasher)
     return FileRecord(path.rsplit("/", 1)[-1], *hasher.digests())
 
 
-def _write_json(store: Store, path: str, obj: Any, chunk_bytes: int | None = None) -> FileRecord:
+def _write_json(store: Store, path: str, obj: Any, opts: SaveOptions) -> FileRecord:
     data = dumps_canonical(obj)
     store.write_bytes(path, data)
-    hasher = FileHasher(chunk_bytes)
+    hasher = opts._hasher()
     hasher.update(data)
     return FileRecord(path.rsplit("/", 1)[-1], *hasher.digests())
 
@@ -150,7 +163,7 @@ def build_manifest(step: int, world_size: int, records: list[FileRecord], plan: 
     """The manifest of a checkpoint whose files are ``records`` (every rank's)."""
     return Manifest(
         step=step, world_size=world_size, files=tuple(records), tensors=tuple(_tensor_records(plan)),
-        format_version=opts.format_version, chunk_bytes=opts._chunk_bytes,
+        format_version=opts.format_version, chunk_bytes=opts._chunk_bytes, hash_algorithm=opts._algorithm,
     )
 
 
@@ -186,18 +199,21 @@ def write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan, 
         items = [(p.name, by_ident[p.ident]) for p in f.pieces]
         meta = {"format": "pt"} if f.group in ("model", "model_shards") else None
         jobs.append((f"{folder}/{f.filename}", items, meta))
-    records: list[FileRecord] = []
-    if jobs:
-        total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
-        with ThreadPoolExecutor(max_workers=min(opts.io_threads, len(jobs)), thread_name_prefix="rt-save") as pool, \
-                Progress(total, f"save {folder} (rank {rank})", min_bytes=LOG_MIN_BYTES) as progress:
-            futures = [pool.submit(_write_one, store, path, items, meta, opts._chunk_bytes) for path, items, meta in jobs]
-            for fut in futures:
-                records.append(fut.result())
-                progress(records[-1].size_bytes)
+    json_jobs = [(f"{folder}/{rank_state_filename(rank)}", snap.rank_state)]
     if rank == 0:
-        records.append(_write_json(store, f"{folder}/{STATE_NAME}", snap.shared, opts._chunk_bytes))
+        json_jobs.insert(0, (f"{folder}/{STATE_NAME}", snap.shared))
         if any(f.group == "model" for f in plan.files):
-            records.append(_write_json(store, f"{folder}/{HF_INDEX_NAME}", _hf_index(plan), opts._chunk_bytes))
-    records.append(_write_json(store, f"{folder}/{rank_state_filename(rank)}", snap.rank_state, opts._chunk_bytes))
+            json_jobs.insert(1, (f"{folder}/{HF_INDEX_NAME}", _hf_index(plan)))
+    records: list[FileRecord] = []
+    total = sum(t.numel() * t.element_size() for _, items, _ in jobs for _, t in items)
+    # The JSON files are written (and fsynced) beside the tensor files, not after them: on a
+    # busy disk each small fsync waits its turn.
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.io_threads, len(jobs))) + 1, thread_name_prefix="rt-save") as pool, \
+            Progress(total, f"save {folder} (rank {rank})", min_bytes=LOG_MIN_BYTES) as progress:
+        json_futures = [pool.submit(_write_json, store, path, obj, opts) for path, obj in json_jobs]
+        futures = [pool.submit(_write_one, store, path, items, meta, opts) for path, items, meta in jobs]
+        for fut in futures:
+            records.append(fut.result())
+            progress(records[-1].size_bytes)
+        records.extend(fut.result() for fut in json_futures)
     return records

@@ -1,5 +1,5 @@
-"""The on-disk checkpoint format, version 2 (``FORMAT_VERSION``; version 1 stays readable): names,
-manifest schema, safetensors layout, JSON state, signatures.
+"""The on-disk checkpoint format, version 3 (``FORMAT_VERSION``; versions 1 and 2 stay readable): names,
+manifest schema, digest algorithms (hashing.py: SHA-256, BLAKE3), safetensors layout, JSON state, signatures.
 
 Everything persisted is defined here and pinned by exact-bytes tests. See ``docs/format.md``.
 """

@@ -1,8 +1,12 @@
-"""The manifest: the commit record of a checkpoint (format version 2; version 1 is read too).
+"""The manifest: the commit record of a checkpoint (format version 3; versions 1 and 2 are read too).
 
 Version 2 adds, for every file, the SHA-256 of each ``chunk_bytes``-sized chunk
 (``chunk_sha256``), so any byte range verifies on its own: a reader hashes exactly the chunks
 it fetches, in parallel, from the buffer it then uses. Version 1 has the whole-file digest only.
+Version 3 names its digest algorithm (``hash.algorithm``: ``blake3`` by default, ``sha256``
+accepted), lists each file's chunk digests as ``chunks`` and its file digest as ``digest``: the
+digest of the concatenated chunk digests (see :mod:`.hashing`), which the parser checks against
+the chunks, so a reader hashes every byte once, against its chunk, and never a whole file again.
 
 ``manifest.json`` is written last, after every file it lists is durable. Its bytes are
 canonical (see :func:`~resilient_train.format.jsontree.dumps_canonical`) and pinned by tests.
@@ -18,7 +22,8 @@ from typing import Any
 
 from ..errors import ManifestError, UnsafePathError, UnsupportedFormatVersionError
 from .jsontree import dumps_canonical
-from .names import FORMAT_NAME, FORMAT_VERSION, HASH_ALGORITHM, READABLE_FORMAT_VERSIONS
+from .hashing import ALGORITHMS, BLAKE3, SHA256, FileDigester, digest_of_digests
+from .names import FORMAT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from .safetensors_io import ITEMSIZE
 
 __all__ = ["FileRecord", "TensorRecord", "Manifest", "check_filename", "chunk_count", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "MAX_MANIFEST_FILES", "MAX_MANIFEST_TENSORS", "TOP_LEVEL_KEYS", "DEFAULT_HASH_CHUNK_BYTES"]
@@ -37,7 +42,7 @@ may hold: each tensor record is an object with three lists, each file record an 
 one list. A manifest padded with millions of empty objects is refused before it is parsed."""
 
 TOP_LEVEL_KEYS = frozenset({"files", "format", "format_version", "hash", "step", "tensors", "world"})
-"""The top-level keys of formats 1 and 2. Any other key is refused before its value is parsed
+"""The top-level keys of formats 1, 2 and 3. Any other key is refused before its value is parsed
 (a writer that needs a new key writes a new format version)."""
 
 DEFAULT_HASH_CHUNK_BYTES = 8 * 1024 * 1024
@@ -66,17 +71,37 @@ def check_filename(name: Any) -> str:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file: size, whole-file SHA-256 and (format v2) the SHA-256 of every chunk."""
+    """One file: size, file digest and (format 2 and 3) the digest of every chunk, in the
+    manifest's algorithm (:attr:`Manifest.hash_algorithm`). The file digest is the SHA-256 of
+    the whole file in formats 1 and 2, the digest of the chunk digests in format 3."""
 
     path: str
     size_bytes: int
-    sha256: str
-    chunk_sha256: tuple[str, ...] | None = None
+    digest: str
+    chunk_digests: tuple[str, ...] | None = None
+    format_version: int = FORMAT_VERSION
+    hash_algorithm: str = SHA256
+    chunk_bytes: int | None = None
+    """The last three are the manifest's (set by :class:`Manifest`), so a record can check its
+    file on its own (:meth:`new_digester`)."""
+
+    def new_digester(self) -> FileDigester:
+        """A hasher that, fed this file's bytes in order, returns the digest recorded here."""
+        return FileDigester(self.hash_algorithm, self.chunk_bytes, whole=self.format_version < 3)
+
+    @property
+    def sha256(self) -> str:
+        """The whole-file SHA-256 (formats 1 and 2 only; format 3 records no such digest)."""
+        if self.format_version >= 3:
+            raise AttributeError(f"{self.path}: a format {self.format_version} file record has no whole-file SHA-256; use .digest (see Manifest.hash_algorithm)")
+        return self.digest
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
-        if self.chunk_sha256 is not None:
-            out["chunk_sha256"] = list(self.chunk_sha256)
+        if self.format_version >= 3:
+            return {"chunks": list(self.chunk_digests or ()), "digest": self.digest, "path": self.path, "size_bytes": self.size_bytes}
+        out: dict[str, Any] = {"path": self.path, "sha256": self.digest, "size_bytes": self.size_bytes}
+        if self.chunk_digests is not None:
+            out["chunk_sha256"] = list(self.chunk_digests)
         return out
 
 
@@ -129,11 +154,19 @@ class Manifest:
     tensors: tuple[TensorRecord, ...]
     format_version: int = FORMAT_VERSION
     chunk_bytes: int | None = None
-    """Format v2: size of the chunks whose digests ``FileRecord.chunk_sha256`` holds."""
+    """Formats 2 and 3: size of the chunks whose digests ``FileRecord.chunk_digests`` holds."""
+    hash_algorithm: str = BLAKE3
+    """The digest algorithm of every digest in the manifest (always SHA-256 in formats 1 and 2)."""
     _by_path: dict[str, FileRecord] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "files", tuple(sorted(self.files, key=lambda f: f.path)))
+        if self.format_version < 3:
+            object.__setattr__(self, "hash_algorithm", SHA256)
+        if self.hash_algorithm not in ALGORITHMS:
+            raise ValueError(f"hash_algorithm must be one of {ALGORITHMS}, got {self.hash_algorithm!r}")
+        stamp = (self.format_version, self.hash_algorithm, self.chunk_bytes)
+        files = tuple(f if (f.format_version, f.hash_algorithm, f.chunk_bytes) == stamp else FileRecord(f.path, f.size_bytes, f.digest, f.chunk_digests, *stamp) for f in self.files)
+        object.__setattr__(self, "files", tuple(sorted(files, key=lambda f: f.path)))
         object.__setattr__(self, "tensors", tuple(sorted(self.tensors, key=lambda t: (t.key, t.offsets, t.file))))
         object.__setattr__(self, "_by_path", {f.path: f for f in self.files})
 
@@ -147,13 +180,19 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size_bytes for f in self.files)
 
+    @property
+    def whole_file_digest(self) -> bool:
+        """True when a file's digest is the hash of its bytes (formats 1 and 2), False when it
+        is the digest of its chunk digests (format 3, checked when the manifest is parsed)."""
+        return self.format_version < 3
+
     def chunks(self, rec: FileRecord) -> list[tuple[int, int, str]]:
-        """``(start, end, sha256)`` of every independently verifiable range of ``rec``: the
-        chunks of format v2, or the whole file as one range in format v1."""
-        if rec.chunk_sha256 is None or self.chunk_bytes is None:
-            return [(0, rec.size_bytes, rec.sha256)]
+        """``(start, end, digest)`` of every independently verifiable range of ``rec``: the
+        chunks of formats 2 and 3, or the whole file as one range in format 1."""
+        if rec.chunk_digests is None or self.chunk_bytes is None:
+            return [(0, rec.size_bytes, rec.digest)]
         cb = self.chunk_bytes
-        return [(i * cb, min(rec.size_bytes, (i + 1) * cb), d) for i, d in enumerate(rec.chunk_sha256)]
+        return [(i * cb, min(rec.size_bytes, (i + 1) * cb), d) for i, d in enumerate(rec.chunk_digests)]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -165,7 +204,7 @@ class Manifest:
             "world": {"world_size": self.world_size},
         }
         if self.format_version >= 2:
-            out["hash"] = {"algorithm": HASH_ALGORITHM, "chunk_bytes": self.chunk_bytes}
+            out["hash"] = {"algorithm": self.hash_algorithm, "chunk_bytes": self.chunk_bytes}
         return out
 
     def to_bytes(self) -> bytes:
@@ -201,12 +240,15 @@ class Manifest:
                 f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade resilient-train to read it"
             )
         chunk_bytes = None
+        algorithm = SHA256
         if version >= 2:
             h = obj.get("hash")
             if not isinstance(h, dict) or set(h) != {"algorithm", "chunk_bytes"}:
                 raise fail("'hash' must be an object with exactly 'algorithm' and 'chunk_bytes'")
-            if h["algorithm"] != HASH_ALGORITHM:
-                raise UnsupportedFormatVersionError(f"{where}: hash algorithm {h['algorithm']!r} is not supported (this library reads {HASH_ALGORITHM!r})")
+            accepted = ALGORITHMS if version >= 3 else (SHA256,)
+            if h["algorithm"] not in accepted:
+                raise UnsupportedFormatVersionError(f"{where}: hash algorithm {str(h['algorithm'])[:40]!r} is not supported in format {version} (this library reads {', '.join(map(repr, accepted))})")
+            algorithm = h["algorithm"]
             chunk_bytes = h["chunk_bytes"]
             if type(chunk_bytes) is not int or not MIN_HASH_CHUNK_BYTES <= chunk_bytes <= MAX_HASH_CHUNK_BYTES:
                 raise fail(f"'hash.chunk_bytes' must be an integer in [{MIN_HASH_CHUNK_BYTES}, {MAX_HASH_CHUNK_BYTES}]")
@@ -233,13 +275,23 @@ class Manifest:
             if path in seen:
                 raise fail(f"file {path!r} is listed twice")
             seen.add(path)
-            size, sha = f.get("size_bytes"), f.get("sha256")
+            digest_key, chunks_key = ("digest", "chunks") if version >= 3 else ("sha256", "chunk_sha256")
+            size, sha = f.get("size_bytes"), f.get(digest_key)
             if type(size) is not int or size < 0:
                 raise fail(f"file {path!r}: 'size_bytes' must be a non-negative integer")
             if not isinstance(sha, str) or not _SHA256.match(sha):
-                raise fail(f"file {path!r}: 'sha256' must be 64 lowercase hex digits")
+                raise fail(f"file {path!r}: '{digest_key}' must be 64 lowercase hex digits")
             chunk_sha = None
-            if chunk_bytes is not None:
+            if version >= 3:
+                raw = f.get("chunks")
+                want = chunk_count(size, chunk_bytes)  # type: ignore[arg-type]
+                if not isinstance(raw, list) or len(raw) != want or not all(isinstance(d, str) and _SHA256.match(d) for d in raw):
+                    raise fail(f"file {path!r}: 'chunks' must list {want} digests of 64 lowercase hex digits")
+                chunk_sha = tuple(raw)
+                if digest_of_digests(algorithm, chunk_sha) != sha:
+                    raise fail(f"file {path!r}: 'digest' {sha} is not the {algorithm} of its chunk digests (the manifest contradicts itself)")
+                extra_keys = set(f) - {"path", "size_bytes", "digest", "chunks"}
+            elif chunk_bytes is not None:
                 raw = f.get("chunk_sha256")
                 want = chunk_count(size, chunk_bytes)
                 if not isinstance(raw, list) or len(raw) != want or not all(isinstance(d, str) and _SHA256.match(d) for d in raw):
@@ -253,7 +305,7 @@ class Manifest:
                 extra_keys = set(f) - {"path", "sha256", "size_bytes"}
             if extra_keys:
                 raise fail(f"file {path!r}: unknown fields {sorted(extra_keys)}")
-            files.append(FileRecord(path, size, sha, chunk_sha))
+            files.append(FileRecord(path, size, sha, chunk_sha, version))
         tensors = []
         pieces: dict[tuple[str, str], str] = {}
         sizes = {f.path: f.size_bytes for f in files}
@@ -298,7 +350,7 @@ class Manifest:
                 whole *= g
             if whole > key_bytes[key]:
                 raise fail(f"tensor {key!r}: global shape {list(first.global_shape)} holds more than its stored pieces")
-        return cls(step=step, world_size=world["world_size"], files=tuple(files), tensors=tuple(tensors), format_version=version, chunk_bytes=chunk_bytes)
+        return cls(step=step, world_size=world["world_size"], files=tuple(files), tensors=tuple(tensors), format_version=version, chunk_bytes=chunk_bytes, hash_algorithm=algorithm)
 
 
 def _loads_manifest(data: bytes, where: str) -> Any:
@@ -341,7 +393,7 @@ def _loads_manifest(data: bytes, where: str) -> Any:
                     raise ValueError(f"expected a key at character {i}")
                 key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
                 if key not in TOP_LEVEL_KEYS:
-                    raise fail(f"unknown top-level key {key[:40]!r} (format versions 1 and 2 have exactly {sorted(TOP_LEVEL_KEYS)}); refused before reading its value")
+                    raise fail(f"unknown top-level key {key[:40]!r} (format versions 1 to 3 have exactly {sorted(TOP_LEVEL_KEYS)}); refused before reading its value")
                 if key in out:
                     raise ValueError(f"duplicate key {key!r}")
                 i = ws(text, i).end()

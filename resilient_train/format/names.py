@@ -1,4 +1,4 @@
-"""Names that are part of the on-disk format (version 2; version 1 stays readable). Changing any of them changes the format."""
+"""Names that are part of the on-disk format (version 3; versions 1 and 2 stay readable). Changing any of them changes the format."""
 
 from __future__ import annotations
 
@@ -20,13 +20,16 @@ __all__ = [
 ]
 
 FORMAT_NAME = "resilient-train-checkpoint"
-FORMAT_VERSION = 2
-"""Written by default. Version 2 adds per-chunk SHA-256 digests of every file."""
+FORMAT_VERSION = 3
+"""Written by default. Version 2 adds per-chunk SHA-256 digests of every file; version 3 names
+its digest algorithm (BLAKE3 by default) and records a file's digest as the digest of its
+chunk digests."""
 
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
-HASH_ALGORITHM = "sha256"
-"""The only digest algorithm written and accepted (``hash.algorithm`` in a v2 manifest)."""
+HASH_ALGORITHM = "blake3"
+"""The digest algorithm written by default (``hash.algorithm`` of a format 3 manifest; format 2
+manifests name ``sha256``, the only one they may name)."""
 
 MANIFEST_NAME = "manifest.json"
 """The commit marker: a step folder is a checkpoint only once this file exists."""

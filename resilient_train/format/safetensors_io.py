@@ -1,4 +1,4 @@
-"""Writing and strictly validating safetensors files, with SHA-256 computed while writing.
+"""Writing and strictly validating safetensors files, with their digests computed while writing.
 
 Files written here are plain safetensors: ``safetensors.torch.load_file`` and Hugging Face
 loaders read them. The header is JSON with keys in data order, padded with spaces to a multiple
@@ -7,15 +7,17 @@ of 8 bytes (as the reference implementation does), so bytes are deterministic fo
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
 import torch
 
 from ..errors import SafetensorsHeaderError
+from .hashing import BLAKE3, SHA256, digest_of_digests, new_hasher
 from .jsontree import loads_strict
 
 __all__ = [
@@ -104,20 +106,36 @@ def build_header(entries: Sequence[tuple[str, torch.dtype, Sequence[int]]], meta
 
 
 class FileHasher:
-    """SHA-256 of a byte stream, whole and (with ``chunk_bytes``) per fixed-size chunk, fed in
-    any pieces. ``digests()`` returns ``(size_bytes, whole_sha256, chunk_sha256s or None)``."""
+    """The digests of a byte stream fed in any pieces, as a manifest records them:
+    ``digests()`` returns ``(size_bytes, file_digest, chunk_digests or None)``.
 
-    def __init__(self, chunk_bytes: int | None = None):
+    ``whole=True`` (formats 1 and 2, SHA-256): the file digest is the hash of the whole stream,
+    and with ``chunk_bytes`` each ``chunk_bytes`` chunk is hashed too. ``whole=False`` (format
+    3): only the chunks are hashed (each byte once) and the file digest is the digest of their
+    digests. BLAKE3 chunks hash on every core (its own threads, GIL released)."""
+
+    def __init__(self, chunk_bytes: int | None = None, algorithm: str = SHA256, whole: bool = True):
+        if not whole and not chunk_bytes:
+            raise ValueError("whole=False needs chunk_bytes")
         self.size = 0
-        self._whole = hashlib.sha256()
+        self.algorithm = algorithm
+        self._whole = new_hasher(algorithm) if whole else None
         self._chunk_bytes = chunk_bytes
-        self._chunk = hashlib.sha256() if chunk_bytes else None
+        self._chunk = self._new_chunk() if chunk_bytes else None
         self._in_chunk = 0
         self._chunks: list[str] = []
 
+    def _new_chunk(self):
+        if self.algorithm == BLAKE3:
+            import blake3
+
+            return blake3.blake3(max_threads=blake3.blake3.AUTO)
+        return new_hasher(self.algorithm)
+
     def update(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self._whole.update(mv)
+        if self._whole is not None:
+            self._whole.update(mv)
         self.size += len(mv)
         if self._chunk is None:
             return
@@ -129,15 +147,17 @@ class FileHasher:
             mv = mv[n:]
             if self._in_chunk == cb:
                 self._chunks.append(self._chunk.hexdigest())
-                self._chunk = hashlib.sha256()
+                self._chunk = self._new_chunk()
                 self._in_chunk = 0
 
     def digests(self) -> tuple[int, str, tuple[str, ...] | None]:
         if self._chunk is None:
-            return self.size, self._whole.hexdigest(), None
+            return self.size, self._whole.hexdigest(), None  # type: ignore[union-attr]
         chunks = list(self._chunks)
         if self._in_chunk or not chunks:
             chunks.append(self._chunk.hexdigest())
+        if self._whole is None:
+            return self.size, digest_of_digests(self.algorithm, chunks), tuple(chunks)
         return self.size, self._whole.hexdigest(), tuple(chunks)
 
 
@@ -154,17 +174,56 @@ def write_file(f: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]], metadat
 
 
 def write_file_hashed(f: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, hasher: FileHasher) -> None:
-    """Write one safetensors file to ``f``, feeding every byte written to ``hasher``."""
+    """Write one safetensors file to ``f``, feeding every byte written to ``hasher``.
+
+    The bytes are hashed on a helper thread while they are written, from the same memory (the
+    tensors, which must not change until this returns: a save writes from its staged copy);
+    nothing is copied for the hash. Pieces reach the hasher in file order."""
     items = list(tensors)
     head, _ = build_header([(n, t.dtype, tuple(t.shape)) for n, t in items], metadata)
     hasher.update(head)
     _write_all(f, head)
-    for _, t in items:
-        mv = tensor_bytes(t)
-        for start in range(0, len(mv), CHUNK_BYTES):
-            chunk = mv[start:start + CHUNK_BYTES]
-            hasher.update(chunk)
-            _write_all(f, chunk)
+    pieces = [mv[start:start + CHUNK_BYTES] for _, t in items for mv in (tensor_bytes(t),) for start in range(0, len(mv), CHUNK_BYTES)]
+    if len(pieces) <= 1:
+        for piece in pieces:
+            hasher.update(piece)
+            _write_all(f, piece)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rt-hash-write") as hash_thread:
+        done = hash_thread.submit(lambda: [hasher.update(piece) for piece in pieces])
+        try:
+            offset = len(head)
+            for piece in pieces:
+                _write_all(f, piece)
+                _start_writeback(f, offset, len(piece))
+                offset += len(piece)
+        finally:
+            done.result()  # the hash of what was written (or its error) before the file closes
+
+
+_SYNC_FILE_RANGE: Any = None
+
+
+def _start_writeback(f: Any, offset: int, n: int) -> None:
+    """Start writing ``[offset, offset + n)`` of a local file to disk now (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, asynchronous), so the disk works while the next
+    piece is written and the final fsync has little left to do. Measured here: 1 GiB written in
+    16 MiB pieces then fsynced, 2.6-3.0 s against 3.1-5.4 s without. A no-op elsewhere (not a
+    local file, not Linux); durability still comes from the fsync that closes the file."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is False or not isinstance(f, io.FileIO):
+        return
+    if _SYNC_FILE_RANGE is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _SYNC_FILE_RANGE = fn
+        except (OSError, AttributeError):
+            _SYNC_FILE_RANGE = False
+            return
+    _SYNC_FILE_RANGE(f.fileno(), offset, n, 2)  # SYNC_FILE_RANGE_WRITE; an error only means no head start
 
 
 def _write_all(f: BinaryIO, data) -> None:

@@ -29,9 +29,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def sha256_of(store: Store, path: str, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, str]:
-    """``(size, sha256 hex)`` of ``path`` in ``store``, read as a stream."""
-    h = hashlib.sha256()
+def sha256_of(store: Store, path: str, chunk_bytes: int = CHUNK_BYTES, digester: Callable[[], Any] | None = None) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of ``path`` in ``store``, read as a stream (with ``digester``:
+    the hex digest of that hasher factory instead, e.g. a manifest record's ``new_digester``)."""
+    h = (digester or hashlib.sha256)()
     n = 0
     buf = bytearray(chunk_bytes)
     mv = memoryview(buf)
@@ -45,36 +46,40 @@ def sha256_of(store: Store, path: str, chunk_bytes: int = CHUNK_BYTES) -> tuple[
     return n, h.hexdigest()
 
 
-def file_matches(store: Store, path: str, size_bytes: int, sha256: str) -> bool:
-    """True when ``path`` exists with exactly this size and SHA-256 (cheap size check first)."""
+def file_matches(store: Store, path: str, size_bytes: int, sha256: str, digester: Callable[[], Any] | None = None) -> bool:
+    """True when ``path`` exists with exactly this size and SHA-256 (or ``digester``'s digest;
+    cheap size check first)."""
     try:
         if store.size(path) != size_bytes:
             return False
     except StoreNotFoundError:
         return False
-    return sha256_of(store, path) == (size_bytes, sha256)
+    return sha256_of(store, path, digester=digester) == (size_bytes, sha256)
 
 
 def _verify(src: Store, src_path: str, dst: Store, n: int, digest: str, size_bytes: int | None, sha256: str | None) -> None:
     if size_bytes is not None and n != size_bytes:
         raise TruncatedFileError(f"{src.name}:{src_path} is {n} bytes, expected {size_bytes}; not copied to {dst.name}")
     if sha256 is not None and digest != sha256:
-        raise HashMismatchError(f"{src.name}:{src_path} has SHA-256 {digest}, expected {sha256}; not copied to {dst.name}")
+        raise HashMismatchError(f"{src.name}:{src_path} has digest {digest}, expected {sha256}; not copied to {dst.name}")
 
 
-def _copy_once(src: Store, src_path: str, dst: Store, dst_path: str, size_bytes: int | None, sha256: str | None, chunk_bytes: int, on_bytes: Callable[[int], None] | None) -> tuple[int, str]:
+def _copy_once(src: Store, src_path: str, dst: Store, dst_path: str, size_bytes: int | None, sha256: str | None, chunk_bytes: int, on_bytes: Callable[[int], None] | None,
+               digester: Callable[[], Any]) -> tuple[int, str]:
     sent = 0
     try:
         if size_bytes is not None and size_bytes <= chunk_bytes:
             # Small object: one ranged GET and one PUT (both retried as single calls).
             data = src.read_bytes(src_path)
-            digest = hashlib.sha256(data).hexdigest()
+            h = digester()
+            h.update(data)
+            digest = h.hexdigest()
             _verify(src, src_path, dst, len(data), digest, size_bytes, sha256)
             dst.write_bytes(dst_path, data)
             if on_bytes is not None:
                 on_bytes(len(data))
             return len(data), digest
-        h = hashlib.sha256()
+        h = digester()
         n = 0
         with src.open_read(src_path) as fin, dst.open_write(dst_path) as fout, ThreadPoolExecutor(1, thread_name_prefix="rt-prefetch") as pre:
             # Read the next chunk while this one is hashed and uploaded.
@@ -109,8 +114,11 @@ def copy_file(
     chunk_bytes: int = CHUNK_BYTES,
     retry: RetryPolicy | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    digester: Callable[[], Any] | None = None,
 ) -> tuple[int, str]:
-    """Stream ``src:src_path`` to ``dst:dst_path``; returns ``(size, sha256)`` of what was copied.
+    """Stream ``src:src_path`` to ``dst:dst_path``; returns ``(size, sha256)`` of what was copied
+    (``sha256`` and the result are ``digester``'s digests when it is given: a factory of hashers
+    with ``update`` and ``hexdigest``, such as a manifest record's ``new_digester``).
 
     Raises HashMismatchError / TruncatedFileError when the bytes differ from the expected ones
     (the destination object is aborted), StoreNotFoundError when the source is missing, and
@@ -121,7 +129,7 @@ def copy_file(
     # The stores' own budgets: a store that does not retry (local, a test wrapper) is not retried here.
     policy = retry or getattr(dst, "policy", None) or getattr(src, "policy", None) or NO_RETRY
     return call_with_retry(
-        lambda: _copy_once(src, src_path, dst, dst_path, size_bytes, sha256, chunk_bytes, on_bytes),
+        lambda: _copy_once(src, src_path, dst, dst_path, size_bytes, sha256, chunk_bytes, on_bytes, digester or hashlib.sha256),
         policy,
         provider=dst.name,
         what=f"copy of {src_path!r} from {src.name}",
