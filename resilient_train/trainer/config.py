@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from ..scripts import _check_script_options
+from ..scripts import check_script_options
 
 __all__ = ["SyncConfig", "TrainerConfig"]
 
@@ -113,7 +113,7 @@ class TrainerConfig:
     keep_best_mode: str = "min"
 
     def __post_init__(self) -> None:
-        _check_script_options(self)
+        check_script_options(self)
         if self.checkpoint is None:
             raise ConfigError("TrainerConfig.checkpoint is required: a folder, an fsspec URL (s3://bucket/run) or a Placement of providers")
         if isinstance(self.checkpoint, str) and not self.checkpoint:
