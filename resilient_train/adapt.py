@@ -15,10 +15,10 @@ later at the first checkpoint:
   and restarts are enabled, ``wrap`` refuses and says which line to remove. When ``wrap``
   initialises the group itself it uses a prefix per attempt in the shared store instead (see
   :func:`~resilient_train.trainer.init_distributed`).
-* **model**: a model already in ``DistributedDataParallel`` is accepted when the job is one
-  replica group (plain DDP): the script's DDP stays in charge of the gradients and the wrapper
-  checkpoints its ``.module``. With several replica groups, DDP must span one group only, so
-  ``wrap`` refuses and asks for the bare model. A model the script passed through FSDP2's
+* **model**: a model already in ``DistributedDataParallel`` over every rank of the job is
+  accepted (one torchrun job is one provider's replica group): the script's DDP stays in
+  charge of the gradients and the wrapper checkpoints its ``.module``. A DDP over fewer ranks
+  is refused with the fix (pass the bare model). A model the script passed through FSDP2's
   ``fully_shard`` (its parameters are DTensors: FSDP over a 1-D mesh, HSDP over a 2-D one) is
   taken as it is: FSDP2 stays in charge of the gradients, ``wrap`` adds no DDP, and checkpoints
   hold each rank's own pieces (never gathered; see :func:`model_layout`). FSDP1
@@ -185,9 +185,10 @@ def model_layout(module: torch.nn.Module) -> str:
 
 
 def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int, layout: str = "replicated", sync_mode: str = "ddp", group: str | None = None) -> None:
-    """The script's DDP spans every rank; that is right only for a single replica group. A
+    """The script's DDP spans every rank of the job (one torchrun job is one replica group). A
     sharded model trains inside one torchrun job: the exchange between providers (``group=``,
-    ``localsgd``/``diloco``) does not take sharded models yet, and is refused here."""
+    ``localsgd``/``diloco``) does not take sharded models yet, and is refused here.
+    ``replica_groups`` is always 1 (the retired setting; the trainer still passes it)."""
     if layout == "sharded" and (sync_mode != "ddp" or group is not None or replica_groups > 1):
         raise ConfigError(
             f"an FSDP2 (fully_shard) model trains with sync mode 'ddp' inside one torchrun job (FSDP2 averages its gradients); "
@@ -196,11 +197,9 @@ def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int, la
         )
     if user_ddp is None:
         return
-    if replica_groups > 1:
-        raise ConfigError(f"the model is already wrapped in DistributedDataParallel over all ranks, but replica_groups={replica_groups} needs DDP inside each group: pass the bare model (remove `DDP(...)`; wrap builds the DDP of each group)")
     pg = getattr(user_ddp, "process_group", None)
     if pg is not None and dist.is_initialized() and dist.get_world_size(pg) != dist.get_world_size():
-        raise ConfigError("the model's DistributedDataParallel uses a process group smaller than the world: pass the bare model and let wrap build the groups (replica_groups)")
+        raise ConfigError("the model's DistributedDataParallel uses a process group smaller than the world: pass the bare model and let wrap build the DDP over every rank")
 
 
 def check_sharded_mesh(module: torch.nn.Module, world_size: int) -> None:
