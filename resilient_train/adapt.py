@@ -14,7 +14,7 @@ later at the first checkpoint:
   restarted attempt finds none and exchanges fresh addresses. Where the store cannot list keys
   and restarts are enabled, ``wrap`` refuses and says which line to remove. When ``wrap``
   initialises the group itself it uses a prefix per attempt in the shared store instead (see
-  :func:`~resilient_train.trainer.init_distributed`).
+  :func:`~resilient_train.trainer.setup.init_distributed`).
 * **model**: a model already in ``DistributedDataParallel`` over every rank of the job is
   accepted (one torchrun job is one provider's replica group): the script's DDP stays in
   charge of the gradients and the wrapper checkpoints its ``.module``. A DDP over fewer ranks

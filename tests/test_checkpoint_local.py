@@ -15,7 +15,7 @@ import torch
 
 import resilient_train as rt
 from resilient_train import errors
-from resilient_train.checkpoint import committed_steps, latest_step
+from resilient_train.checkpoint.steps import committed_steps, latest_step
 from resilient_train.storage import open_store
 
 from .helpers import TinyNet, assert_same_state, full_state, make_run, train_steps

@@ -37,9 +37,7 @@ agreement), :mod:`.trainer` (``Trainer``, ``wrap``: the step loop).
 
 from __future__ import annotations
 
-from ..events import EventLog
 from .config import SyncConfig, TrainerConfig
-from .setup import init_distributed
 from .trainer import Trainer, wrap
 
-__all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap", "EventLog", "init_distributed"]
+__all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap"]
