@@ -293,7 +293,8 @@ class MembershipError(ResilientTrainError):
 
 
 class MembershipStoreError(MembershipError, ConnectionError):
-    """The membership key-value store did not answer within the call's timeout."""
+    """The membership KV (the key-value service providers meet in, a
+    :class:`~resilient_train.membership.KVStore`) did not answer within the call's timeout."""
 
 
 class MembershipRefusedError(MembershipError):

@@ -81,7 +81,7 @@ class TrainerConfig:
     written at checkpoints, every 30 s and at close) or a callable; ``{rank}`` is replaced by
     the rank. ``on_event``: a callable given every event dict (metrics: TensorBoard, W&B,
     Prometheus). A failing sink is logged and never stops training (see :mod:`.events`).
-    ``timeout_s``: bound on every collective and store operation the wrapper starts.
+    ``timeout_s``: bound on every collective, checkpoint copy and membership KV call the wrapper starts.
     ``signing_key``: a :class:`~resilient_train.format.signing.SigningKey` that signs every
     checkpoint saved. ``verify_keys``: a KeyRing, key, key file path or list of them; resume
     then loads only checkpoints signed by one of them (the newest such). Neither is ever shown.
