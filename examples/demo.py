@@ -79,7 +79,8 @@ def main() -> int:
 
 
 def provider_loss_part(root: str) -> int:
-    """Part 2: three providers (2 ranks each), one lost mid-round and back, through rt.wrap."""
+    """Part 2: three providers (2 ranks each, the model sharded over them with FSDP2), one lost
+    mid-round and back, through rt.wrap."""
     sys.path.insert(0, HERE)
     import glob
 
@@ -89,7 +90,7 @@ def provider_loss_part(root: str) -> int:
     print("\n==== part 2: three providers, one lost mid-round; the others carry on without restarting ====")
     out = os.path.join(os.path.dirname(root), "provider-loss")
     ref = os.path.join(os.path.dirname(root), "provider-loss-reference")
-    common = ["--every", "20", "--keep-last", "100"]
+    common = ["--every", "20", "--keep-last", "100", "--fsdp"]
     provider_loss.main(["--out", out, *common])
     print("\nthe reference: the same run in which provider b leaves cleanly before that round ...", flush=True)
     provider_loss.main(["--out", ref, "--fault", "none", *common])
@@ -108,9 +109,12 @@ def provider_loss_part(root: str) -> int:
     all_equal = all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in finals[0])
     rejoin = s["rejoin"][0] if s["rejoin"] else {}
     print("\nsummary of the provider loss:")
+    print("  every provider: FSDP2 (fully_shard) over its 2 ranks; rank i of each provider exchanges its own shard with rank i of the others")
+    per_rank = s.get("sync_bytes_per_round_by_rank", {})
+    print(f"  cross-provider bytes sent per round, per rank: {', '.join(f'{w} {b / 1e3:.1f} KB' for w, b in per_rank.items() if w[0] == 'a')} (no rank sends the whole model)")
     print(f"  provider {s['fault_member']}'s torchrun (agent + 2 workers) SIGKILLed inside round {s['fault_round']} (step {s['fault_step']}), its storage taken down")
     print(f"  survivors a and c redid only that round among themselves and went on: {s['recovery_s_from_fault']:.2f} s from the kill to every survivor rank training again (the redone round complete; roll call {s['roll_call_s']:.2f} s), steps redone = {s['steps_redone']}")
-    print(f"  provider b relaunched: back in at step {rejoin.get('step')} with {rejoin.get('received_bytes', 0) / 1e6:.2f} MB of live state from {rejoin.get('state_from')}, {s['rejoin_s_after_relaunch']} s after its relaunch (process start and imports included)")
+    print(f"  provider b relaunched: back in at step {rejoin.get('step')} with the live state from {rejoin.get('state_from')}, shard by shard ({rejoin.get('received_bytes', 0) / 1e6:.2f} MB on rank 0's lane), {s['rejoin_s_after_relaunch']} s after its relaunch (process start and imports included)")
     print(f"  validation loss: {s['first_val_loss']} at the first round -> {s['final_val_loss']} at the end")
     print(f"  survivors' checkpoint at step {step} equals the run where b left cleanly, bit for bit: {same}")
     print(f"  every provider ends with the same weights: {all_equal}")

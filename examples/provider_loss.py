@@ -131,7 +131,8 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
                "--membership", f"tcp://127.0.0.1:{kv_host.port}", "--providers", spec, "--out", args.out,
                "--steps", str(UNTIL_STOP_FILE if relaunch else args.steps), "--stop-file", stop_file,
                "--sync-every", str(H), "--every", str(args.every), "--start-groups", "3", "--step-delay", str(args.step_delay),
-               "--round-deadline", str(args.round_deadline), "--keep-last", str(args.keep_last), *extra]
+               "--round-deadline", str(args.round_deadline), "--keep-last", str(args.keep_last),
+               *(["--fsdp"] if getattr(args, "fsdp", False) else []), *extra]
         procs[name] = subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
 
     def orch(event: str, **fields: Any) -> None:
@@ -213,6 +214,10 @@ def run(args: argparse.Namespace, providers: list[dict], storage_down: Callable[
         "final_val_loss": {e["member"]: e["val_loss"] for e in leaders if e["event"] == "done"},
         "first_val_loss": first_loss,
         "wall_s": round(time.time() - t0, 2),
+        # cross-provider bytes each rank sent per round (a sharded group: every rank its shard on
+        # its lane; a replicated group: the leader the whole model), from each rank's own events
+        "sync_bytes_per_round_by_rank": {who: round(last["bytes_sent"] / last["rounds"]) for who in sorted({e["who"] for e in evs if e["event"] == "sync"})
+                                         for last in [[e for e in evs if e["event"] == "sync" and e["who"] == who and e.get("rounds")][-1]]},
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-deadline", type=float, default=30.0)
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept per group")
     p.add_argument("--step-delay", type=float, default=0.08, help="sleep per step so that the CPU demo is watchable")
+    p.add_argument("--fsdp", action="store_true", help="shard the model over each provider's ranks with FSDP2: every rank "
+                                                      "exchanges its own shard with the other providers")
     args = p.parse_args(argv)
     if args.every % args.sync_every or (args.fault_round + args.rejoin_after_rounds) * args.sync_every >= args.steps:
         p.error("need --every a multiple of --sync-every and (--fault-round + --rejoin-after-rounds) * --sync-every < --steps")
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = [{"name": n, "uri": os.path.join(storage, n), "region": r, "egress_cost_per_gb": cost} for n, r, cost in (("b", "us-east", 0.02), ("c", "eu-north", 0.05), ("a", "eu-west", 0.09))]
     for pr in providers:
         os.makedirs(pr["uri"], exist_ok=True)
-    print(f"provider-loss demo: 3 providers x {args.ranks} ranks ({', '.join(PROVIDERS)}), AdamW inside, DiLoCo int8 every {args.sync_every} steps, "
+    print(f"provider-loss demo: 3 providers x {args.ranks} ranks ({', '.join(PROVIDERS)}), {'FSDP2' if args.fsdp else 'DDP'} + AdamW inside, DiLoCo int8 every {args.sync_every} steps, "
           f"checkpoints every {args.every} replicated to 2 providers; provider {args.fault_member} "
           f"{'SIGKILLed during' if args.fault == 'kill' else 'leaves before'} round {args.fault_round}; output in {args.out}", flush=True)
     summary = run(args, providers, lambda n: local_storage_down(storage, n), lambda n: local_storage_up(storage, n))

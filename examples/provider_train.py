@@ -1,7 +1,7 @@
 """One provider's training job in a multi-provider run: launch one torchrun per provider.
 
     torchrun --standalone --nproc-per-node=2 examples/provider_train.py --group a \
-        --membership tcp://127.0.0.1:29600 --providers providers.json --out runs/x
+        --membership tcp://127.0.0.1:29600 --providers providers.json --out runs/x [--fsdp]
 
 Each provider trains a small character-level language model on its own shard of the text (data
 stays where it lives) with AdamW inside the group (DDP over its ranks) and DiLoCo between the
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-seconds", type=float, default=10.0)
     p.add_argument("--hold-at-step", type=int, default=None, help="stop training before step S and wait to be killed (a whole-job kill at a known point)")
     p.add_argument("--kill-rank-at-step", type=int, default=None, help="SIGKILL this group's last rank at step S (first torchrun attempt only)")
+    p.add_argument("--fsdp", action="store_true", help="shard the model over this provider's ranks with FSDP2 (fully_shard): "
+                                                         "every rank exchanges its own shard with the other providers")
     p.add_argument("--stop-file", default=None, help="a file the launcher writes a step number into: train until that step instead of --steps "
                                                       "(read at every round boundary, so every provider stops at the same step)")
     args = p.parse_args(argv)
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model = CharLM()
+    if args.fsdp:
+        shard_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     text, val = shard(corpus(), args.group)
     ckpt = placement(args.providers) if args.providers else args.ckpt
@@ -206,16 +210,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_file and trainer.step_count % H == 0 and os.path.exists(args.stop_file):
             with open(args.stop_file) as f:
                 args.steps = int(f.read().strip() or args.steps)
-        if trainer.step_count % H == 0 and trainer.rank == 0:
-            trainer.events.emit("loss", member=args.group, step=trainer.step_count, train_loss=round(loss.item(), 5), val_loss=round(val_loss(model, val), 5))
+        if trainer.step_count % H == 0 and (trainer.rank == 0 or args.fsdp):  # an FSDP2 forward is collective
+            vl = val_loss(model, val)
+            if trainer.rank == 0:
+                trainer.events.emit("loss", member=args.group, step=trainer.step_count, train_loss=round(loss.item(), 5), val_loss=round(vl, 5))
     summary = trainer.summary()
     trainer.close()
+    # the final weights, whole (an FSDP2 model's pieces gathered here, at the end, for the comparison)
+    final = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous() for k, v in model.state_dict().items()}
+    vl = val_loss(model, val) if trainer.rank == 0 or args.fsdp else None
     if trainer.rank == 0:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, f"final-{args.group}.safetensors"))
-        trainer.events.emit("done", member=args.group, step=trainer.step_count, val_loss=round(val_loss(model, val), 5), summary=summary)
+        save_file(final, os.path.join(args.out, f"final-{args.group}.safetensors"))
+        trainer.events.emit("done", member=args.group, step=trainer.step_count, val_loss=round(vl, 5), summary=summary)
     return 0
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 inside the provider: every layer sharded over this torchrun job's ranks (each rank
+    holds 1/N of every parameter; DiLoCo's state and the exchange with the other providers are
+    sharded alike)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in (model.emb, model.mlp[0], model.mlp[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def test_wrap_takes_a_fully_shard_model_as_is(world_of_one, tmp_path):
     again.close()
 
 
-def test_wrap_refuses_fsdp1_half_sharded_models_and_sync_between_providers(world_of_one, tmp_path):
+def test_wrap_refuses_fsdp1_half_sharded_models_and_diloco_between_shards(world_of_one, tmp_path):
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     fsdp1 = FullyShardedDataParallel(torch.nn.Linear(4, 4), device_id=torch.device("cpu"))
@@ -257,7 +257,9 @@ def test_wrap_refuses_fsdp1_half_sharded_models_and_sync_between_providers(world
     with pytest.raises(errors.ConfigError, match=r"fully_shard\(model\) on the root"):
         rt.wrap(half, torch.optim.SGD(half.parameters(), lr=0.1), checkpoint=str(tmp_path))
     model = _shard(_net(), _mesh(1))
-    with pytest.raises(errors.ConfigError, match="does not take sharded models yet"):
+    # DiLoCo between the ranks of one job would average different shards; between providers
+    # (group=) it is what tests/test_provider_loss.py runs
+    with pytest.raises(errors.ConfigError, match="average different shards"):
         rt.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint=str(tmp_path), sync=rt.SyncConfig(mode="diloco", sync_every=10), every_n_steps=10)
     assert not os.listdir(tmp_path), "refused before anything was written"
 
@@ -482,3 +484,55 @@ def test_docs_reassembly_snippet_needs_only_safetensors_and_numpy(tmp_path):
     assert got.keys() == ref.keys()
     for k, v in ref.items():
         assert np.array_equal(got[k], v.numpy()), k
+
+
+# ------------------------------------------------------------------ DiLoCo over a sharded model
+
+
+def _diloco_fsdp(rank, world, root, mode):
+    """DiLoCo (int8: residuals) over an FSDP2 model, every rank its own replica (a singleton
+    group per rank), 2 rounds; then its state saved (``save``) or loaded into a fresh one."""
+    import torch.distributed as dist
+
+    from resilient_train.sync import DiLoCo, ProcessGroupCommunicator
+
+    groups = [dist.new_group([r]) for r in range(world)]
+    model = _shard(_net(seed=0 if mode == "save" else 99), _mesh(world))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    sync = DiLoCo(model, None, sync_every=2, codec="int8", comm=ProcessGroupCommunicator(groups[rank]))
+    if mode == "save":
+        _train_sync(model, opt, sync, rank)
+        rt.save(root, rt.TrainState(model=model, optimizer=opt, stateful={"sync": sync}), 4)
+    else:
+        rt.load(root, rt.TrainState(model=model, optimizer=opt, stateful={"sync": sync}))
+    sd = sync.state_dict()
+    return {k: _full(v) for k, v in sd["tensors"].items()}, sd["meta"]["step"]
+
+
+def _train_sync(model, opt, sync, rank, steps=4):
+    g = torch.Generator().manual_seed(10 + rank)
+    for _ in range(steps):
+        model(torch.randint(0, 11, (4, 5), generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sync.step()
+
+
+def test_diloco_state_of_a_sharded_model_is_written_in_pieces_and_resharded(tmp_path):
+    """DiLoCo's global weights, outer momentum and int8 residuals over an FSDP2 model are kept
+    per local piece and written as one DTensor piece per parameter by its owner (not inlined in
+    the rank files); loading on 2 ranks and on 1 gives back the same state, bit for bit."""
+    root = str(tmp_path / "ck")
+    saved = run_ranks(_diloco_fsdp, 2, root, "save")
+    (ref, step), _ = saved[0], saved[1]
+    assert step == 4 and any(".residual." in k for k in ref) and any("momentum_buffer" in k for k in ref)
+    assert all(".p" in k for k in ref), "fragment-sized tensors are split per parameter"
+    with open(os.path.join(root, "step-0000000004", "manifest.json")) as f:
+        recs = [t for t in json.load(f)["tensors"] if t["key"].startswith("stateful.sync/")]
+    pieces = [t for t in recs if t["key"].endswith("global.p0")]
+    # written by their owners: each rank its own rows of the (11, 8) embedding, in its own file
+    assert sorted((t["offsets"][0], t["shape"][0]) for t in pieces) == [(0, 6), (6, 5)] and len({t["file"] for t in pieces}) == 2
+    for got, got_step in run_ranks(_diloco_fsdp, 2, root, "load") + run_ranks(_diloco_fsdp, 1, root, "load"):
+        assert got_step == 4 and got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k

@@ -38,16 +38,16 @@ BUCKET = "rt-provider-loss"
 H, EVERY, FAULT_ROUND = 10, 20, 3
 
 
-def _args(out, fault):
+def _args(out, fault, fsdp=False):
     # The reference (b leaves cleanly) needs no relaunch and no delay: neither changes the maths.
     # keep_last: every checkpoint stays (the survivors train until b has rejoined, however long
     # that takes on a loaded machine; the comparison below reads their step-40 checkpoints).
     return argparse.Namespace(out=str(out), steps=220, ranks=2, sync_every=H, every=EVERY, fault=fault, fault_member="b",
                               fault_round=FAULT_ROUND, rejoin_after_rounds=1, round_deadline=30.0,
-                              step_delay=0.1 if fault == "kill" else 0.0, keep_last=1000, relaunch=fault == "kill")
+                              step_delay=0.1 if fault == "kill" else 0.0, keep_last=1000, relaunch=fault == "kill", fsdp=fsdp)
 
 
-def _scenario(tmp_path, fault):
+def _scenario(tmp_path, fault, fsdp=False):
     servers = {"b": start_server("azure"), "c": start_server("s3")}
     out = tmp_path / fault
     local = out / "storage-a"
@@ -63,7 +63,7 @@ def _scenario(tmp_path, fault):
             servers[name].start()
             servers[name].create_bucket(BUCKET)
 
-        summary = provider_loss.run(_args(out, fault), providers, lambda n: servers[n].stop(), up)
+        summary = provider_loss.run(_args(out, fault, fsdp), providers, lambda n: servers[n].stop(), up)
         return out, summary
     finally:
         for srv in servers.values():
@@ -83,8 +83,13 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
-    out, s = _scenario(tmp_path, "kill")
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path, layout):
+    """``ddp``: DDP inside each provider, the leaders exchange the model. ``fsdp2``: the model
+    sharded with FSDP2 over each provider's 2 ranks; rank i of every provider exchanges shard i
+    (two lanes), and one commit vote makes both lanes redo the round in the same new view."""
+    fsdp = layout == "fsdp2"
+    out, s = _scenario(tmp_path, "kill", fsdp)
     # the survivors continued without restarting and without redoing a step
     assert s["steps_redone"] == 0
     assert s["fault_step"] == FAULT_ROUND * H
@@ -98,7 +103,7 @@ def test_provider_killed_mid_round_survivors_redo_only_that_round(tmp_path):
     assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
     assert s["final_val_loss"]["a"] < s["first_val_loss"]["a"] - 0.2
 
-    ref_out, ref = _scenario(tmp_path, "none")
+    ref_out, ref = _scenario(tmp_path, "none", fsdp)
     assert ref["steps_redone"] == 0 and not ref["rejoin"]
     # between the fault and b's return, the survivors' state equals the run in which b left cleanly
     for step in (FAULT_ROUND * H + EVERY - (FAULT_ROUND * H) % EVERY,):
@@ -251,22 +256,26 @@ def test_rank_dying_inside_a_group_takes_the_group_out_and_torchrun_brings_it_ba
     assert _same(finals[0], finals[1]) and _same(finals[0], finals[2])
 
 
-def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, layout):
     """Every provider (2 ranks each, AdamW, DiLoCo int8) SIGKILLed between checkpoints, then
     relaunched. Each group holds before step 41 and the job is killed once all have committed
     step 40; b's step-40 manifest is then removed, which is what a kill between a's and b's
     commits leaves: the groups agree on the newest step all of them committed (20), a and c go
-    back to it, and the result equals the uninterrupted run bit for bit."""
+    back to it, and the result equals the uninterrupted run bit for bit. ``fsdp2``: each group's
+    model sharded over its 2 ranks, its DiLoCo state checkpointed in pieces like the parameters."""
     from resilient_train.membership.kvstore import TCPKVStore
+
+    fsdp = ("--fsdp",) if layout == "fsdp2" else ()
 
     provider_loss.warm_codec_cache()
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir(), run_dir.mkdir()
     kv = TCPKVStore.host(0)
-    _wait_all({g: _launch(ref_dir, kv.port, g, ranks=2) for g in "abc"})
+    _wait_all({g: _launch(ref_dir, kv.port, g, *fsdp, ranks=2) for g in "abc"})
     kv2 = TCPKVStore.host(0)
     # every group stops before step 41 and is killed once its step-40 save is committed
-    procs = {g: _launch(run_dir, kv2.port, g, "--hold-at-step", "41", ranks=2) for g in "abc"}
+    procs = {g: _launch(run_dir, kv2.port, g, "--hold-at-step", "41", *fsdp, ranks=2) for g in "abc"}
     manifests = [run_dir / "ck" / f"group-{g}" / "step-0000000040" / "manifest.json" for g in "abc"]
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -286,7 +295,7 @@ def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path):
         if (b40 / name).exists():
             (b40 / name).unlink()
     kv3 = TCPKVStore.host(0)
-    _wait_all({g: _launch(run_dir, kv3.port, g, ranks=2) for g in "abc"})
+    _wait_all({g: _launch(run_dir, kv3.port, g, *fsdp, ranks=2) for g in "abc"})
     resumed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "resume"]
     assert [e["step"] for e in resumed] == [40, 20]  # a's own newest checkpoint, then the agreed one
     agreed = [e for e in _events(run_dir, "a-rank0") if e["event"] == "restart_point"]
@@ -332,3 +341,45 @@ def test_etcd_member_killed_mid_run_changes_nothing_for_training(tmp_path, etcd_
     around = [b["t"] - x["t"] for x, b in zip(a, a[1:]) if x["t"] <= killed_at + 3 and b["t"] >= killed_at - 1]
     print(f"round gaps {min(gaps):.2f}-{max(gaps):.2f} s; around the etcd kill {around}")
     assert max(gaps) < sorted(gaps)[len(gaps) // 2] + 2.5  # at most the client's failover beyond a normal round
+
+
+def test_group_sharded_differently_is_refused_at_join_and_the_others_go_on(tmp_path):
+    """a and c: FSDP2 over 2 ranks each (2 lanes). b: FSDP2 on 1 rank (1 lane), then DDP over 2
+    ranks (1 lane): neither can pair its shards with the members', so each is refused at join
+    with an error that says why, and a and c train on without a single reconfiguration."""
+    from resilient_train.membership.kvstore import TCPKVStore
+
+    provider_loss.warm_codec_cache()
+    kv = TCPKVStore.host(0)
+    stop = str(tmp_path / "stop-at-step")
+    procs = {g: _launch(tmp_path, kv.port, g, "--fsdp", "--start-groups", "2", "--step-delay", "0.05", "--stop-file", stop,
+                        ranks=2, steps=provider_loss.UNTIL_STOP_FILE) for g in "ac"}
+    try:
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "sync" for e in _events_or_none(tmp_path, "a-rank0")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "a and c did not start training"
+            time.sleep(0.2)
+        for i, (ranks, extra) in enumerate(((1, ("--fsdp",)), (2, ()))):
+            b = _launch(tmp_path, kv.port, "b", *extra, "--start-groups", "2", "--join-timeout", "60", ranks=ranks,
+                        steps=provider_loss.UNTIL_STOP_FILE, log_name=f"log-b{i}.txt")
+            assert b.wait(timeout=240) != 0, "a group sharded differently was admitted"
+            log = _tail(b.log_path, 400)
+            assert "MembershipRefusedError" in log and "shard(s)" in log and "sharded alike" in log, log[-3000:]
+        assert all(p.poll() is None for p in procs.values()), "a member went down while b was refused"
+        last = max(e["step"] for e in _events(tmp_path, "a-rank0") if e["event"] == "sync")
+        provider_loss.write_stop_step(stop, last + 30)  # a few rounds on: a and c read it at most a round apart
+    except BaseException:
+        provider_loss.write_stop_step(stop, 1)
+        raise
+    _wait_all(procs)
+    a = _events(tmp_path, "a-rank0")
+    assert not [e for e in a if e["event"] in ("reconfigured", "round_failed")], "the members were disturbed"
+    steps = [e["step"] for e in a if e["event"] == "sync"]
+    assert steps == list(range(10, steps[-1] + 1, 10))
+
+
+def _events_or_none(folder, who):
+    try:
+        return _events(folder, who)
+    except (OSError, ValueError):
+        return []

@@ -151,3 +151,24 @@ def test_emulator_over_real_ranks_delivers_real_results():
         assert value == 0.5
         assert sent == 4000
         assert t == pytest.approx(0.150 + 4000 / (100e6 / 8))
+
+
+def test_gloo_groups_use_the_device_the_environment_names(monkeypatch):
+    """Cross-provider groups listen on GLOO_SOCKET_IFNAME, else RT_GLOO_HOST, else the loopback:
+    providers on several machines set one (docs/membership.md)."""
+    import torch.distributed as dist
+
+    from resilient_train.sync.threads import gloo_device, run_thread_ranks
+
+    def total(rank, comm):
+        return comm.allreduce_sum(torch.tensor([float(rank + 1)])).wait().item()
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("RT_GLOO_HOST", "localhost")
+    assert run_thread_ranks(total, 2) == [3.0, 3.0]
+    monkeypatch.setenv("RT_GLOO_HOST", "no-such-host.invalid")
+    with pytest.raises(RuntimeError):
+        gloo_device()  # the name is used, not silently replaced by the loopback
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the interface wins over the host name
+    assert isinstance(gloo_device(), type(dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")))
+    assert run_thread_ranks(total, 2) == [3.0, 3.0]

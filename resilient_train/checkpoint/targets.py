@@ -195,9 +195,17 @@ def _tree_targets(state: TrainState, by_key: Mapping[str, list[TensorRecord]], s
                 continue
             problems.append(f"{label}: the checkpoint holds no {label} state")
             continue
+        # a stateful object with sharded state (DiLoCo over an FSDP2 model) names the pieces
+        # this rank needs: read those only, like the optimizer state of a sharded parameter
+        layout = getattr(wanted, "sharded_layout", None) if label.startswith("stateful.") else None
+        pieces = layout() if callable(layout) else {}
         for key, recs in by_key.items():
             if key == label or key.startswith(label + "/"):
-                targets.append(whole_target(key, recs))
+                like = pieces.get(key[len(label) + 1:])
+                if like is not None and tuple(recs[0].global_shape) == like[2]:
+                    targets.append(Target(key, torch.empty(like[0], dtype=ST_TO_DTYPE[recs[0].dtype]), like[1], like[2]))
+                else:
+                    targets.append(whole_target(key, recs))
                 tree_keys.append(key)
     if state.extra == {} and "extra" in shared:
         for key, recs in by_key.items():

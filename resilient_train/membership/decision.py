@@ -83,6 +83,20 @@ class Decision(NamedTuple):
     refused: Mapping[str, str]
 
 
+def _refusal(theirs: str, ours: str) -> str:
+    """Why a joiner with fingerprint ``theirs`` cannot join members with ``ours``. A trailing
+    ``:lanes=N`` is how many shards a group exchanges (recovery/lanes.py), named when it alone differs."""
+    t_model, _, t_lanes = theirs.partition(":lanes=")
+    o_model, _, o_lanes = ours.partition(":lanes=")
+    if t_model == o_model and t_lanes != o_lanes:
+        return (f"the group exchanges its model in {t_lanes or 1} shard(s) and the members in {o_lanes or 1} "
+                f"(fingerprints {theirs!r} and {ours!r}): shard i of every group is exchanged with shard i of the "
+                f"others, so every group must be sharded alike; launch it on as many ranks, with the same "
+                f"FSDP2/DDP layout, as the members")
+    return (f"model fingerprint {theirs!r} differs from the members' {ours!r} "
+            f"(different shapes or code version): start it with the same model and code")
+
+
 def decide(now_s: float, view: View, heartbeats: Mapping[str, Heartbeat], *, timeout_s: float,
            min_members: int) -> Decision:
     """The next view given ``view`` and the heartbeats observed up to ``now_s`` (module rules)."""
@@ -97,9 +111,7 @@ def decide(now_s: float, view: View, heartbeats: Mapping[str, Heartbeat], *, tim
     restarted = sorted(m for m in current if m in alive and alive[m].intent == "join")
     asking = sorted(m for m, hb in alive.items() if hb.intent == "join")
     fingerprint = view.fingerprint or (alive[asking[0]].fingerprint if asking else "")
-    refused = {m: (f"model fingerprint {alive[m].fingerprint!r} differs from the members' {fingerprint!r} "
-                   f"(different shapes or code version): start it with the same model and code")
-               for m in asking if alive[m].fingerprint != fingerprint}
+    refused = {m: _refusal(alive[m].fingerprint, fingerprint) for m in asking if alive[m].fingerprint != fingerprint}
     admitted = [m for m in asking if m not in refused]
     members = tuple(sorted(set(stay) | set(admitted)))
     if members == view.members and not admitted:

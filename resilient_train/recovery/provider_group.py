@@ -53,6 +53,7 @@ import torch
 from ..errors import ConfigError, DistributedError, DroppedFromJobError, MembershipError
 from ..membership import Membership, sync_state
 from ..membership.decision import View
+from ..membership.service import decode_view, encode_view
 from ..sync.communicator import Handle
 
 __all__ = ["ProviderGroup", "open_membership_store"]
@@ -60,7 +61,9 @@ __all__ = ["ProviderGroup", "open_membership_store"]
 log = logging.getLogger(__name__)
 
 # control messages on the group's own gloo group (leader -> the group's other ranks)
-_OK, _DROPPED, _STATE, _RESTART_AT = 0, 1, 2, 3
+_OK, _DROPPED, _STATE, _RESTART_AT, _LANE_OP, _LANE_STATE, _REDO, _LANE_VIEW = 0, 1, 2, 3, 4, 5, 6, 7
+
+MEMBERSHIP_PREFIX = "rt-membership"  # the membership's keys in the store (lanes meet under it too)
 
 # how many of its newest committed steps each group offers when a job restarts as a whole
 _RESUME_POINTS = 64
@@ -120,9 +123,15 @@ class ProviderGroup:
     def __init__(self, name: str, store: Any, fingerprint: str, state: Any, *, group_rank: int, group_size: int,
                  control_pg: Any = None, heartbeat_interval_s: float = 0.1, heartbeat_timeout_s: float = 10.0,
                  round_deadline_s: float = 60.0, start_groups: int = 1, min_groups: int = 1,
-                 join_timeout_s: float = 300.0, events: Any = None, silent_after_s: float | None = None):
+                 join_timeout_s: float = 300.0, events: Any = None, silent_after_s: float | None = None,
+                 lanes: int = 1):
         if not isinstance(name, str) or not name or "/" in name:
             raise ConfigError(f"group must be a non-empty name without '/', got {name!r}")
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes not in (1, group_size):
+            raise ConfigError(f"lanes must be 1 (a replicated model: the leader exchanges it) or the group's size "
+                              f"{group_size} (a sharded model: every rank exchanges its shard), got {lanes!r}")
+        if lanes > 1 and (store is None or control_pg is None):
+            raise ConfigError("a sharded group (lanes > 1) needs a membership store client on every rank and a control group")
         self.name = name
         self.state = state
         self.group_rank = group_rank
@@ -136,8 +145,13 @@ class ProviderGroup:
         self.silent_after_s = silent_after_s
         self.events = events
         self.membership: Membership | None = None
+        self.lanes = lanes
+        self._lane: Any = None  # this rank's lane (ranks 1.. of a sharded group; see recovery/lanes.py)
+        self._lane_view = View(0)  # ranks 1..: the view their lane last ran in (told by the leader)
+        self._told_epoch = -1  # the leader: the epoch whose view its ranks were last told
+        self._store = store
         if self.leader:
-            self.membership = Membership(store, name, fingerprint, heartbeat_interval_s=heartbeat_interval_s,
+            self.membership = Membership(store, name, fingerprint, prefix=MEMBERSHIP_PREFIX, heartbeat_interval_s=heartbeat_interval_s,
                                          timeout_s=heartbeat_timeout_s, min_members=min_groups,
                                          collective_timeout_s=round_deadline_s,
                                          first_view_after_s=min(heartbeat_timeout_s, 1.0))  # start_groups gathers the rest
@@ -170,7 +184,8 @@ class ProviderGroup:
 
     @property
     def view(self) -> View:
-        return self.membership.view if self.membership is not None else View(0)
+        """The adopted view (a sharded group's other ranks: the view of their last exchange)."""
+        return self.membership.view if self.membership is not None else self._lane_view
 
     def _bcast(self, t: torch.Tensor) -> None:
         if self._control is None:
@@ -183,6 +198,44 @@ class ProviderGroup:
         buf = torch.tensor([code, *ints, *([0] * (3 - len(ints)))], dtype=torch.int64)
         self._bcast(buf)
         return buf.tolist()
+
+    def _bcast_bytes(self, data: bytes, n: int) -> bytes:
+        """Leader: send ``data`` (``n`` bytes) to the group; others: receive ``n`` bytes."""
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader else torch.empty(n, dtype=torch.uint8)
+        if n:
+            self._bcast(buf)
+        return bytes(buf.numpy().tobytes())
+
+    def _group_max(self, flag: int) -> int:
+        """Every rank of the group: the largest ``flag`` any of them passed (0 or 1: "my lane failed")."""
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        if self._control is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return int(t.item())
+
+    def all_finite(self, finite: bool) -> bool:
+        """Whether every rank's piece of a pseudo-gradient is finite (a sharded group: one
+        non-finite shard vetoes the group's whole contribution, on every lane alike, so no
+        lane applies a round that another skips). Collective over the group when it has lanes."""
+        if self.lanes == 1:
+            return finite
+        return self._group_max(0 if finite else 1) == 0
+
+    def _follow(self) -> list[int]:
+        """Ranks other than the leader: serve the leader's control messages (a restart point, a
+        lane's state transfer) until one that ends the current wait; returns it."""
+        while True:
+            msg = self._bcast_code(_OK)
+            if msg[0] == _RESTART_AT:
+                self.restart_at(msg[1])
+            elif msg[0] == _LANE_STATE:
+                self._lane_state(msg[1], msg[2])
+            elif msg[0] == _LANE_VIEW:
+                self._lane_view = decode_view(self._bcast_bytes(b"", msg[1]))[0]
+            else:
+                return msg
 
     def _bcast_state(self, flat: torch.Tensor, meta: bytes) -> tuple[torch.Tensor, bytes]:
         """Leader: send ``flat`` and ``meta``; others: receive them (shapes from the header)."""
@@ -202,11 +255,17 @@ class ProviderGroup:
     def start(self) -> "ProviderGroup":
         if self.membership is not None:
             self.membership.start()
+        elif self.lanes > 1:
+            from .lanes import Lane
+
+            self._lane = Lane(self._store, MEMBERSHIP_PREFIX, self.group_rank, self.name, self.round_deadline)
         return self
 
     def close(self) -> None:
         if self.membership is not None:
             self.membership.close()
+        if self._lane is not None:
+            self._lane.close()
 
     # ------------------------------------------------------------------ entering an epoch
 
@@ -367,13 +426,44 @@ class ProviderGroup:
         if not joining:
             return
         joiners = View(view.epoch, view.members, view.fingerprint, tuple(view.members[r] for r in joining))
+        if self.lanes > 1:  # every lane moves its shard; they start together (a lane never waits on lane 0)
+            raw, src = encode_view(joiners), (source or "").encode()
+            self._bcast_code(_LANE_STATE, len(raw), len(src))
+            self._bcast_bytes(raw + src, len(raw) + len(src))
         flat = self.state.flat()
-        res = sync_state(self._comm, joiners, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
-                         fallback=lambda _flat: self.state.step, timeout=self.round_deadline, source=source)
+        try:
+            res = sync_state(self._comm, joiners, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
+                             fallback=lambda _flat: self.state.step, timeout=self.round_deadline, source=source)
+        except DistributedError:
+            if self.lanes > 1:
+                self._group_max(1)
+            raise
+        if self.lanes > 1 and self._group_max(0):
+            raise DistributedError(f"the state transfer of epoch {view.epoch} failed on a lane of group {self.name}",
+                                   {self.rank: "another rank of this group reported it"})
         if self.name in res.receivers:
             self.state.apply(flat, res.meta)
             self._received = True
         self._last_sync = res
+
+    def _lane_state(self, nview: int, nsrc: int) -> None:
+        """A sharded group's rank >= 1: the leader's :meth:`_transfer_state` on this rank's lane."""
+        data = self._bcast_bytes(b"", nview + nsrc)
+        view = decode_view(data[:nview])[0]
+        source = data[nview:].decode() or None
+        failed = 0
+        try:
+            comm = self._lane.comm_for(view.epoch, view.rank_of(self.name), len(view.members))
+            flat = self.state.flat()
+            res = sync_state(comm, view, self.name, flat, self.state.step, meta=self.state.meta_bytes(),
+                             fallback=lambda _flat: self.state.step, timeout=self.round_deadline, source=source)
+            if self.name in res.receivers:
+                self.state.apply(flat, res.meta)
+        except DistributedError as exc:
+            log.warning("group %s lane %d: state transfer in epoch %d failed: %s", self.name, self.group_rank, view.epoch, exc)
+            self._lane.fail(view.epoch, f"state transfer: {exc}")
+            failed = 1
+        self._group_max(failed)
 
     # ------------------------------------------------------------------ join
 
@@ -385,18 +475,16 @@ class ProviderGroup:
             t0 = time.perf_counter()
             res = self._leader_join()
             self._bcast_code(_STATE)
-            flat, meta = self._bcast_state(self.state.flat(), self.state.meta_bytes())
+            if self.lanes == 1:  # a sharded group's ranks took their shards on their lanes
+                self._bcast_state(self.state.flat(), self.state.meta_bytes())
             self._emit("joined", epoch=self.view.epoch, members=list(self.view.members), step=self.state.step,
                        state_from=res.source if res is not None else None,
                        received_bytes=res.received_bytes if res is not None else 0, seconds=round(time.perf_counter() - t0, 4))
         else:
-            while True:
-                code, step = self._bcast_code(_OK)[:2]
-                if code != _RESTART_AT:
-                    break
-                self.restart_at(step)
-            flat, meta = self._bcast_state(torch.empty(0), b"")
-            self.state.apply(flat, meta)
+            self._follow()  # _STATE (the restart point and the lanes' transfers are served meanwhile)
+            if self.lanes == 1:
+                flat, meta = self._bcast_state(torch.empty(0), b"")
+                self.state.apply(flat, meta)
         return self.state.step
 
     def _leader_join(self) -> Any:
@@ -454,6 +542,8 @@ class ProviderGroup:
         return Handle(lambda timeout: self._collective("allgather", buf))
 
     def _collective(self, op: str, buf: torch.Tensor) -> Any:
+        if self.lanes > 1:
+            return self._lanes_collective(op, buf)
         if not self.leader:
             code = self._bcast_code(_OK)[0]
             if code == _DROPPED:
@@ -478,6 +568,82 @@ class ProviderGroup:
         self._bcast_code(_OK, len(result))
         self._bcast(torch.stack(result))
         return result
+
+    def _lanes_collective(self, op: str, buf: torch.Tensor) -> Any:
+        """A sharded group's exchange (every rank, ``buf`` = its shard's part): each rank runs
+        ``op`` on its lane (lane 0: the leader's epoch group), then the group learns whether
+        every lane completed (one MAX over the control group), then the leaders run a *commit
+        vote* (:meth:`_run` of a one-element sum of "a lane of mine failed"): a cross-group
+        operation like any other, redone among the survivors or taken from a member that
+        completed it. A sum of 0 means every lane of every group completed the exchange: every
+        rank uses its lane's result. Otherwise every rank of every group redoes the exchange
+        in the view the commit vote ended in, from a copy of its input taken before the first
+        try (equal to a clean leave of the lost groups before the round). A lane that fails
+        publishes ``abort/<epoch>`` first, so every lane and leader of every group leaves the
+        epoch's collectives at once (recovery/lanes.py)."""
+        original = buf.detach().clone()
+        while True:
+            if self.leader:
+                view = self.membership.view
+                if self._told_epoch != view.epoch:  # the ranks' ledgers name the peers of their lanes
+                    raw = encode_view(view)
+                    self._bcast_code(_LANE_VIEW, len(raw))
+                    self._bcast_bytes(raw, len(raw))
+                    self._told_epoch = view.epoch
+                self._bcast_code(_LANE_OP, view.epoch, self.rank, self.world_size)
+                epoch, rank, world = view.epoch, self.rank, self.world_size
+            else:
+                code, epoch, rank, world = self._follow()
+                if code == _DROPPED:
+                    raise DroppedFromJobError(f"group {self.name} was dropped from the job mid-round")
+            result, error = self._lane_op(op, original.clone(), epoch, rank, world)
+            failed = self._group_max(0 if error is None else 1)
+            if not self.leader:
+                code = self._follow()[0]
+                if code == _DROPPED:
+                    raise DroppedFromJobError(f"group {self.name} was dropped from the job mid-round")
+                if code == _REDO:
+                    continue
+                return self._result(op, buf, result)
+            if failed and error is None:  # another lane failed (and told the store): leave the epoch
+                self.membership.abort_epoch(epoch, f"lane of group {self.name} failed")
+            try:
+                total = self._run("allreduce", torch.tensor([float(failed)]))
+            except DroppedFromJobError:
+                self._bcast_code(_DROPPED)
+                raise
+            if total.item() == 0:
+                self._bcast_code(_OK)
+                return self._result(op, buf, result)
+            log.warning("group %s: a lane failed in the exchange of epoch %d; every lane redoes it in epoch %d",
+                        self.name, epoch, self.membership.view.epoch)
+            self._bcast_code(_REDO)
+
+    @staticmethod
+    def _result(op: str, buf: torch.Tensor, result: Any) -> Any:
+        if op == "allreduce":
+            buf.copy_(result)
+            return buf
+        return result
+
+    def _lane_op(self, op: str, mine: torch.Tensor, epoch: int, rank: int, world: int) -> tuple[Any, str | None]:
+        """This rank's part of a sharded exchange on its lane; (result, None) or (None, error)."""
+        try:
+            comm = self._comm if self.leader else self._lane.comm_for(epoch, rank, world)
+            before = comm.bytes_sent
+            try:
+                h = comm.allgather(mine) if op == "allgather" else comm.allreduce_sum(mine)
+                return h.wait(self.round_deadline), None
+            finally:
+                self.bytes_sent += comm.bytes_sent - before
+        except DistributedError as exc:
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("group %s lane %d: exchange in epoch %d failed: %s", self.name, self.group_rank, epoch, error)
+            if self.leader:
+                self.membership.abort_epoch(epoch, f"lane 0 of group {self.name}: {error}")
+            else:
+                self._lane.fail(epoch, error)
+            return None, error
 
     def _run(self, kind: str, buf: torch.Tensor) -> Any:
         """One cross-group operation (leader): ``allreduce`` / ``vote`` (a sum) or ``allgather``
@@ -581,8 +747,8 @@ class ProviderGroup:
         """Collective over the group, after every completed round: the leaders vote on switching
         to a newer view (joiners, or members dropped by heartbeat); joiners receive the state."""
         if not self.leader:
-            code = self._bcast_code(_OK)[0]
-            if code == _STATE:
+            code = self._follow()[0]
+            if code == _STATE and self.lanes == 1:
                 flat, meta = self._bcast_state(torch.empty(0), b"")
                 self.state.apply(flat, meta)
             elif code == _DROPPED:
@@ -596,7 +762,8 @@ class ProviderGroup:
             raise
         if self._received:
             self._bcast_code(_STATE)
-            self._bcast_state(self.state.flat(), self.state.meta_bytes())
+            if self.lanes == 1:
+                self._bcast_state(self.state.flat(), self.state.meta_bytes())
         else:
             self._bcast_code(_OK)
 

@@ -80,7 +80,7 @@ def param_digest(params: list[torch.Tensor]) -> int:
     detects replicas initialised differently, not a single changed element."""
     h = hashlib.blake2b(digest_size=8)
     for p in params:
-        flat = p.detach().reshape(-1)
+        flat = _local(p).detach().reshape(-1)
         stride = max(1, flat.numel() // _DIGEST_SAMPLES)
         sample = flat[::stride][:_DIGEST_SAMPLES].contiguous().cpu()
         h.update(f"{tuple(p.shape)}|{p.dtype}|".encode())
@@ -88,18 +88,28 @@ def param_digest(params: list[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a parameter: the local shard of a DTensor (FSDP2, tensor parallel;
+    it shares the parameter's storage), the tensor itself otherwise. Sync state (global
+    weights, outer momentum, residuals) is kept per local piece, so a sharded model's sync state
+    is sharded like its parameters and nothing is ever gathered."""
+    to_local = getattr(p, "to_local", None)
+    return to_local() if callable(to_local) else p
+
+
 def _flatten(params: list[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(0)
-    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
+    return torch.cat([_local(p).detach().reshape(-1).to(torch.float32) for p in params])
 
 
 @torch.no_grad()
 def _write(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     off = 0
     for p in params:
-        n = p.numel()
-        p.copy_(flat[off:off + n].view_as(p))
+        t = _local(p)
+        n = t.numel()
+        t.copy_(flat[off:off + n].view_as(t))
         off += n
 
 
@@ -128,7 +138,7 @@ class _Fragment:
 
 def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
     """K contiguous groups with about total/K elements each (every group non-empty)."""
-    total = sum(p.numel() for p in params)
+    total = sum(_local(p).numel() for p in params)
     groups: list[list[torch.Tensor]] = [[] for _ in range(k)]
     seen = 0
     for i, p in enumerate(params):
@@ -139,7 +149,7 @@ def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
         if remaining_params <= empty_after:
             g = next(j for j, grp in enumerate(groups) if not grp)
         groups[g].append(p)
-        seen += p.numel()
+        seen += _local(p).numel()
     return groups
 
 
@@ -271,6 +281,9 @@ class DiLoCo:
             self._handshake()
         delta = frag.global_.detach() - _flatten(frag.params).to(frag.global_.device)
         finite = bool(torch.isfinite(delta).all())
+        agree = getattr(self.comm, "all_finite", None)
+        if callable(agree):  # a sharded replica: one non-finite shard vetoes the whole replica's contribution
+            finite = bool(agree(finite))
         if not finite:
             delta.zero_()  # never send a non-finite value; the flag vetoes the round everywhere
         saved = frag.residual.clone() if frag.residual is not None else None
@@ -415,10 +428,75 @@ class DiLoCo:
             ostate[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in entries.items()}
         f.outer.load_state_dict({"state": ostate, "param_groups": fm["outer_param_groups"]})
 
+    # A sharded model (DTensor parameters: FSDP2, tensor parallel) keeps its sync state per local
+    # piece. In a checkpoint each fragment-sized tensor is split back into one DTensor per
+    # parameter, placed like that parameter: every rank writes only its own pieces, and a load
+    # reads only what this rank's placement needs (sharded_layout), like the optimizer state.
+
+    @property
+    def sharded(self) -> bool:
+        return any(callable(getattr(p, "to_local", None)) for f in self._fragments for p in f.params)
+
+    def _split_sharded(self, f: _Fragment, name: str, flat: torch.Tensor, tensors: dict[str, Any]) -> None:
+        from torch.distributed.tensor import DTensor
+
+        off = 0
+        for j, p in enumerate(f.params):
+            local = _local(p)
+            n = local.numel()
+            piece = flat[off:off + n].reshape(local.shape)
+            tensors[f"{name}.p{j}"] = (DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+                                       if callable(getattr(p, "to_local", None)) else piece)
+            off += n
+
+    def _join_sharded(self, f: _Fragment, name: str, tensors: dict[str, Any]) -> torch.Tensor | None:
+        """The fragment-sized tensor ``name`` from its per-parameter pieces (local pieces, or whole
+        tensors of which this rank's piece is taken); None when absent."""
+        if f"{name}.p0" not in tensors:
+            return None
+        parts = []
+        for j, p in enumerate(f.params):
+            t = tensors.get(f"{name}.p{j}")
+            if t is None:
+                raise StateMismatchError(f"sync state lacks {name}.p{j}")
+            local = _local(p)
+            if tuple(t.shape) == tuple(p.shape) and tuple(local.shape) != tuple(p.shape):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                shape, offs = compute_local_shape_and_global_offset(tuple(p.shape), p.device_mesh, p.placements)
+                t = t[tuple(slice(o, o + n) for o, n in zip(offs, shape))]
+            if tuple(t.shape) != tuple(local.shape):
+                raise StateMismatchError(f"{name}.p{j}: shape {tuple(t.shape)} is neither this rank's piece "
+                                         f"{tuple(local.shape)} nor the parameter's {tuple(p.shape)}")
+            parts.append(t.reshape(-1).to(torch.float32))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def sharded_layout(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """For a checkpoint load: every per-parameter tensor name :meth:`state_dict` may hold for a
+        sharded model -> (this rank's piece shape, its offsets, the parameter's shape)."""
+        if not self.sharded:
+            return {}
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        out = {}
+        for f in self._fragments:
+            for j, p in enumerate(f.params):
+                if not callable(getattr(p, "to_local", None)):
+                    continue
+                shape, offs = compute_local_shape_and_global_offset(tuple(p.shape), p.device_mesh, p.placements)
+                for what in ("global", "outer.0.momentum_buffer", "residual", "pending.mean", "pending.saved_residual"):
+                    out[f"tensors.fragment.{f.index}.{what}.p{j}"] = (tuple(shape), tuple(int(o) for o in offs), tuple(p.shape))
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"meta": JSON-able, "tensors": {name: Tensor}}``. Waits for rounds in flight."""
+        """``{"meta": JSON-able, "tensors": {name: Tensor}}``. Waits for rounds in flight. A
+        sharded model's fragment-sized tensors are one DTensor per parameter (``<name>.p<j>``)."""
         tensors: dict[str, torch.Tensor] = {}
         frags = [self._encode_fragment(f, tensors, local=True) for f in self._fragments]
+        if self.sharded:
+            for f in self._fragments:
+                for name in [k for k in tensors if k.startswith(f"fragment.{f.index}.") and tuple(tensors[k].shape) == (f.numel,)]:
+                    self._split_sharded(f, name, tensors.pop(name), tensors)
         meta = {"format": STATE_FORMAT, "kind": type(self).__name__, "step": self.step_count,
                 "sync_every": self.sync_every, "overlap_steps": self.overlap_steps, "mix": self.mix,
                 "codec": {"name": self.codec.name, "options": self.codec.options()},
@@ -433,6 +511,19 @@ class DiLoCo:
         meta, tensors = state.get("meta"), state.get("tensors")
         if not isinstance(meta, dict) or not isinstance(tensors, dict) or meta.get("format") != STATE_FORMAT:
             raise StateMismatchError(f"not a {STATE_FORMAT} state (need keys 'meta' and 'tensors')")
+        if self.sharded:
+            # the pieces are checked against this rank's placement as they are joined; the meta's
+            # element counts are the saving rank's (another placement), so they are not compared
+            tensors = dict(tensors)
+            saved = meta.get("fragments")
+            if not isinstance(saved, list) or not all(isinstance(fm, dict) for fm in saved):
+                raise StateMismatchError("sync state: 'fragments' must be a list of objects")
+            meta = {**meta, "fragments": [{**fm, "numel": f.numel} for f, fm in zip(self._fragments, saved)] + saved[len(self._fragments):]}
+            for f in self._fragments:
+                for what in ("global", "outer.0.momentum_buffer", "residual", "pending.mean", "pending.saved_residual"):
+                    joined = self._join_sharded(f, f"fragment.{f.index}.{what}", tensors)
+                    if joined is not None:
+                        tensors[f"fragment.{f.index}.{what}"] = joined
         mine = (type(self).__name__, self.sync_every, self.overlap_steps, self.codec.name, len(self._fragments))
         theirs = (meta.get("kind"), meta.get("sync_every"), meta.get("overlap_steps"),
                   meta.get("codec", {}).get("name"), len(meta.get("fragments", [])))

@@ -23,12 +23,28 @@ from .communicator import ProcessGroupCommunicator
 __all__ = ["run_thread_ranks", "make_gloo_group"]
 
 
+def gloo_device() -> Any:
+    """The network device the cross-provider gloo groups listen on and advertise to their peers:
+    ``GLOO_SOCKET_IFNAME`` (an interface name, as torch's own gloo groups read it), else
+    ``RT_GLOO_HOST`` (an address or host name of this machine that the other providers can
+    reach), else the loopback (127.0.0.1: every provider on one machine, as in the tests and the
+    demo). Providers on several machines must set one of the two."""
+    import os
+
+    import torch.distributed as dist
+
+    iface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0].strip()
+    if iface:
+        return dist.ProcessGroupGloo.create_device(interface=iface)
+    return dist.ProcessGroupGloo.create_device(hostname=os.environ.get("RT_GLOO_HOST", "").strip() or "127.0.0.1")
+
+
 def make_gloo_group(store: Any, rank: int, world_size: int, timeout: timedelta) -> Any:
     import torch.distributed as dist
 
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    opts._devices = [gloo_device()]
     return dist.ProcessGroupGloo(store, rank, world_size, opts)
 
 

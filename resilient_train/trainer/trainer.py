@@ -116,13 +116,23 @@ class Trainer:
         from ..membership import model_fingerprint
         from ..recovery.provider_group import ProviderGroup, open_membership_store
 
+        # a sharded model: every rank exchanges its own shard on its lane, so every rank holds a
+        # client of the membership store (opened after the leader's, which may host it)
+        lanes = self.world_size if self.layout == "sharded" else 1
         store = open_membership_store(cfg.membership, cfg.timeout_s) if self.rank == 0 else None
         sc = cfg.sync
+        # groups exchange shard by shard only with groups sharded alike: the lane count is part of
+        # what a joiner must match (refused at join otherwise, without disturbing the others)
         fingerprint = model_fingerprint(checkpoint_module(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
+        fingerprint += f":lanes={lanes}"
         # the group's other ranks wait on this group while the leader rejoins: bound it by that
         wait_s = max(cfg.timeout_s, cfg.join_timeout_s + 2 * cfg.round_deadline_s)
         control = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s)) if self.world_size > 1 else None
-        self.cross = ProviderGroup(cfg.group, store, fingerprint, None, group_rank=self.rank, group_size=self.world_size, control_pg=control,
+        if lanes > 1:
+            dist.barrier(group=control)
+            if self.rank != 0:
+                store = open_membership_store(cfg.membership, cfg.timeout_s)
+        self.cross = ProviderGroup(cfg.group, store, fingerprint, None, group_rank=self.rank, group_size=self.world_size, control_pg=control, lanes=lanes,
                                    heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                                    round_deadline_s=cfg.round_deadline_s, start_groups=cfg.start_groups, min_groups=cfg.min_groups,
                                    join_timeout_s=cfg.join_timeout_s, events=self.events).start()
@@ -310,9 +320,10 @@ class Trainer:
             self.save()
 
     def _record_sync_bytes(self) -> None:
-        """Ledger: what this provider's leader sent to each other provider since the last round."""
+        """Ledger: what this rank sent to each other provider since the last round (the leader
+        of a replicated group; every rank of a sharded group, each on its own lane)."""
         cross = self.cross
-        if not cross.leader:
+        if not cross.leader and cross.lanes == 1:
             return
         sent, self._sync_bytes_seen = cross.bytes_sent - getattr(self, "_sync_bytes_seen", 0), cross.bytes_sent
         peers = [m for m in cross.view.members if m != cross.name]
