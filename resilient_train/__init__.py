@@ -32,7 +32,6 @@ _LAZY = {
     "load": ".checkpoint",
     "save": ".checkpoint",
     "verify_checkpoint": ".checkpoint",
-    "EventLog": ".events",
     "SyncConfig": ".trainer",
     "Trainer": ".trainer",
     "TrainerConfig": ".trainer",

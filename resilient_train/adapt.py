@@ -6,19 +6,20 @@ accepts all of that; each piece is adapted here, at wrap time, so that nothing f
 later at the first checkpoint:
 
 * **process group**: when the script already called ``dist.init_process_group()``, ``wrap``
-  uses that group. Under torchrun the job's store is shared by every restart attempt (torch's
-  default; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` turns it off), so the restarted workers'
+  uses that group. Under torchrun the job's rendezvous store (torch's c10d Store, not a
+  checkpoint store) is shared by every restart attempt (torch's default;
+  ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` turns it off), so the restarted workers'
   own ``init_process_group()`` would read the dead attempt's peer addresses and hang or fail in
   gloo's connectFullMesh. Once every group the wrapper needs is connected,
-  :func:`forget_rendezvous_keys` deletes this attempt's rendezvous keys from the store, so a
-  restarted attempt finds none and exchanges fresh addresses. Where the store cannot list keys
+  :func:`forget_rendezvous_keys` deletes this attempt's keys from the rendezvous store, so a
+  restarted attempt finds none and exchanges fresh addresses. Where it cannot list keys
   and restarts are enabled, ``wrap`` refuses and says which line to remove. When ``wrap``
-  initialises the group itself it uses a prefix per attempt in the shared store instead (see
-  :func:`~resilient_train.trainer.init_distributed`).
-* **model**: a model already in ``DistributedDataParallel`` is accepted when the job is one
-  replica group (plain DDP): the script's DDP stays in charge of the gradients and the wrapper
-  checkpoints its ``.module``. With several replica groups, DDP must span one group only, so
-  ``wrap`` refuses and asks for the bare model. A model the script passed through FSDP2's
+  initialises the group itself it uses a prefix per attempt in the shared rendezvous store
+  instead (see :func:`~resilient_train.trainer.setup.init_distributed`).
+* **model**: a model already in ``DistributedDataParallel`` over every rank of the job is
+  accepted (one torchrun job is one provider's replica group): the script's DDP stays in
+  charge of the gradients and the wrapper checkpoints its ``.module``. A DDP over fewer ranks
+  is refused with the fix (pass the bare model). A model the script passed through FSDP2's
   ``fully_shard`` (its parameters are DTensors: FSDP over a 1-D mesh, HSDP over a 2-D one) is
   taken as it is: FSDP2 stays in charge of the gradients, ``wrap`` adds no DDP, and checkpoints
   hold each rank's own pieces (never gathered; see :func:`model_layout`). FSDP1
@@ -56,7 +57,7 @@ EPOCH_KEY = "resilient_train.epoch"
 
 _REMOVE_INIT = (
     "remove the line `dist.init_process_group(...)` from the script and create the DistributedSampler/DDP after "
-    "`resilient_train.wrap(...)` (wrap initialises the process group with a store prefixed per restart attempt), "
+    "`resilient_train.wrap(...)` (wrap initialises the process group with a rendezvous-store prefix per restart attempt), "
     "or launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
 )
 
@@ -64,34 +65,35 @@ _REMOVE_INIT = (
 # ---------------------------------------------------------------------- process group
 
 
-def restart_safety_problem(store: Any, env: Mapping[str, str]) -> str | None:
-    """Why the script's own process group cannot survive a torchrun restart, or None if it can."""
+def restart_safety_problem(rdzv_store: Any, env: Mapping[str, str]) -> str | None:
+    """Why the script's own process group cannot survive a torchrun restart, or None if it can.
+    ``rdzv_store``: the default group's rendezvous store (torch's c10d Store)."""
     shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
     if not shared or restarts == 0:
         return None
     try:
-        store.list_keys()
+        rdzv_store.list_keys()
     except Exception as exc:  # FileStore/HashStore and older torch builds cannot list keys
-        return f"the script's process group store ({type(store).__name__}) cannot list its keys ({type(exc).__name__}: {exc}), so a restarted attempt would read this attempt's peer addresses"
+        return f"the script's rendezvous store ({type(rdzv_store).__name__}) cannot list its keys ({type(exc).__name__}: {exc}), so a restarted attempt would read this attempt's peer addresses"
     return None
 
 
 def forget_rendezvous_keys(groups: list[Any], timeout: timedelta, env: Mapping[str, str] | None = None) -> int:
-    """Delete this attempt's rendezvous keys from the default store once every group is connected.
+    """Delete this attempt's keys from the default group's rendezvous store once every group is connected.
 
     Called on every rank, after the wrapper built its groups, only when the script initialised
     the default process group itself. A barrier on each group first makes sure every rank has
     connected (NCCL connects lazily, on a group's first collective); a second barrier keeps
-    rank 0's deletion ahead of anything else that uses the store. Returns the number of keys
-    deleted (on rank 0; 0 elsewhere). Raises :class:`ConfigError` when the store cannot be
-    cleaned and restarts are enabled.
+    rank 0's deletion ahead of anything else that uses the rendezvous store. Returns the number of keys
+    deleted (on rank 0; 0 elsewhere). Raises :class:`ConfigError` when the rendezvous store cannot
+    be cleaned and restarts are enabled.
     """
     from torch.distributed.distributed_c10d import _get_default_store
 
     env = os.environ if env is None else env
-    store = _get_default_store()
-    problem = restart_safety_problem(store, env)
+    rdzv_store = _get_default_store()
+    problem = restart_safety_problem(rdzv_store, env)
     if problem:
         raise ConfigError(f"{problem}: {_REMOVE_INIT}")
     for g in [None] + [g for g in groups if g is not None]:
@@ -99,12 +101,12 @@ def forget_rendezvous_keys(groups: list[Any], timeout: timedelta, env: Mapping[s
     deleted = 0
     if dist.get_rank() == 0:
         try:
-            keys = store.list_keys()
+            keys = rdzv_store.list_keys()
         except Exception as exc:  # no restarts configured (checked above): nothing depends on it
-            log.debug("store cannot list keys (%s); leaving rendezvous keys in place", exc)
+            log.debug("rendezvous store cannot list keys (%s); leaving rendezvous keys in place", exc)
             keys = []
         for key in keys:
-            if store.delete_key(key):
+            if rdzv_store.delete_key(key):
                 deleted += 1
     dist.barrier()
     log.info("script-initialised process group adopted; %d rendezvous key(s) of this attempt removed so a restart can rendezvous afresh", deleted)
@@ -185,11 +187,12 @@ def model_layout(module: torch.nn.Module) -> str:
 
 
 def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int, layout: str = "replicated", sync_mode: str = "ddp", group: str | None = None) -> None:
-    """The script's DDP spans every rank; that is right only for a single replica group. A
+    """The script's DDP spans every rank of the job (one torchrun job is one replica group). A
     sharded model is one replica over all the job's ranks: sync mode 'ddp' inside one torchrun
     job, or 'diloco'/'localsgd' between providers with ``group=`` (each rank exchanges its own
     shard, recovery/lanes.py). DiLoCo between the ranks of one job would average different
-    shards with each other, and is refused."""
+    shards with each other, and is refused. ``replica_groups`` is always 1 (the retired
+    setting; the trainer still passes it)."""
     if layout == "sharded" and group is None and (sync_mode != "ddp" or replica_groups > 1):
         raise ConfigError(
             f"an FSDP2 (fully_shard) model is one replica spread over every rank of the job: sync mode {sync_mode!r} "
@@ -199,11 +202,9 @@ def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int, la
         )
     if user_ddp is None:
         return
-    if replica_groups > 1:
-        raise ConfigError(f"the model is already wrapped in DistributedDataParallel over all ranks, but replica_groups={replica_groups} needs DDP inside each group: pass the bare model (remove `DDP(...)`; wrap builds the DDP of each group)")
     pg = getattr(user_ddp, "process_group", None)
     if pg is not None and dist.is_initialized() and dist.get_world_size(pg) != dist.get_world_size():
-        raise ConfigError("the model's DistributedDataParallel uses a process group smaller than the world: pass the bare model and let wrap build the groups (replica_groups)")
+        raise ConfigError("the model's DistributedDataParallel uses a process group smaller than the world: pass the bare model and let wrap build the DDP over every rank")
 
 
 def check_sharded_mesh(module: torch.nn.Module, world_size: int) -> None:

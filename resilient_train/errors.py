@@ -16,14 +16,14 @@ Tree::
     |   +-- StoreUnavailableError               endpoint down after retries (transient, exhausted)
     |   +-- UnsafeFileError                     a path is a symlink, FIFO or device, not a regular file inside the root
     |   +-- StoreConflictError                  a create-only write found the object already there
+    |   +-- StoreTransientError                 one attempt failed transiently (retried; then StoreUnavailableError)
     +-- CheckpointError                         anything about a checkpoint on storage
     |   +-- CheckpointNotFoundError             no committed checkpoint where one was expected
     |   +-- ManifestError                       manifest.json missing fields, malformed, bad names
     |   |   +-- UnsupportedFormatVersionError   written by a newer (or unknown) format version
     |   |   +-- UnsafePathError                 a file name tries to leave the checkpoint folder
     |   +-- CorruptCheckpointError              bytes on storage are not what the manifest says
-    |   |   +-- HashMismatchError               a file's SHA-256 differs from the manifest
-    |   |   +-- TruncatedFileError              a file is shorter/longer than the manifest says
+    |   |   +-- HashMismatchError               a file's SHA-256 or size differs from the manifest
     |   |   +-- SafetensorsHeaderError          header oversized, not JSON, or lies about offsets
     |   |   +-- StateFileError                  a JSON state file is oversized, not strict JSON, or malformed
     |   +-- PartialLoadError                    a load failed after live tensors were overwritten
@@ -34,6 +34,17 @@ Tree::
     |   +-- ReplicationError                    copies to some providers failed
     |   +-- CheckpointPolicyError               checkpoints failed past a user limit: training stops
     +-- DistributedError                        a collective failed on one or more ranks
+    |   +-- ReplicaMismatchError                replicas started from different parameters
+    |   +-- PayloadMismatchError                a peer sent another codec, size or element count
+    |   +-- SyncVetoError                       too many rounds in a row vetoed (non-finite updates)
+    |   +-- DroppedFromJobError                 this replica group was dropped from the job
+    +-- KernelUnavailableError (also RuntimeError)  a compiled kernel asked for cannot run here
+    +-- OperationCancelledError                 the caller stopped an operation (resumable)
+    +-- MembershipError                         membership could not do what was asked in time
+        +-- MembershipStoreError (also ConnectionError)  the membership KV did not answer in time
+        +-- MembershipRefusedError              the members refused this joiner
+
+Former names kept as aliases: ``TruncatedFileError`` is :class:`HashMismatchError`.
 """
 
 from __future__ import annotations
@@ -149,11 +160,13 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class HashMismatchError(CorruptCheckpointError):
-    """A file's SHA-256 differs from the one recorded in the manifest."""
+    """A file's bytes differ from the manifest's record: its SHA-256, or its size (a file cut
+    short or grown; ``TruncatedFileError`` is this class's former name for that case)."""
 
 
-class TruncatedFileError(CorruptCheckpointError):
-    """A file's size differs from the one recorded in the manifest."""
+TruncatedFileError = HashMismatchError
+"""Former name of :class:`HashMismatchError` for a size mismatch, merged into it: no caller
+handled the two apart (both mean "these bytes are not the ones the manifest promises")."""
 
 
 class SafetensorsHeaderError(CorruptCheckpointError):
@@ -280,7 +293,8 @@ class MembershipError(ResilientTrainError):
 
 
 class MembershipStoreError(MembershipError, ConnectionError):
-    """The membership key-value store did not answer within the call's timeout."""
+    """The membership KV (the key-value service providers meet in, a
+    :class:`~resilient_train.membership.KVStore`) did not answer within the call's timeout."""
 
 
 class MembershipRefusedError(MembershipError):

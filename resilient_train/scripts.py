@@ -24,11 +24,25 @@ these functions at fixed points (construction, start, resume, each step, each sa
   ``resilient_train.provenance`` (in ``state.json``, which the manifest covers by digest), and
   step N is checkpointed at once. Later launches resume from checkpoints and ignore
   ``init_from``. A mismatch raises StateMismatchError before training starts.
-* **visible by default** (``TrainerConfig(log="auto")``): see :func:`_visible_logging`.
+* **visible by default** (``TrainerConfig(log="auto")``): see :func:`visible_logging`.
 * **keep the best checkpoint** (``TrainerConfig(keep_best=k)`` + :meth:`Trainer.report_metric`):
   the metrics reported for checkpointed steps travel in ``extra`` under
   ``resilient_train.metrics``; :func:`~resilient_train.checkpoint.keep_best.best_steps` picks
   the steps retention keeps beside the last ``keep_last``.
+
+The trainer's hooks: public to the package, not to scripts. The trainer package calls each at
+one fixed point, passing the :class:`~resilient_train.trainer.Trainer` as ``tr``:
+
+* :func:`check_script_options`: ``TrainerConfig.__post_init__`` (validates the fields above).
+* :func:`init_script_parts`: ``Trainer.__init__`` (checks and keeps ``scaler``,
+  ``extra_per_rank``, ``stateful_per_rank``).
+* :func:`visible_logging`: ``Trainer.start`` once the rank is known; :func:`drop_visible_logging`
+  undoes it in ``Trainer.close``.
+* :func:`start_from_foreign`: resume, when nothing is committed yet and ``init_from`` is set.
+* :func:`after_resume`: resume, after a checkpoint was loaded.
+* :func:`optimizer_step`: ``Trainer.step``, in place of ``optimizer.step()``.
+* :func:`script_extras`: before every save.
+* :func:`report_metric` / :func:`protected_steps`: ``Trainer.report_metric`` and retention.
 """
 
 from __future__ import annotations
@@ -48,8 +62,14 @@ PROVENANCE_KEY = "resilient_train.provenance"
 METRICS_KEY = "resilient_train.metrics"
 LOG_MODES = ("auto", "off")
 
+__all__ = ["check_script_options", "init_script_parts", "visible_logging", "drop_visible_logging", "start_from_foreign",
+           "after_resume", "optimizer_step", "script_extras", "report_metric", "protected_steps",
+           "SCALER_KEY", "PROVENANCE_KEY", "METRICS_KEY", "LOG_MODES"]
 
-def _check_script_options(cfg: Any) -> None:
+
+def check_script_options(cfg: Any) -> None:
+    """Validate the script-facing fields of a TrainerConfig (``max_steps``, ``init_from``,
+    ``init_step``, ``log``, ``keep_best``, ``keep_best_mode``); ConfigError says what to fix."""
     if cfg.max_steps is not None and (isinstance(cfg.max_steps, bool) or not isinstance(cfg.max_steps, int) or cfg.max_steps < 1):
         raise ConfigError(f"max_steps must be None or an int >= 1, got {cfg.max_steps!r}")
     if cfg.init_from is not None and (not isinstance(cfg.init_from, str) or not cfg.init_from):
@@ -66,7 +86,10 @@ def _check_script_options(cfg: Any) -> None:
         raise ConfigError(f"keep_best_mode must be 'min' (lower metric is better) or 'max', got {cfg.keep_best_mode!r}")
 
 
-def _init_script_parts(tr: Any, scaler: Any, extra_per_rank: Any, stateful_per_rank: Any) -> None:
+def init_script_parts(tr: Any, scaler: Any, extra_per_rank: Any, stateful_per_rank: Any) -> None:
+    """Check ``scaler`` (a GradScaler's methods), ``extra_per_rank`` (a dict) and
+    ``stateful_per_rank`` (objects with ``state_dict``/``load_state_dict``), raising ConfigError
+    before anything starts, and set the attributes the other hooks use on ``tr``."""
     if scaler is not None:
         missing = [m for m in ("step", "update", "get_scale", "is_enabled", "state_dict", "load_state_dict") if not callable(getattr(scaler, m, None))]
         if missing:
@@ -91,7 +114,7 @@ def _init_script_parts(tr: Any, scaler: Any, extra_per_rank: Any, stateful_per_r
 # ---------------------------------------------------------------------- AMP
 
 
-def _optimizer_step(tr: Any) -> None:
+def optimizer_step(tr: Any) -> None:
     """The optimizer step of :meth:`Trainer.step`: through the scaler when there is one."""
     scaler = tr.scaler
     if scaler is None or not scaler.is_enabled():
@@ -106,7 +129,7 @@ def _optimizer_step(tr: Any) -> None:
         log.info("step %d: gradients overflowed at loss scale %g; the optimizer step was skipped (scale now %g)", tr.step_count + 1, before, scaler.get_scale())
 
 
-def _script_extras(tr: Any) -> None:
+def script_extras(tr: Any) -> None:
     """Before a save: the scaler's state into ``extra`` (rank 0's is stored)."""
     if tr.scaler is not None and tr.scaler.is_enabled():
         tr.extra[SCALER_KEY] = dict(tr.scaler.state_dict())
@@ -114,7 +137,7 @@ def _script_extras(tr: Any) -> None:
         tr._protected_steps = frozenset(protected_steps(tr))  # read by retention on rank 0's worker thread
 
 
-def _after_resume(tr: Any) -> None:
+def after_resume(tr: Any) -> None:
     """After a checkpoint was loaded into ``extra``: the scaler's state back."""
     saved = tr.extra.get(SCALER_KEY)
     if tr.scaler is not None and tr.scaler.is_enabled() and isinstance(saved, dict) and saved:
@@ -124,7 +147,7 @@ def _after_resume(tr: Any) -> None:
 # ---------------------------------------------------------------------- adopting a run
 
 
-def _init_from(tr: Any) -> None:
+def start_from_foreign(tr: Any) -> None:
     """Start from a foreign checkpoint as step N (collective: every rank reads the file and
     the first save commits step N). See the module doc."""
     from .foreign import read_foreign
@@ -162,12 +185,15 @@ def _init_from(tr: Any) -> None:
 
 
 def report_metric(tr: Any, value: float, step: int | None = None) -> None:
+    """Record ``value`` for ``step`` (default: the current one) in ``extra`` (saved with the
+    next checkpoint), where :func:`protected_steps` reads it."""
     v = float(value)
     s = tr.step_count if step is None else int(step)
     tr.extra.setdefault(METRICS_KEY, {})[str(s)] = v
 
 
 def protected_steps(tr: Any) -> set[int]:
+    """The ``keep_best`` steps with the best reported metric (see :mod:`~resilient_train.checkpoint.keep_best`)."""
     from .checkpoint.keep_best import best_steps
 
     metrics = {int(k): float(v) for k, v in tr.extra.get(METRICS_KEY, {}).items()}
@@ -181,7 +207,7 @@ class _Visible(logging.StreamHandler):
     """The stderr handler ``log="auto"`` adds (told apart from the script's own handlers)."""
 
 
-def _visible_logging(tr: Any) -> None:
+def visible_logging(tr: Any) -> None:
     """``log="auto"``: when neither the root logger nor the ``resilient_train`` logger has a
     handler (the script configured no logging), add a stderr handler to ``resilient_train``:
     rank 0 prints INFO and above (resume, reshard, fallback past a bad checkpoint, storage
@@ -209,7 +235,8 @@ def _visible_logging(tr: Any) -> None:
         lib.setLevel(logging.INFO)
 
 
-def _drop_visible_logging(tr: Any) -> None:
+def drop_visible_logging(tr: Any) -> None:
+    """Undo :func:`visible_logging` (``Trainer.close``): remove the handler, restore the level."""
     if getattr(tr, "_log_handler", None) is None:
         return
     from .logs import LIBRARY_LOGGER

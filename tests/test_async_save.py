@@ -9,7 +9,7 @@ import torch
 
 from resilient_train import load
 from resilient_train.checkpoint.async_save import AsyncCheckpointer
-from resilient_train.checkpoint import committed_steps
+from resilient_train.checkpoint.steps import committed_steps
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.errors import CheckpointError, CheckpointWriteError, ConfigError, ReplicationError
 from resilient_train.storage import LocalStore

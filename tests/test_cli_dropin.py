@@ -132,7 +132,8 @@ def test_ctrl_c_at_start_up_exits_130_without_traceback(ckpt):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_first_ctrl_c_stops_migrate_within_a_second_resumably(make_store, servers, tmp_path):
-    from resilient_train.checkpoint import committed_steps, verify_checkpoint
+    from resilient_train.checkpoint import verify_checkpoint
+    from resilient_train.checkpoint.steps import committed_steps
     from resilient_train.checkpoint.writer import SaveOptions
     from resilient_train.storage import open_store
 

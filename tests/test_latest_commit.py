@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import resilient_train as rt
-from resilient_train.checkpoint import CheckpointManager, committed_steps, latest_step
+from resilient_train.checkpoint import CheckpointManager
+from resilient_train.checkpoint.steps import committed_steps, latest_step
 from resilient_train.checkpoint.steps import newest_committed
 from resilient_train.checkpoint import SaveOptions, save
 from resilient_train.errors import CommitConflictError, StorageError, StoreConflictError, StoreUnavailableError

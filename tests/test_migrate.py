@@ -6,7 +6,8 @@ import pytest
 
 from resilient_train import load, save
 from resilient_train.checkpoint.replicate import copy_checkpoint, migrate
-from resilient_train.checkpoint import committed_steps, verify_checkpoint
+from resilient_train.checkpoint import verify_checkpoint
+from resilient_train.checkpoint.steps import committed_steps
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.errors import CheckpointError, ReplicationError
 from resilient_train.format import MANIFEST_NAME, step_dirname

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from resilient_train import save
-from resilient_train.checkpoint import committed_steps, verify_checkpoint
+from resilient_train.checkpoint import verify_checkpoint
+from resilient_train.checkpoint.steps import committed_steps
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.cli import main
 from resilient_train.storage import open_store

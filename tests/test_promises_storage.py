@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from resilient_train.checkpoint.async_save import AsyncCheckpointer
-from resilient_train.checkpoint import committed_steps
+from resilient_train.checkpoint.steps import committed_steps
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.errors import StoreUnavailableError
 from resilient_train.storage import LocalStore

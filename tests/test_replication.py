@@ -10,7 +10,8 @@ import pytest
 from resilient_train.checkpoint.loading import load_replicated
 from resilient_train.checkpoint.replicate import copy_checkpoint, replicate
 from resilient_train.checkpoint.saving import save_replicated
-from resilient_train.checkpoint import committed_steps, load, verify_checkpoint
+from resilient_train.checkpoint import load, verify_checkpoint
+from resilient_train.checkpoint.steps import committed_steps
 from resilient_train.checkpoint.writer import SaveOptions
 from resilient_train.errors import ReplicationError
 from resilient_train.format import MANIFEST_NAME, step_dirname

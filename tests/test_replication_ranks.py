@@ -54,7 +54,7 @@ def test_two_ranks_agree_on_replication_outcome(tmp_path):
     # so only rank 0 learns that c missed its copy; rank 1's save committed and that is all it sees.
     assert outs[0]["async"] == (["c"], ["a", "b"])
     assert outs[1]["async"] == "ok"
-    from resilient_train.checkpoint import committed_steps
+    from resilient_train.checkpoint.steps import committed_steps
     from resilient_train.storage import LocalStore
 
     assert committed_steps(LocalStore(str(tmp_path / "a"))) == [1, 2]

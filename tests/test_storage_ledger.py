@@ -148,7 +148,7 @@ def test_trainer_summary_and_event_log_carry_the_ledger(tmp_path):
     assert led["pairs"]["a->b"]["by_purpose"]["sync"]["bytes"] == 1_000_000
     kinds = [json.loads(line)["event"] for line in open(tmp_path / "ev.jsonl")]
     assert "ledger" in kinds and kinds.count("bytes") >= 6 and kinds.count("checkpoint_committed") == 3
-    from resilient_train.checkpoint import committed_steps
+    from resilient_train.checkpoint.steps import committed_steps
 
     assert committed_steps(pl.store("b")) == [4, 6]  # copies and retention ran in the background
 

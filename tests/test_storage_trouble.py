@@ -78,7 +78,7 @@ def test_each_rank_stages_only_its_share(tmp_path):
 def test_provider_down_mid_run_training_goes_on_and_copies_are_caught_up(tmp_path, servers):
     from resilient_train import TrainState
     from resilient_train.checkpoint.async_save import AsyncCheckpointer
-    from resilient_train.checkpoint import committed_steps
+    from resilient_train.checkpoint.steps import committed_steps
     from resilient_train.storage.ledger import Ledger
     from resilient_train.storage.providers import HealthBook, Placement, Provider, ReplicationPolicy
 
@@ -170,7 +170,7 @@ def _slow_copy(rank, world, root, bucket_uri, opts):
 
 
 def test_copy_longer_than_collective_timeout_fails_no_rank(tmp_path, servers):
-    from resilient_train.checkpoint import committed_steps
+    from resilient_train.checkpoint.steps import committed_steps
     from resilient_train.storage import open_store
     from resilient_train.testing.ranks import run_ranks
 

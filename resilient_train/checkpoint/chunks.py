@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError, HashMismatchError, ManifestError, SafetensorsHeaderError, StateFileError, StorageError, TruncatedFileError
+from ..errors import CorruptCheckpointError, HashMismatchError, ManifestError, SafetensorsHeaderError, StateFileError, StorageError
 from ..format.jsontree import MAX_JSON_BYTES, loads_strict
 from ..format.hashing import BLAKE3, SHA256, chunk_hexdigest, new_hasher
 from ..format.manifest import FileRecord, Manifest
@@ -117,7 +117,7 @@ class Chunks:
             if self.on_bytes is not None:
                 self.on_bytes(len(data))
             if len(data) != end - start:
-                kinds.append(TruncatedFileError)
+                kinds.append(HashMismatchError)
                 how = "longer" if len(data) > end - start else "shorter"
                 reasons.append(f"{store.name}: {file} is {how} than the {rec.size_bytes} bytes the manifest records")
                 continue
@@ -238,7 +238,7 @@ class Chunks:
             if self.on_bytes is not None:
                 self.on_bytes(n)
             if n != end - start:
-                kinds.append(TruncatedFileError)
+                kinds.append(HashMismatchError)
                 how = "longer" if n > end - start else "shorter"
                 reasons.append(f"{store.name}: {file} is {how} than the {rec.size_bytes} bytes the manifest records")
                 continue

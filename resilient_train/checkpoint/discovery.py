@@ -29,7 +29,6 @@ from ..errors import (
     SignatureError,
     StorageError,
     StoreUnavailableError,
-    TruncatedFileError,
     UnsupportedFormatVersionError,
 )
 from ..format.names import MANIFEST_NAME, step_dirname
@@ -55,7 +54,7 @@ FALLBACK_ERRORS: tuple[type[BaseException], ...] = (CorruptCheckpointError, Mani
 """A checkpoint that fails with one of these is skipped for the next older one (except
 UnsupportedFormatVersionError: a newer library wrote it; upgrading is the fix, not skipping it)."""
 
-DEFINITE_ERRORS: tuple[type[BaseException], ...] = (HashMismatchError, TruncatedFileError, SafetensorsHeaderError, ManifestError, SignatureError)
+DEFINITE_ERRORS: tuple[type[BaseException], ...] = (HashMismatchError, SafetensorsHeaderError, ManifestError, SignatureError)
 """Verdicts about the checkpoint's bytes themselves. Only a checkpoint skipped for one of these
 is uncommitted; a plain CorruptCheckpointError may also stand for a store that failed while
 every replica was tried, so such a checkpoint is skipped but left committed."""

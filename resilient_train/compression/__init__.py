@@ -3,8 +3,6 @@ loader of the compiled kernels (``resilient_train/csrc/``). Never imports checkp
 
 from __future__ import annotations
 
-from .codecs import (CODEC_NAMES, BF16Codec, BlockwiseCodec, Codec, Encoded, NoneCodec, TopKCodec,
-                     get_codec)
+from .codecs import CODEC_NAMES, Codec, Encoded, get_codec
 
-__all__ = ["Codec", "Encoded", "CODEC_NAMES", "get_codec", "NoneCodec", "BF16Codec", "BlockwiseCodec",
-           "TopKCodec"]
+__all__ = ["Codec", "Encoded", "CODEC_NAMES", "get_codec"]

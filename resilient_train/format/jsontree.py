@@ -27,7 +27,7 @@ import torch
 
 from ..errors import StateFileError
 
-__all__ = ["encode", "decode", "dumps_canonical", "loads_strict", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
+__all__ = ["encode", "decode", "dumps_canonical", "loads_strict", "strict_decoder", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 """No persisted JSON file (manifest, state, rank state, index) may be larger: refused before reading."""
@@ -204,6 +204,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_STRICT_HOOKS: dict[str, Any] = {"object_pairs_hook": _no_duplicates, "parse_constant": _refuse_constant, "parse_float": _finite_float}
+
+
+def strict_decoder() -> json.JSONDecoder:
+    """The JSON decoder of every persisted JSON file: a duplicate key, a bare ``NaN`` or
+    ``Infinity`` and a number that overflows to infinity raise ValueError (the caller turns it
+    into its typed error). :func:`loads_strict` parses with the same rules; the manifest's
+    key-by-key parser (:mod:`.manifest`) uses this decoder directly."""
+    return json.JSONDecoder(**_STRICT_HOOKS)
+
+
 def loads_strict(data: bytes, *, where: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH, error: type = StateFileError) -> Any:
     """Parse persisted JSON strictly: UTF-8, at most ``max_bytes`` (checked before parsing) and
     ``max_depth`` deep, no duplicate keys, no bare ``NaN``/``Infinity``, no number that overflows
@@ -215,7 +226,7 @@ def loads_strict(data: bytes, *, where: str, max_bytes: int = MAX_JSON_BYTES, ma
         text = bytes(data).decode("utf-8")
         # The C parser guards its own recursion (RecursionError, caught here); the depth limit
         # is then checked without recursion, so later walks over the tree stay shallow.
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant, parse_float=_finite_float)
+        obj = json.loads(text, **_STRICT_HOOKS)
     except RecursionError:
         raise error(f"{where}: JSON nested deeper than {max_depth} levels") from None
     except (UnicodeDecodeError, ValueError) as exc:

@@ -360,7 +360,7 @@ def _loads_manifest(data: bytes, where: str) -> Any:
     import gc
     import json
 
-    from .jsontree import MAX_JSON_DEPTH, _finite_float, _no_duplicates, _refuse_constant
+    from .jsontree import MAX_JSON_DEPTH, strict_decoder
 
     def fail(msg: str) -> ManifestError:
         return ManifestError(f"{where}: {msg}")
@@ -375,7 +375,7 @@ def _loads_manifest(data: bytes, where: str) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"is not valid JSON (strict: UTF-8): {exc}") from None
-    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant, parse_float=_finite_float)
+    decoder = strict_decoder()
     ws = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
     out: dict[str, Any] = {}
     was_enabled = gc.isenabled()

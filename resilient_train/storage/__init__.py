@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .base import Store, check_relpath, join
+from .base import Store
 from .fsspec_store import FsspecStore
 from .local import LocalStore
-from .redact import redact, redact_options
+from .redact import redact
 from .retry import NO_RETRY, RetryingStore, RetryPolicy, classify
 
 __all__ = [
@@ -24,10 +24,7 @@ __all__ = [
     "NO_RETRY",
     "classify",
     "open_store",
-    "check_relpath",
-    "join",
     "redact",
-    "redact_options",
 ]
 
 

@@ -18,7 +18,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from ..errors import HashMismatchError, StoreNotFoundError, TruncatedFileError
+from ..errors import HashMismatchError, StoreNotFoundError
 from .base import Store
 from .retry import NO_RETRY, RetryPolicy, call_with_retry
 
@@ -59,7 +59,7 @@ def file_matches(store: Store, path: str, size_bytes: int, sha256: str, digester
 
 def _verify(src: Store, src_path: str, dst: Store, n: int, digest: str, size_bytes: int | None, sha256: str | None) -> None:
     if size_bytes is not None and n != size_bytes:
-        raise TruncatedFileError(f"{src.name}:{src_path} is {n} bytes, expected {size_bytes}; not copied to {dst.name}")
+        raise HashMismatchError(f"{src.name}:{src_path} is {n} bytes, expected {size_bytes}; not copied to {dst.name}")
     if sha256 is not None and digest != sha256:
         raise HashMismatchError(f"{src.name}:{src_path} has digest {digest}, expected {sha256}; not copied to {dst.name}")
 
@@ -120,7 +120,7 @@ def copy_file(
     (``sha256`` and the result are ``digester``'s digests when it is given: a factory of hashers
     with ``update`` and ``hexdigest``, such as a manifest record's ``new_digester``).
 
-    Raises HashMismatchError / TruncatedFileError when the bytes differ from the expected ones
+    Raises HashMismatchError when the bytes (size or SHA-256) differ from the expected ones
     (the destination object is aborted), StoreNotFoundError when the source is missing, and
     StoreUnavailableError when transient failures outlast ``retry``. ``on_bytes`` is called
     with each chunk's size (negative to take back bytes of an attempt that failed).

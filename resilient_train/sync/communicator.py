@@ -38,6 +38,7 @@ __all__ = [
     "allreduce_mean",
     "allreduce_encoded",
     "DEFAULT_TIMEOUT",
+    "CODEC_IDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -324,12 +325,14 @@ def allreduce_mean(comm: Communicator, buf: torch.Tensor) -> Handle:
 
 # header of an encoded payload on the wire: magic, codec id, numel, payload bytes, flag
 _MAGIC = 0x52544331  # "RTC1"
-_CODEC_IDS = {"none": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 5}
+CODEC_IDS = {"none": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 5}
+"""Each codec's number on the wire (0: a codec not listed). Peers compare it in the payload
+header and in DiLoCo's configuration handshake, so a number, once given, never changes."""
 _HEADER_INT64 = 5
 
 
 def _header(codec: Codec, numel: int, flag: int) -> torch.Tensor:
-    h = torch.tensor([_MAGIC, _CODEC_IDS.get(codec.name, 0), numel, codec.payload_nbytes(numel), flag],
+    h = torch.tensor([_MAGIC, CODEC_IDS.get(codec.name, 0), numel, codec.payload_nbytes(numel), flag],
                      dtype=torch.int64)
     return h.view(torch.uint8)
 

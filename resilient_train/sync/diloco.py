@@ -55,7 +55,7 @@ import torch
 
 from ..compression import Codec, get_codec
 from ..errors import ConfigError, PayloadMismatchError, ReplicaMismatchError, StateMismatchError, SyncVetoError
-from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, _CODEC_IDS,
+from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, CODEC_IDS as _CODEC_IDS,
                            allreduce_encoded)
 
 __all__ = ["DiLoCo", "LocalSGD", "default_outer_optimizer", "STATE_FORMAT", "GLOBAL_STATE_FORMAT"]

@@ -12,8 +12,8 @@
 What :func:`wrap` does, in order (the phases of :meth:`Trainer.start`):
 
 1. **distributed** (:mod:`.setup`): under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
-   ``MASTER_PORT`` set) it joins the job's store (under a prefix per restart attempt when the
-   store is the agent's, shared by every attempt: see :func:`init_distributed`), so a restarted
+   ``MASTER_PORT`` set) it joins the job's rendezvous store (under a prefix per restart attempt
+   when it is the agent's, shared by every attempt: see :func:`.setup.init_distributed`), so a restarted
    gloo job never reads the previous attempt's peer addresses, and initialises the default
    process group. A group the script initialised itself is adopted instead, and a script's DDP
    or FSDP2 (``fully_shard``) model and DistributedSampler are accepted (see
@@ -37,9 +37,7 @@ agreement), :mod:`.trainer` (``Trainer``, ``wrap``: the step loop).
 
 from __future__ import annotations
 
-from ..events import EventLog
 from .config import SyncConfig, TrainerConfig
-from .setup import init_distributed
 from .trainer import Trainer, wrap
 
-__all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap", "EventLog", "init_distributed"]
+__all__ = ["SyncConfig", "TrainerConfig", "Trainer", "wrap"]

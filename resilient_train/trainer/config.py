@@ -6,15 +6,35 @@ no environment read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from ..scripts import _check_script_options
+from ..scripts import check_script_options
 
 __all__ = ["SyncConfig", "TrainerConfig"]
 
 _MODES = ("ddp", "localsgd", "diloco")
+
+_RETIRED = {
+    "replica_groups": "several providers in one torchrun job are no longer supported (one dead rank restarted everyone): "
+                      "launch one torchrun per provider with TrainerConfig(group='<provider>', membership='tcp://host:port' or 'etcd://...')",
+}
+
+
+def _refuse_unknown_fields(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """A keyword that is not a field raises ConfigError naming it (and the closest field, or
+    what replaced a retired one), not the dataclass's TypeError."""
+    known = [f.name for f in fields(cls)]
+    for name in kwargs:
+        if name in known:
+            continue
+        if name in _RETIRED:
+            raise ConfigError(f"unknown {cls.__name__} field {name!r}: {_RETIRED[name]}")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; the fields are {', '.join(known)}"
+        raise ConfigError(f"unknown {cls.__name__} field {name!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +56,10 @@ class SyncConfig:
     outer_momentum: float = 0.9
     max_vetoes_in_a_row: int = 3
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "SyncConfig":
+        _refuse_unknown_fields(cls, kwargs)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ConfigError(f"sync mode {self.mode!r} is unknown; choose one of {', '.join(_MODES)}")
@@ -49,14 +73,15 @@ class TrainerConfig:
 
     ``checkpoint``: where checkpoints go: a URI (any fsspec URL), a Store, or a
     :class:`~resilient_train.storage.providers.Placement` (providers + replication policy).
-    ``every_n_steps``/``keep_last``: the schedule and retention. ``replica_groups``: how many
-    groups the world is split into (one per provider); the world size must be divisible by it.
+    ``every_n_steps``/``keep_last``: the schedule and retention. One torchrun job is one
+    provider's replica group; several providers train together with ``group=``/``membership=``.
+    A keyword that is not a field (a typo, or the retired ``replica_groups``) raises ConfigError.
     ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
     ``event_log``: where the JSON-lines event log goes: a local path, any fsspec URL (buffered,
     written at checkpoints, every 30 s and at close) or a callable; ``{rank}`` is replaced by
     the rank. ``on_event``: a callable given every event dict (metrics: TensorBoard, W&B,
     Prometheus). A failing sink is logged and never stops training (see :mod:`.events`).
-    ``timeout_s``: bound on every collective and store operation the wrapper starts.
+    ``timeout_s``: bound on every collective, checkpoint copy and membership KV call the wrapper starts.
     ``signing_key``: a :class:`~resilient_train.format.signing.SigningKey` that signs every
     checkpoint saved. ``verify_keys``: a KeyRing, key, key file path or list of them; resume
     then loads only checkpoints signed by one of them (the newest such). Neither is ever shown.
@@ -81,7 +106,6 @@ class TrainerConfig:
     checkpoint: Any = None
     every_n_steps: int = 100
     keep_last: int = 3
-    replica_groups: int = 1
     sync: SyncConfig = field(default_factory=SyncConfig)
     async_save: bool = True
     event_log: Any = None
@@ -112,8 +136,18 @@ class TrainerConfig:
     keep_best: int = 0
     keep_best_mode: str = "min"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "TrainerConfig":
+        _refuse_unknown_fields(cls, kwargs)
+        return super().__new__(cls)
+
+    @property
+    def replica_groups(self) -> int:
+        """Always 1: not a field (passing it raises ConfigError). Read by the trainer's setup
+        until its rewrite drops the last per-group code."""
+        return 1
+
     def __post_init__(self) -> None:
-        _check_script_options(self)
+        check_script_options(self)
         if self.checkpoint is None:
             raise ConfigError("TrainerConfig.checkpoint is required: a folder, an fsspec URL (s3://bucket/run) or a Placement of providers")
         if isinstance(self.checkpoint, str) and not self.checkpoint:
@@ -122,12 +156,6 @@ class TrainerConfig:
             raise ConfigError(f"every_n_steps must be an int >= 1, got {self.every_n_steps!r}")
         if not isinstance(self.keep_last, int) or self.keep_last < 1:
             raise ConfigError(f"keep_last must be an int >= 1, got {self.keep_last!r}")
-        if not isinstance(self.replica_groups, int) or self.replica_groups < 1:
-            raise ConfigError(f"replica_groups must be an int >= 1, got {self.replica_groups!r}")
-        if self.sync.mode == "ddp" and self.replica_groups > 1:
-            raise ConfigError("sync mode 'ddp' averages gradients across all ranks every step, so it needs replica_groups=1; use mode 'diloco' or 'localsgd' between providers")
-        if self.replica_groups > 1:
-            raise ConfigError(f"replica_groups={self.replica_groups}: several providers in one torchrun job are no longer supported (one dead rank restarted everyone); launch one torchrun per provider with TrainerConfig(group='<provider>', membership='tcp://host:port' or 'etcd://...')")
         if (self.group is None) != (self.membership is None):
             raise ConfigError("group and membership go together: group='<this provider's name>' and membership='tcp://host:port' (a TCPStore hosted by a long-lived process) or 'etcd://h1:p1,h2:p2,h3:p3'")
         if self.group is not None:

@@ -17,7 +17,7 @@ from ..checkpoint.discovery import uncommit
 from ..checkpoint.steps import newest_committed
 from ..errors import StorageError
 from ..format.signing import as_keyring
-from ..scripts import _after_resume, _init_from
+from ..scripts import after_resume, start_from_foreign
 
 __all__ = ["resume", "resume_points", "restart_at"]
 
@@ -37,11 +37,11 @@ def resume(tr: Any, at_most: int | None = None) -> None:
     if result is None:
         tr.events.emit("no_checkpoint")
         if at_most is None and tr.config.init_from is not None:
-            _init_from(tr)
+            start_from_foreign(tr)
         else:
             log.info("no checkpoint under %s: training starts at step 0", tr._checkpoint() if isinstance(tr._checkpoint(), str) else "the checkpoint location")
         return
-    _after_resume(tr)
+    after_resume(tr)
     tr.step_count = int(tr.extra.get("resilient_train.step", result.step))
     tr.resumed_from = result.step
     served: dict[str, int] = {}

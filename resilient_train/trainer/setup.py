@@ -1,7 +1,7 @@
 """Distributed setup: the default process group from torchrun's environment.
 
-:func:`init_distributed` joins the job's store under :func:`store_prefix` (one prefix per
-torchrun attempt when the store is the agent's) and initialises the default process group; a
+:func:`init_distributed` joins the job's rendezvous store (torch's c10d Store, not a checkpoint
+store) under :func:`store_prefix` (one prefix per torchrun attempt when it is the agent's) and initialises the default process group; a
 group the script initialised itself is adopted as is.
 """
 
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 def init_distributed(timeout: timedelta, backend: str | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment, if not done yet.
 
-    Returns ``(rank, world_size)``; ``(0, 1)`` without a distributed environment. The store's
-    prefix is :func:`store_prefix`'s.
+    Returns ``(rank, world_size)``; ``(0, 1)`` without a distributed environment. The rendezvous
+    store's prefix is :func:`store_prefix`'s.
     """
     env = os.environ if env is None else env
     if dist.is_initialized():
@@ -58,7 +58,7 @@ def init_distributed(timeout: timedelta, backend: str | None = None, env: Mappin
 
 
 def store_prefix(env: Mapping[str, str]) -> str:
-    """The prefix under which the workers of one torchrun attempt meet in its store.
+    """The prefix under which the workers of one torchrun attempt meet in its rendezvous store.
 
     The agent's store (``TORCHELASTIC_USE_AGENT_STORE=True``, torch's default) outlives the
     attempts: gloo workers of a restarted attempt would read the previous attempt's peer

@@ -23,7 +23,7 @@ from ..checkpoint.writer import SaveOptions
 from ..errors import ConfigError, DroppedFromJobError
 from ..events import EventLog
 from ..format.signing import as_keyring
-from ..scripts import _drop_visible_logging, _init_script_parts, _optimizer_step, _script_extras, _visible_logging
+from ..scripts import drop_visible_logging as _drop_visible_logging, init_script_parts as _init_script_parts, optimizer_step as _optimizer_step, script_extras as _script_extras, visible_logging as _visible_logging
 from ..storage import Store
 from ..storage.ledger import Ledger
 from ..storage.providers import Placement
