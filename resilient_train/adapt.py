@@ -186,14 +186,13 @@ def model_layout(module: torch.nn.Module) -> str:
     return "sharded"
 
 
-def check_model_layout(user_ddp: torch.nn.Module | None, replica_groups: int, layout: str = "replicated", sync_mode: str = "ddp", group: str | None = None) -> None:
+def check_model_layout(user_ddp: torch.nn.Module | None, layout: str = "replicated", sync_mode: str = "ddp", group: str | None = None) -> None:
     """The script's DDP spans every rank of the job (one torchrun job is one replica group). A
     sharded model is one replica over all the job's ranks: sync mode 'ddp' inside one torchrun
     job, or 'diloco'/'localsgd' between providers with ``group=`` (each rank exchanges its own
     shard, recovery/lanes.py). DiLoCo between the ranks of one job would average different
-    shards with each other, and is refused. ``replica_groups`` is always 1 (the retired
-    setting; the trainer still passes it)."""
-    if layout == "sharded" and group is None and (sync_mode != "ddp" or replica_groups > 1):
+    shards with each other, and is refused."""
+    if layout == "sharded" and group is None and sync_mode != "ddp":
         raise ConfigError(
             f"an FSDP2 (fully_shard) model is one replica spread over every rank of the job: sync mode {sync_mode!r} "
             "without group= would average different shards with each other. Use sync mode 'ddp' (FSDP2 averages the "

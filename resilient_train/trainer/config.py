@@ -140,11 +140,6 @@ class TrainerConfig:
         _refuse_unknown_fields(cls, kwargs)
         return super().__new__(cls)
 
-    @property
-    def replica_groups(self) -> int:
-        """Always 1: not a field (passing it raises ConfigError). Read by the trainer's setup
-        until its rewrite drops the last per-group code."""
-        return 1
 
     def __post_init__(self) -> None:
         check_script_options(self)

@@ -77,21 +77,19 @@ class Trainer:
         timeout = timedelta(seconds=cfg.timeout_s)
         # with group= a one-rank provider needs no process group of its own (the cross-provider
         # groups come from the membership); without it, a sync mode needs torchrun's ranks
-        distributed_needed = cfg.group is None and (cfg.replica_groups > 1 or cfg.sync.mode != "ddp")
+        distributed_needed = cfg.group is None and cfg.sync.mode != "ddp"
         if distributed_needed and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
-            raise ConfigError(f"sync mode {cfg.sync.mode!r} with {cfg.replica_groups} replica group(s) needs several ranks: launch with torchrun (WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT are not set)")
+            raise ConfigError(f"sync mode {cfg.sync.mode!r} without group= synchronises the ranks of one job, so it needs several ranks: launch with torchrun (WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT are not set)")
         script_pg = dist.is_initialized()
         if script_pg and self._user_ddp is None:
             self._user_ddp = adapt.find_script_ddp(self.module)  # a bare module inside the script's DDP
             if self._user_ddp is not None:
                 self.model = self._user_ddp
-        adapt.check_model_layout(self._user_ddp, cfg.replica_groups, self.layout, cfg.sync.mode, cfg.group)
+        adapt.check_model_layout(self._user_ddp, self.layout, cfg.sync.mode, cfg.group)
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
         _visible_logging(self)
         adapt.check_sharded_mesh(self.module, self.world_size)
         self._owns_default_pg = not script_pg and dist.is_initialized()
-        if self.world_size % cfg.replica_groups:
-            raise ConfigError(f"world size {self.world_size} does not divide into {cfg.replica_groups} replica groups: launch a multiple of {cfg.replica_groups} ranks or change replica_groups")
         self.events = EventLog(cfg.event_log, self.rank, on_event=cfg.on_event, storage_options=cfg.storage_options)
         if callable(getattr(self.sampler, "set_world", None)):
             self.sampler.set_world(self.rank, self.world_size)
@@ -138,28 +136,17 @@ class Trainer:
                                    join_timeout_s=cfg.join_timeout_s, events=self.events).start()
 
     def _build_groups(self, timeout: timedelta) -> None:
-        groups = self.config.replica_groups
-        self.group_size = self.world_size // groups
-        self.group_index, self.group_rank = divmod(self.rank, self.group_size)
+        # one torchrun job is one replica group: DDP (or the script's FSDP2) over all its ranks
+        self.group_size = self.world_size
+        self.group_index, self.group_rank = 0, self.rank
         self._intra = None
         self._cross = None
         if self.world_size == 1:
             return
-        # Every rank must create every group, in the same order.
-        for g in range(groups):
-            ranks = list(range(g * self.group_size, (g + 1) * self.group_size))
-            pg = dist.new_group(ranks, timeout=timeout) if groups > 1 else None
-            if g == self.group_index:
-                self._intra = pg
-        if groups > 1:
-            for j in range(self.group_size):
-                pg = dist.new_group([g * self.group_size + j for g in range(groups)], timeout=timeout)
-                if j == self.group_rank:
-                    self._cross = pg
         # A separate group for checkpoint collectives, which may run on a background thread.
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         # DDP is added for a replicated model only: a sharded (FSDP2) model's gradients are FSDP2's
-        if (self.group_size > 1 or (groups == 1 and self.world_size > 1)) and self._user_ddp is None and self.layout == "replicated":
+        if self._user_ddp is None and self.layout == "replicated":
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, process_group=self._intra)
 
     def _build_sync(self, timeout: timedelta) -> None:
