@@ -267,6 +267,13 @@ class ProviderGroup:
         if self._lane is not None:
             self._lane.close()
 
+    def drop_process_groups(self) -> None:
+        """Forget this object's process groups (the control group and the epoch's group) so that
+        they are destroyed now, on the calling thread, not at interpreter shutdown (see
+        ``Trainer._drop_process_groups``). The object cannot run collectives afterwards."""
+        self._control = None
+        self._comm = None
+
     # ------------------------------------------------------------------ entering an epoch
 
     def _enter(self, pending: _Pending | None) -> Any:

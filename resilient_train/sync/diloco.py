@@ -55,7 +55,7 @@ import torch
 
 from ..compression import Codec, get_codec
 from ..errors import ConfigError, PayloadMismatchError, ReplicaMismatchError, StateMismatchError, SyncVetoError
-from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, CODEC_IDS as _CODEC_IDS,
+from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, CODEC_IDS,
                            allreduce_encoded)
 
 __all__ = ["DiLoCo", "LocalSGD", "default_outer_optimizer", "STATE_FORMAT", "GLOBAL_STATE_FORMAT"]
@@ -257,7 +257,7 @@ class DiLoCo:
         numels = ",".join(str(f.numel) for f in self._fragments)
         opts = f"{sorted(self.codec.options().items())}|{numels}"
         opt_hash = int.from_bytes(hashlib.blake2b(opts.encode(), digest_size=8).digest(), "little") >> 1
-        return [self.sync_every, len(self._fragments), self.overlap_steps, _CODEC_IDS.get(self.codec.name, 0),
+        return [self.sync_every, len(self._fragments), self.overlap_steps, CODEC_IDS.get(self.codec.name, 0),
                 opt_hash]
 
     def _handshake(self) -> None:
@@ -342,6 +342,12 @@ class DiLoCo:
         else:
             local = _flatten(frag.params).to(g.device)
             _write(frag.params, torch.lerp(local, g.detach(), self.mix))
+
+    def skip_handshake(self) -> None:
+        """The caller has already compared the replicas' starting parameters and configuration
+        (e.g. the membership fingerprint of provider groups): the first sync does not run the
+        handshake all-gather."""
+        self._handshake_done = True
 
     def abort_round(self) -> None:
         """Forget every round in flight as if it had never been launched: error-feedback

@@ -23,7 +23,7 @@ from ..checkpoint.writer import SaveOptions
 from ..errors import ConfigError, DroppedFromJobError
 from ..events import EventLog
 from ..format.signing import as_keyring
-from ..scripts import drop_visible_logging as _drop_visible_logging, init_script_parts as _init_script_parts, optimizer_step as _optimizer_step, script_extras as _script_extras, visible_logging as _visible_logging
+from ..scripts import drop_visible_logging, init_script_parts, optimizer_step, script_extras, visible_logging
 from ..storage import Store
 from ..storage.ledger import Ledger
 from ..storage.providers import Placement
@@ -68,7 +68,7 @@ class Trainer:
         self._commits_seen = 0
         self._in_flight_step: int | None = None
         self.cross: Any = None
-        _init_script_parts(self, scaler, extra_per_rank, stateful_per_rank)
+        init_script_parts(self, scaler, extra_per_rank, stateful_per_rank)
 
     # ------------------------------------------------------------------ start
 
@@ -87,7 +87,7 @@ class Trainer:
                 self.model = self._user_ddp
         adapt.check_model_layout(self._user_ddp, self.layout, cfg.sync.mode, cfg.group)
         self.rank, self.world_size = init_distributed(timeout, cfg.backend)
-        _visible_logging(self)
+        visible_logging(self)
         adapt.check_sharded_mesh(self.module, self.world_size)
         self._owns_default_pg = not script_pg and dist.is_initialized()
         self.events = EventLog(cfg.event_log, self.rank, on_event=cfg.on_event, storage_options=cfg.storage_options)
@@ -101,7 +101,7 @@ class Trainer:
         self._started = True
         self._resume()
         if self.cross is not None:
-            self.sync._handshake_done = True  # the membership fingerprint already compared model and sync config
+            self.sync.skip_handshake()  # the membership fingerprint already compared model and sync config
             self.cross.join()
         self.events.emit("start", rank=self.rank, world_size=self.world_size, group=cfg.group if cfg.group is not None else self.group_index, resumed_from=self.resumed_from, step=self.step_count, mode=cfg.sync.mode)
         return self
@@ -183,7 +183,7 @@ class Trainer:
 
     def train_state(self) -> TrainState:
         self.extra["resilient_train.step"] = self.step_count
-        _script_extras(self)
+        script_extras(self)
         stateful = {"sync": self.sync} if self.sync is not None else {}
         return TrainState(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler, stateful=stateful, extra=self.extra,
                           extra_per_rank=self.extra_per_rank, stateful_per_rank=self.stateful_per_rank)
@@ -231,7 +231,7 @@ class Trainer:
                 start_step=self.resumed_from or 0, ledger=self.ledger, on_event=self.events.emit, copy_timeout_s=cfg.timeout_s,
             )
             if cfg.keep_best:
-                self._ckpt.protect = lambda: self._protected_steps  # a snapshot taken at each save (scripts._script_extras)
+                self._ckpt.protect = lambda: self._protected_steps  # a snapshot taken at each save (scripts.script_extras)
         started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
         self._note_commits()
         if started:
@@ -283,7 +283,7 @@ class Trainer:
             raise ConfigError("Trainer.start() (or resilient_train.wrap) must run before step()")
         if self.finished:
             raise ConfigError(f"the run is finished: step {self.step_count} reached max_steps={self.config.max_steps}; end the loop on `trainer.finished` (e.g. `while not trainer.finished:`)")
-        _optimizer_step(self)
+        optimizer_step(self)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step_count += 1
@@ -350,7 +350,7 @@ class Trainer:
             self.cross.close()
         self.events.emit("close", step=self.step_count)
         self._release_groups()
-        _drop_visible_logging(self)
+        drop_visible_logging(self)
 
     def _release_groups(self) -> None:
         """Destroy the process groups this trainer created (all of them, with the default one,
@@ -392,8 +392,7 @@ class Trainer:
             if ck is not None:
                 ck.process_group = None
         if self.cross is not None:
-            self.cross._control = None
-            self.cross._comm = None
+            self.cross.drop_process_groups()
         if self.sync is not None and self.cross is None:
             self.sync.comm = None  # a ProcessGroupCommunicator over the cross group
         gc.collect()
