@@ -171,8 +171,8 @@ def restrict_stats() -> dict[str, int]:
     kept: Counter[str] = Counter()
     always = {t: sorted(n for n in stats["duration_by_test"] if n.partition("::")[0] in TARGETS[t].always) for t in TARGETS}
     functions = set(stats["tests_by_mangled_function_name"])
-    for path in glob.glob(os.path.join(ROOT, "mutants", "resilient_train", "**", "*.py.meta"), recursive=True):
-        with open(path, encoding="utf-8") as f:
+    for meta in glob.glob(os.path.join(ROOT, "mutants", "resilient_train", "**", "*.py.meta"), recursive=True):
+        with open(meta, encoding="utf-8") as f:
             functions |= {function_of(n) for n in json.load(f)["exit_code_by_key"]}
     for fn in sorted(functions):
         tests = stats["tests_by_mangled_function_name"].get(fn, [])
