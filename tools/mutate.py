@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --baseline: run only the drawn mutants that the baseline run did not detect (survived, "
                          "no tests, suspicious, not run); the others keep the baseline's verdict. Sound when tests "
                          "were only added since and the library code is unchanged")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from mutmut's cache (e.g. after a run was stopped at the deadline)")
     ap.add_argument("--baseline", default=None, help="an earlier mutation.json of the same sample: kept as 'before'")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mutation.json"))
     args = ap.parse_args(argv)
@@ -248,37 +250,40 @@ def main(argv: list[str] | None = None) -> int:
     # mutmut's tests import from mutants/ by PYTHONPATH: a folder missing when the interpreter
     # starts is cached as "no finder" and `tests` is then not importable in that process
     os.makedirs(os.path.join(ROOT, "mutants"), exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        print(f"[mutate] generating mutants and collecting stats; log: {log_path}", flush=True)
-        rc = mutmut("run", "--max-children", str(args.max_children), BOOTSTRAP, log=log)
-        if rc != 0:
-            print(f"[mutate] mutmut failed (exit {rc}); see {log_path}", file=sys.stderr)
-            return rc
-        kept = restrict_stats()
+    not_started: list[str] = []
+    kept_verdicts: dict[str, str] = {}
+    if args.recheck:
+        kept_verdicts = {n: v for n, v in (baseline or {}).get("verdicts", {}).items() if v in ("killed", "timeout")}
+    if args.report_only:
         sample = draw(list(metas()), args.targets, args.per_target, args.seed, args.all)
-        print(f"[mutate] drew {sum(map(len, sample.values()))} mutants (seed {args.seed}): "
-              + ", ".join(f"{t} {len(v)}" for t, v in sample.items()) + f"; covering tests kept per target: {kept}", flush=True)
-        not_started = []
-        kept_verdicts = {}
-        if args.recheck:
-            kept_verdicts = {n: v for n, v in (baseline or {}).get("verdicts", {}).items() if v in ("killed", "timeout")}
-        for t, names in sample.items():
-            names = [n for n in names if n not in kept_verdicts]
-            elapsed = time.monotonic() - t0
-            if elapsed > args.budget_s:
-                print(f"[mutate] budget spent after {elapsed:.0f} s: target {t} not run", flush=True)
-                not_started.append(t)
-                continue
-            if names:
-                restrict_stats()  # a run that found new tests re-collected their stats unrestricted
-                rc = mutmut("run", "--max-children", str(args.max_children), *names, log=log)
-                if rc != 0:  # e.g. its clean run failed once under load: one more try
-                    print(f"[mutate] mutmut exit {rc} on target {t}; trying once more", flush=True)
-                    restrict_stats()
+    if not args.report_only:
+        with open(log_path, "w", encoding="utf-8") as log:
+            print(f"[mutate] generating mutants and collecting stats; log: {log_path}", flush=True)
+            rc = mutmut("run", "--max-children", str(args.max_children), BOOTSTRAP, log=log)
+            if rc != 0:
+                print(f"[mutate] mutmut failed (exit {rc}); see {log_path}", file=sys.stderr)
+                return rc
+            kept = restrict_stats()
+            sample = draw(list(metas()), args.targets, args.per_target, args.seed, args.all)
+            print(f"[mutate] drew {sum(map(len, sample.values()))} mutants (seed {args.seed}): "
+                  + ", ".join(f"{t} {len(v)}" for t, v in sample.items()) + f"; covering tests kept per target: {kept}", flush=True)
+            for t, names in sample.items():
+                names = [n for n in names if n not in kept_verdicts]
+                elapsed = time.monotonic() - t0
+                if elapsed > args.budget_s:
+                    print(f"[mutate] budget spent after {elapsed:.0f} s: target {t} not run", flush=True)
+                    not_started.append(t)
+                    continue
+                if names:
+                    restrict_stats()  # a run that found new tests re-collected their stats unrestricted
                     rc = mutmut("run", "--max-children", str(args.max_children), *names, log=log)
-                if rc != 0:
-                    print(f"[mutate] mutmut exit {rc} on target {t}; see {log_path}", flush=True)
-            print(f"[mutate] target {t}: {len(names)} mutants after {time.monotonic() - t0:.0f} s", flush=True)
+                    if rc != 0:  # e.g. its clean run failed once under load: one more try
+                        print(f"[mutate] mutmut exit {rc} on target {t}; trying once more", flush=True)
+                        restrict_stats()
+                        rc = mutmut("run", "--max-children", str(args.max_children), *names, log=log)
+                    if rc != 0:
+                        print(f"[mutate] mutmut exit {rc} on target {t}; see {log_path}", flush=True)
+                print(f"[mutate] target {t}: {len(names)} mutants after {time.monotonic() - t0:.0f} s", flush=True)
 
     results = metas()
     try:
@@ -287,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         classes = {}
     verdicts = {n: kept_verdicts.get(n) or STATUS.get(results.get(n), "suspicious") for names in sample.values() for n in names}
+    # --recheck: a mutant the baseline did not detect and this run did not reach keeps the
+    # baseline's verdict (listed in sample.not_rerun), never "not run"
+    not_rerun = sorted(n for n, v in verdicts.items() if v == "not run" and args.recheck and n in (baseline or {}).get("verdicts", {}))
+    for n in not_rerun:
+        verdicts[n] = baseline["verdicts"][n]
     per_target = {}
     survivors = []
     total: Counter[str] = Counter()
@@ -321,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets_not_run": not_started,
             "recheck": args.recheck and f"only the mutants {args.baseline} did not detect were run; the "
                                         f"{len(kept_verdicts)} it detected keep its verdict",
+            "not_rerun": not_rerun,
             "names": sample,
         },
         "score": score(total),
