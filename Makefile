@@ -49,7 +49,7 @@ bench: setup
 # Mutation testing (tools/mutate.py): the stated sample, seed 19, 10-25 mutants drawn per target
 # (signing, storage commit, membership service and decision, recovery, format, checkpoint,
 # storage retry, codecs), each run against its target's fast tests under a per-mutant time
-# limit; ~30-40 minutes on 2 shared cores, at nice 15. MUTATE_ARGS='--all --budget-s 36000' runs
+# limit; ~45 minutes on 2 cores shared with other work (load 6-15), at nice 15. MUTATE_ARGS='--all --budget-s 36000' runs
 # every mutant. Writes benchmarks/results/mutation.json (sample, score, survivors classified by
 # tools/mutation_survivors.json). Not part of `make test`.
 MUTATE_ARGS ?=
