@@ -273,3 +273,23 @@ def test_dropping_a_communicator_with_an_operation_in_flight_does_not_abort_the_
     proc = subprocess.run([sys.executable, os.path.join(root, "tests", "drop_comm_in_flight.py")], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe not JSON", b"[1, 2]"], ids=["not-json", "not-an-object"])
+def test_an_abort_record_that_is_not_a_json_object_still_cancels_the_collective(body):
+    """``abort/<epoch>`` holding bytes no member writes (another tool's record, a damaged
+    store value) still cancels the wait on that epoch's collective, naming "a member" and the
+    record's text (found by ``make mutate``: a watcher that failed on such a record polled on
+    forever and the collective sat out its whole timeout)."""
+    kv, ms = _members(2)
+    try:
+        comms = _adopt_all(ms)
+        a, b = ms
+        epoch = a.view.epoch
+        h = comms["b"].allreduce_sum(torch.ones(1 << 10))  # a never joins it
+        a._kv.compare_set(a._k(f"abort/{epoch}"), None, body, timeout=DEADLINE)
+        with pytest.raises(DistributedError, match=f"a member reported a failed collective in epoch {epoch}: "):
+            h.wait(timedelta(seconds=15))  # the news arrives within a poll; 15 s only bounds a broken watcher
+    finally:
+        for m in ms:
+            m.close()

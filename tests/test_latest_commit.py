@@ -18,7 +18,7 @@ from resilient_train.checkpoint.steps import newest_committed
 from resilient_train.checkpoint import SaveOptions, save
 from resilient_train.errors import CommitConflictError, StorageError, StoreConflictError, StoreUnavailableError
 from resilient_train.format import MANIFEST_NAME, step_dirname
-from resilient_train.storage import RetryPolicy, open_store
+from resilient_train.storage import LocalStore, RetryPolicy, open_store
 from resilient_train.storage.retry import RetryingStore
 
 from .conftest import assert_same_tensors, make_train_state, state_tensors
@@ -225,3 +225,113 @@ def test_a_newer_format_version_is_an_error_never_skipped(tmp_path):
     with pytest.raises(UnsupportedFormatVersionError):
         CheckpointManager(str(root), every_n_steps=1).restore(make_train_state(seed=4))
     assert mfile.exists()  # not uncommitted either
+
+
+class _ClientRetriedCommit(LocalStore):
+    """A create-only write whose first attempt reached the store but whose answer was lost,
+    retried inside the client (as botocore does): the retry finds an object and the call
+    raises StoreConflictError. ``rival``: another writer's manifest lands first instead.
+    ``unreadable``: the object cannot be read back."""
+
+    def __init__(self, root, *, rival: bytes | None = None, unreadable: bool = False):
+        super().__init__(root, name="lost-answer")
+        self.rival, self.unreadable, self.commits = rival, unreadable, 0
+
+    def write_bytes_exclusive(self, path, data):
+        if path.endswith(MANIFEST_NAME):
+            self.commits += 1
+            if self.rival is not None:
+                super().write_bytes(path, self.rival)
+            else:
+                super().write_bytes_exclusive(path, data)  # the first attempt: it got there
+            raise StoreConflictError(f"{path!r} already exists", provider=self.name, path=path)
+        super().write_bytes_exclusive(path, data)
+
+    def read_bytes(self, path, start=None, end=None):
+        if self.unreadable and path.endswith(MANIFEST_NAME):
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read_bytes(path, start, end)
+
+
+def test_commit_whose_answer_was_lost_inside_the_client_is_judged_by_the_objects_bytes(tmp_path, caplog):
+    """The fast, local twin of the S3 test in test_verify_truth.py (issue 19, 5): a manifest
+    create that the client retried itself and found is this save's commit when the object
+    holds this save's bytes (no CommitConflictError, loads bit-identical); another writer's
+    object is a conflict and stays theirs; an object that cannot be read back is never
+    claimed as this save's commit (found by ``make mutate``: no fast test reached the
+    read-back)."""
+    state = make_train_state()
+    want = state_tensors(state)
+    own = _ClientRetriedCommit(str(tmp_path / "own"))
+    with caplog.at_level(logging.INFO, logger="resilient_train.checkpoint.saving"):
+        res = save(own, state, 5, options=OPTS)
+    assert own.commits == 1 and committed_steps(own) == [5]
+    assert any(m.startswith(f"saved step 5 to {own.uri}: {len(res.manifest.files)} files") for m in caplog.messages), caplog.messages
+    assert own.read_bytes(f"{step_dirname(5)}/{MANIFEST_NAME}") == res.manifest.to_bytes()
+    fresh = make_train_state(seed=5)
+    rt.load(LocalStore(str(tmp_path / "own")), fresh, 5)
+    assert_same_tensors(state_tensors(fresh), want)
+
+    rival = save(str(tmp_path / "rival"), make_train_state(seed=9), 5, options=OPTS).manifest.to_bytes()
+    theirs = _ClientRetriedCommit(str(tmp_path / "theirs"), rival=rival)
+    with pytest.raises(CommitConflictError, match="committed by another writer first"):
+        save(theirs, state, 5, options=OPTS)
+    assert LocalStore(str(tmp_path / "theirs")).read_bytes(f"{step_dirname(5)}/{MANIFEST_NAME}") == rival
+
+    unreadable = _ClientRetriedCommit(str(tmp_path / "unreadable"), unreadable=True)
+    with pytest.raises(CommitConflictError):
+        save(unreadable, state, 5, options=OPTS)
+
+
+def test_a_signed_checkpoint_copied_to_another_store_commits_with_its_signature(tmp_path):
+    """A copy (migrate, replication) writes the source's ``manifest.sig`` before its create-only
+    manifest, so the copy verifies under the same keys; copying again is a no-op (found by
+    ``make mutate``: only the slow emulator test checked that the signature travels)."""
+    from resilient_train.checkpoint.replicate import migrate
+    from resilient_train.format.signing import SIGNATURE_NAME, SigningKey
+
+    key = SigningKey.generate_ed25519()
+    state = make_train_state()
+    want = state_tensors(state)
+    save(str(tmp_path / "a"), state, 3, options=SaveOptions(max_file_bytes=8192, signing_key=key))
+    a, b = LocalStore(str(tmp_path / "a")), LocalStore(str(tmp_path / "b"))
+    migrate(a, b, 3, progress=False)
+    sig = f"{step_dirname(3)}/{SIGNATURE_NAME}"
+    assert b.read_bytes(sig) == a.read_bytes(sig)
+    fresh = make_train_state(seed=5)
+    assert rt.load(b, fresh, 3, verify_keys=key).step == 3
+    assert_same_tensors(state_tensors(fresh), want)
+    assert migrate(a, b, 3, progress=False)[0].already_committed
+
+
+class _RacedCopy(LocalStore):
+    """A copy destination where another writer commits ``theirs`` just before this copy's commit."""
+
+    def __init__(self, root, theirs: bytes):
+        super().__init__(root, name="raced")
+        self.theirs = theirs
+
+    def write_bytes_exclusive(self, path, data):
+        if path.endswith(MANIFEST_NAME):
+            super().write_bytes_exclusive(path, self.theirs)
+        super().write_bytes_exclusive(path, data)
+
+
+def test_a_copy_raced_by_another_writer_commits_only_over_identical_bytes(tmp_path):
+    """A copy's commit that finds a manifest: the same bytes (another replicator copying the
+    same checkpoint) is this copy's success; different bytes raise CheckpointError and the
+    other writer's checkpoint stands (found by ``make mutate``)."""
+    from resilient_train.checkpoint.replicate import copy_checkpoint
+    from resilient_train.errors import CheckpointError
+
+    src = LocalStore(str(tmp_path / "src"))
+    mine = save(src, make_train_state(), 4, options=OPTS).manifest.to_bytes()
+    same = _RacedCopy(str(tmp_path / "same"), mine)
+    copy_checkpoint(src, same, 4)
+    assert committed_steps(same) == [4] and same.read_bytes(f"{step_dirname(4)}/{MANIFEST_NAME}") == mine
+
+    theirs = save(str(tmp_path / "other"), make_train_state(seed=9), 4, options=OPTS).manifest.to_bytes()
+    raced = _RacedCopy(str(tmp_path / "raced"), theirs)
+    with pytest.raises(CheckpointError, match="another writer committed a different checkpoint for step 4"):
+        copy_checkpoint(src, raced, 4)
+    assert raced.read_bytes(f"{step_dirname(4)}/{MANIFEST_NAME}") == theirs

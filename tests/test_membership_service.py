@@ -266,3 +266,45 @@ def test_a_member_id_used_twice_by_live_processes_is_refused_but_a_restart_is_no
     # the first process is gone (its heartbeat is still): a restart under the same id is fine
     again = Membership(kv, "a", "fp", **kw).start()
     again.close()
+
+
+def test_every_bad_argument_is_refused_with_what_to_fix():
+    """Each argument check of ``Membership`` on its own, with its message (found by ``make
+    mutate``: an empty member id was accepted when the check's ``or`` became ``and``)."""
+    kv = MemoryKVStore()
+    cases = [
+        (dict(member_id=""), "member_id must be a non-empty str without '/', got ''"),
+        (dict(member_id=7), "member_id must be a non-empty str without '/', got 7"),
+        (dict(fingerprint=7), "fingerprint must be a non-empty str"),
+        (dict(heartbeat_interval_s=0), "heartbeat_interval_s must be > 0, got 0"),
+        (dict(min_members=0), "min_members must be an int >= 1, got 0"),
+        (dict(min_members=True), "min_members must be an int >= 1, got True"),
+        (dict(min_members=1.0), "min_members must be an int >= 1, got 1.0"),
+        (dict(collective_timeout_s=0), "collective_timeout_s and store_timeout_s must be > 0"),
+        (dict(store_timeout_s=-1), "collective_timeout_s and store_timeout_s must be > 0"),
+        (dict(abort_poll_s=0), "abort_poll_s must be in \\(0, 1\\] seconds, got 0"),
+        (dict(abort_poll_s=1.5), "abort_poll_s must be in \\(0, 1\\] seconds, got 1.5"),
+    ]
+    for kw, message in cases:
+        args = dict(member_id="a", fingerprint="fp")
+        args.update(kw)
+        with pytest.raises(ConfigError, match=message):
+            Membership(kv, args.pop("member_id"), args.pop("fingerprint"), **args)
+            pytest.fail(f"accepted {kw}")
+    Membership(kv, "a", "fp", abort_poll_s=1.0, min_members=1)  # the bounds themselves are valid
+
+
+def test_close_is_safe_before_start_and_twice_and_ends_both_threads():
+    """``close()`` is idempotent and safe on a Membership whose ``start()`` never ran or failed
+    (a ``finally`` calls it after a refused start); after it returns, neither of its threads
+    (heartbeat, abort watcher) is alive (found by ``make mutate``: with the watcher check
+    inverted, close() on an unstarted Membership raised AttributeError)."""
+    kv = MemoryKVStore()
+    m = Membership(kv, "a", "fp")
+    m.close()
+    m.close()
+    with Membership(kv, "b", "fp", heartbeat_interval_s=0.05, timeout_s=1.0) as b:
+        b.wait_for_admission(10)
+    b.close()
+    alive = [t.name for t in threading.enumerate() if t.name in ("membership-b", "membership-watch-b")]
+    assert alive == [], alive

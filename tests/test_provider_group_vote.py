@@ -110,3 +110,47 @@ def test_a_joiner_is_admitted_at_one_round_boundary_by_every_leader():
     finally:
         for pg in groups.values():
             pg.close()
+
+
+def test_two_providers_join_take_the_most_advanced_state_and_allgather():
+    """Providers a (fresh) and b (at step 7) start together: after ``join`` a holds b's state
+    and step (the most advanced member serves the fresh start), and an all-gather returns both
+    providers' buffers, in the same order on both (found by ``make mutate``: allgather ran in no
+    fast test)."""
+    kv = MemoryKVStore()
+    states = {g: _State() for g in "ab"}
+    states["b"].step, states["b"].total = 7, torch.full((1,), 5.0)
+    events = {g: _Events() for g in "ab"}
+    out: dict[str, object] = {}
+    errors: dict[str, BaseException] = {}
+    groups = {g: ProviderGroup(g, kv, "fp", states[g], group_rank=0, group_size=1, heartbeat_interval_s=0.05,
+                               heartbeat_timeout_s=10.0, round_deadline_s=20.0, start_groups=2, join_timeout_s=60,
+                               events=events[g]) for g in "ab"}
+
+    def run(g: str) -> None:
+        pg = groups[g]
+        try:
+            pg.start()
+            step = pg.join()
+            joined = (step, states[g].step, states[g].total.clone())
+            gathered = [t.clone() for t in pg.allgather(torch.full((2,), 10.0 if g == "a" else 20.0)).wait(TO)]
+            out[g] = (joined, gathered)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors[g] = exc
+
+    threads = [threading.Thread(target=run, args=(g,), daemon=True) for g in "ab"]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert not errors, errors
+        assert set(out) == {"a", "b"}, out
+        for g, (joined, gathered) in out.items():
+            assert joined[:2] == (7, 7) and torch.equal(joined[2], torch.full((1,), 5.0)), (g, joined)
+            assert [t.tolist() for t in gathered] == [[10.0, 10.0], [20.0, 20.0]], (g, gathered)  # rank order: a, b
+        joined_a = [f for e, f in events["a"].items if e == "joined"]
+        assert len(joined_a) == 1 and joined_a[0]["step"] == 7 and joined_a[0]["state_from"] == "b", joined_a
+    finally:
+        for pg in groups.values():
+            pg.close()

@@ -379,3 +379,53 @@ def test_background_retention_counts_only_trusted_checkpoints(tmp_path):
     # trusted: 1, 2, 6 -> keep 2 and 6; the unsigned 3..5 are leftovers below the newest trusted one
     assert kept == [2, 6]
     assert [f["removed"] for e, f in events if e == "retention"] == [[1, 3, 4, 5]]
+
+
+def test_key_configuration_errors_say_what_to_fix():
+    """Every refused key configuration raises ConfigError with the fix in its message (house
+    rule; found by ``make mutate``: the messages could be emptied and no test noticed)."""
+    from resilient_train.errors import ConfigError
+    from resilient_train.format.signing import as_keyring
+
+    for bad in ("x" * 129, "a\nb", 7):
+        with pytest.raises(ConfigError, match="a key id must be a printable string of 1 to 128 characters"):
+            SigningKey.hmac_sha256(SECRET, key_id=bad)
+    with pytest.raises(ConfigError, match="a key id must be a printable string of 1 to 128 characters"):
+        SigningKey("", "hmac-sha256", SECRET)  # the factories put the fingerprint in place of ""
+    assert SigningKey.hmac_sha256(SECRET, key_id="k" * 128).key_id == "k" * 128
+    with pytest.raises(ConfigError, match="must be a KeyRing, a key, a key file path or a list of them, got int"):
+        as_keyring(42)
+    with pytest.raises(ConfigError, match="^a KeyRing needs at least one verification key$"):
+        KeyRing([])
+    hm = SigningKey.hmac_sha256(SECRET)
+    with pytest.raises(ConfigError, match="^only an Ed25519 key has a PEM form; an HMAC secret is stored as its raw bytes$"):
+        hm.private_pem()
+    with pytest.raises(ConfigError, match="^an HMAC secret has no public half: verifiers need the secret itself$"):
+        hm.public_pem()
+
+
+def test_a_key_listed_twice_is_one_key_and_two_keys_under_one_id_are_refused(tmp_path):
+    """A key ring may list the same key twice (a rotation config that names one file twice, or
+    a signing key and its own verify key): it is one trusted key. Two different keys under one
+    key id are refused at construction, whatever their algorithms: a ring that kept either one
+    would trust signatures the operator did not mean to trust (found by ``make mutate``)."""
+    from resilient_train.errors import ConfigError
+
+    manifest = b'{\n "format": "x"\n}\n'
+    k = SigningKey.hmac_sha256(SECRET, key_id="k")
+    ring = KeyRing([k, k.verify_key(), k])
+    assert ring.key_ids == ["k"] and ring.verify(manifest, k.sign(manifest)) == "k"
+    (tmp_path / "secret.bin").write_bytes(SECRET)
+    assert load_verify_keys([str(tmp_path / "secret.bin")] * 2).key_ids == [SigningKey.hmac_sha256(SECRET).key_id]
+    other_secret = SigningKey.hmac_sha256(bytes(range(1, 33)), key_id="k")
+    with pytest.raises(ConfigError, match="two different verification keys share the key id 'k'"):
+        KeyRing([k, other_secret])
+    ed = SigningKey.ed25519(ED_PRIV, key_id="k")
+    with pytest.raises(ConfigError, match="two different verification keys share the key id 'k'"):
+        KeyRing([k, ed])
+    # the same 32 bytes as an Ed25519 public key and as an HMAC secret are two keys: a ring that
+    # let the HMAC one stand beside (or replace) the public key would verify MACs anyone can make
+    confused = SigningKey.hmac_sha256(ed.verify_key()._material, key_id="k")
+    for keys in ([ed, confused], [confused, ed]):
+        with pytest.raises(ConfigError, match="two different verification keys share the key id 'k'"):
+            KeyRing(keys)

@@ -448,3 +448,19 @@ def test_retry_layer_create_only_after_a_lost_attempt(tmp_path, who):
         with pytest.raises(errors.StoreConflictError):
             store.write_bytes_exclusive("x/commit", b"mine")
         assert inner.read_bytes("x/commit") == b"theirs"
+
+
+def test_unknown_top_level_key_is_refused_by_the_object_check_too(pristine):
+    """``Manifest.from_json`` (a manifest object that did not come through the streaming
+    parser, e.g. an edited dict) refuses unknown top-level keys as the parser does; and a file
+    too short to hold a safetensors header is refused with a message that says so (found by
+    ``make mutate``: the only test of the unknown-key refusal is excluded from it for its
+    wall-clock bound, and the short-file message could be emptied)."""
+    from resilient_train.format.safetensors_io import parse_header
+
+    m = json.loads((pristine / STEP / "manifest.json").read_bytes())
+    assert Manifest.from_json(m).step == 1
+    with pytest.raises(errors.ManifestError, match="unknown top-level keys \\['note'\\]"):
+        Manifest.from_json(dict(m, note="hello"))
+    with pytest.raises(errors.SafetensorsHeaderError, match="^file too short for a safetensors header in x.safetensors \\(5 bytes\\)$"):
+        parse_header(b"\x00" * 5, 5, where="x.safetensors")
