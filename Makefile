@@ -35,8 +35,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/python examples/demo.py
 
-# `make test` runs everything but the slow provider-loss runs under torchrun (under 20 minutes on
-# 2 cores); `make test-faults` runs those (tests marked `faults`: about 8 minutes). CI runs both.
+# `make test` runs everything but the slow runs under torchrun with SIGKILL (under 20 minutes on
+# 2 cores); `make test-faults` runs those (tests marked `faults`: about 12 minutes). CI runs both.
 test: setup
 	$(BIN)/python -m pytest -q -m "not faults" --durations=15
 

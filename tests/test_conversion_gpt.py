@@ -43,6 +43,7 @@ def _tensors(ck: str) -> dict:
     return out
 
 
+@pytest.mark.faults  # a torchrun job SIGKILLed and relaunched: `make test-faults` (keeps `make test` under 20 minutes)
 def test_killed_and_relaunched_gpt_style_run_ends_bit_identical(tmp_path):
     ref = _run(str(tmp_path / "ref"), str(tmp_path / "ref-reports"))
     assert f"finished at step {STEPS}" in ref.stdout and "1 overflowed step(s) skipped" in ref.stdout, ref.stdout

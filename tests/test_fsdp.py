@@ -282,6 +282,7 @@ def _torchrun(cwd: str, env_extra: dict, nproc: int = 2, epochs: int = 3) -> Non
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.faults  # a torchrun job SIGKILLed and relaunched: `make test-faults` (keeps `make test` under 20 minutes)
 def test_fsdp_example_survives_sigkill_bit_for_bit(tmp_path):
     """examples/train_fsdp.py (fully_shard per block, 2 ranks, 48 steps, checkpoints every 10):
     rank 1 is SIGKILLed at step 25; torchrun restarts the job, which resumes from step 10 or 20
