@@ -73,7 +73,7 @@ from ..sync.communicator import ProcessGroupCommunicator
 from .decision import Heartbeat, View, coordinator, decide
 from .kvstore import KVStore, torch_store_for
 
-__all__ = ["Membership", "encode_view", "decode_view"]
+__all__ = ["Membership", "encode_view", "decode_view", "encode_abort_record", "decode_abort_record"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,21 @@ def _intent(hb: bytes | None) -> str | None:
         return str(json.loads(hb)["intent"]) if hb else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def encode_abort_record(member: str, error: str) -> bytes:
+    """The value of ``abort/<epoch>``: who saw a collective of that epoch fail, and what failed."""
+    return json.dumps({"member": member, "error": error[:500]}).encode()
+
+
+def decode_abort_record(raw: bytes) -> tuple[str, str]:
+    """``(member, error)`` from an ``abort/<epoch>`` value; a value that is not such a record
+    (written by another version, or damaged) still reports a failure, from "a member"."""
+    try:
+        d = json.loads(raw)
+        return str(d.get("member")), str(d.get("error", ""))
+    except (ValueError, AttributeError):
+        return "a member", raw[:200].decode(errors="replace")
 
 
 def decode_view(raw: bytes) -> tuple[View, str]:
@@ -403,7 +418,7 @@ class Membership:
         reports the store."""
         with self._adopt_lock:
             self._failed_epoch = max(self._failed_epoch, epoch)
-        body = json.dumps({"member": self.member_id, "error": error[:500]}).encode()
+        body = encode_abort_record(self.member_id, error)
         try:
             self._kv.compare_set(self._k(f"abort/{epoch}"), None, body, timeout=self.store_timeout)
         except MembershipStoreError as exc:
@@ -453,11 +468,7 @@ class Membership:
             return
         if raw is None:
             return
-        try:
-            d = json.loads(raw)
-            who, why = str(d.get("member")), str(d.get("error", ""))
-        except (ValueError, AttributeError):
-            who, why = "a member", raw[:200].decode(errors="replace")
+        who, why = decode_abort_record(raw)
         log.info("membership %s: %s reported a failed collective in epoch %d; leaving it (%s)",
                  self.member_id, who, epoch, why)
         comm.abort(f"{who} reported a failed collective in epoch {epoch}: {why}")

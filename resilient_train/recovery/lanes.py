@@ -26,7 +26,6 @@ over the group's control group.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from datetime import timedelta
@@ -34,6 +33,7 @@ from typing import Any
 
 from ..errors import DistributedError, MembershipStoreError
 from ..membership.kvstore import torch_store_for
+from ..membership.service import decode_abort_record, encode_abort_record
 from ..sync.communicator import ProcessGroupCommunicator
 
 __all__ = ["Lane", "abort_key", "lane_prefix"]
@@ -101,7 +101,7 @@ class Lane:
     def fail(self, epoch: int, error: str) -> None:
         """An operation of ``epoch`` failed here: tell every member (``abort/<epoch>``; the first
         report wins) and release this lane's group so that peers blocked on it fail at once."""
-        body = json.dumps({"member": f"{self.member} (lane {self.index})", "error": error[:500]}).encode()
+        body = encode_abort_record(f"{self.member} (lane {self.index})", error)
         try:
             self.kv.compare_set(abort_key(self.prefix, epoch), None, body, timeout=self.timeout)
         except MembershipStoreError as exc:
@@ -149,10 +149,6 @@ class Lane:
             return
         if raw is None:
             return
-        try:
-            d = json.loads(raw)
-            who, why = str(d.get("member")), str(d.get("error", ""))
-        except (ValueError, AttributeError):
-            who, why = "a member", raw[:200].decode(errors="replace")
+        who, why = decode_abort_record(raw)
         log.info("%s lane %d: %s reported a failed collective in epoch %d; leaving it", self.member, self.index, who, epoch)
         comm.abort(f"{who} reported a failed collective in epoch {epoch}: {why}")
