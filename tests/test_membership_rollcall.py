@@ -141,3 +141,94 @@ def test_roll_call_that_every_member_answers_ends_at_the_last_answer_not_the_dea
     finally:
         for m in ms:
             m.close()
+
+
+def test_member_whose_process_is_gone_is_dropped_at_once_not_after_the_silence_window():
+    """b's process is gone (its heartbeat stops and its liveness port closes, as at a SIGKILL):
+    the roll call drops it as soon as it probes the port, not after the silence window (20 s
+    here) or the deadline; the view's reason says why. Without the probe this waits 20 s."""
+    kv = MemoryKVStore()
+    ms, view = _three(kv)
+    a, b, c = ms
+    results: dict[str, object] = {}
+    took: dict[str, float] = {}
+
+    def call(m):
+        t0 = time.monotonic()
+        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=20.0, view=view)
+        took[m.member_id] = time.monotonic() - t0
+
+    try:
+        deadline = time.monotonic() + 20
+        while not all(any(addr == b._liveness.address for addr, _ in m._live_ok) for m in (a, c)):
+            assert time.monotonic() < deadline, "a and c never verified b's liveness port"
+            time.sleep(0.02)
+        b.close()  # stops b's heartbeat and closes its liveness port: a dead process, as others see it
+        threads = [threading.Thread(target=call, args=(m,)) for m in (a, c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert set(results) == {"a", "c"}, results
+        for v in results.values():
+            assert v.epoch == view.epoch + 1 and v.members == ("a", "c"), v
+        assert max(took.values()) < 10.0, took  # far below the 20 s silence window
+        reason = a.latest_reason or c.latest_reason
+        assert "liveness port refused" in reason, reason
+    finally:
+        for m in ms:
+            m.close()
+
+
+class _RefusingPort:
+    """A liveness port that refused from the start (a firewall that rejects): never verified."""
+
+    def __init__(self, token: str):
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{s.getsockname()[1]}"
+        s.close()
+
+    def close(self) -> None:
+        pass
+
+
+def test_refusal_from_a_port_never_verified_is_not_taken_for_death(monkeypatch):
+    """b's port refused from the start (never answered with its token): when b then dies, the
+    roll call must fall back to the silence window, not trust the refusal."""
+    import resilient_train.membership.service as service
+
+    kv = MemoryKVStore()
+    real = service.LivenessServer
+    made = []
+
+    def server(token):
+        made.append(token)
+        return _RefusingPort(token) if len(made) == 2 else real(token)  # the second member, b
+
+    monkeypatch.setattr(service, "LivenessServer", server)
+    ms, view = _three(kv)
+    a, b, c = ms
+    results: dict[str, object] = {}
+    took: dict[str, float] = {}
+    silent_after = 1.5
+
+    def call(m):
+        t0 = time.monotonic()
+        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=silent_after, view=view)
+        took[m.member_id] = time.monotonic() - t0
+
+    try:
+        b.close()
+        threads = [threading.Thread(target=call, args=(m,)) for m in (a, c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert set(results) == {"a", "c"}, results
+        assert took["a"] >= silent_after, took  # waited for b's silence, did not trust the refusal
+        assert "heartbeat still" in a.latest_reason, a.latest_reason
+    finally:
+        for m in ms:
+            m.close()

@@ -63,6 +63,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from datetime import timedelta
@@ -72,6 +73,7 @@ from ..errors import ConfigError, MembershipError, MembershipRefusedError, Membe
 from ..sync.communicator import ProcessGroupCommunicator
 from .decision import Heartbeat, View, coordinator, decide
 from .kvstore import KVStore, torch_store_for
+from .liveness import LivenessServer, answers, probe
 
 __all__ = ["Membership", "encode_view", "decode_view", "encode_abort_record", "decode_abort_record"]
 
@@ -88,6 +90,20 @@ def _intent(hb: bytes | None) -> str | None:
         return str(json.loads(hb)["intent"]) if hb else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _liveness_of(hb: bytes | None) -> tuple[str, str] | None:
+    """(address, token) of the liveness port a heartbeat names (liveness.py), or None."""
+    if hb is None:
+        return None
+    try:
+        d = json.loads(hb)
+        live, token = d.get("live"), d.get("token")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(live, str) or not isinstance(token, str):
+        return None
+    return live, token
 
 
 def encode_abort_record(member: str, error: str) -> bytes:
@@ -187,6 +203,15 @@ class Membership:
         self._graveyard: list[ProcessGroupCommunicator] = []
         self._failed_epoch = -1  # the newest epoch whose collective failed: never connected again
         self._watcher: threading.Thread | None = None
+        self._liveness: LivenessServer | None = None  # this process's liveness port (liveness.py)
+        self.liveness_probe_s = 0.1  # how often a roll call re-probes a member it waits for
+        # (address, token) of the members' liveness ports that answered with their token once:
+        # only for those is a refused probe proof of death (a firewall that rejects would
+        # otherwise look like a dead process); checked by the verifier thread
+        self._live_ok: set[tuple[str, str]] = set()
+        self._live_queue: "queue.Queue[tuple[str, str] | None]" = queue.Queue()
+        self._live_seen: set[tuple[str, str]] = set()
+        self._verifier: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifetime
 
@@ -199,6 +224,11 @@ class Membership:
             raise ConfigError("Membership.start() called twice")
         self._bg_kv = self._kv.clone()
         self._refuse_duplicate()
+        try:
+            self._liveness = LivenessServer(self._token)
+        except OSError as exc:  # no port: the roll call falls back to heartbeat silence for this member
+            log.warning("membership %s: no liveness port (%s); a roll call will tell this member's death by "
+                        "heartbeat silence only", self.member_id, exc)
         i = self._bg_kv.add(self._k("registry/n"), 1, timeout=self.store_timeout) - 1
         self._bg_kv.set(self._k(f"registry/{i}"), self.member_id.encode(), timeout=self.store_timeout)
         self._start_epoch = 1 << 62  # views published before this process started never admit it
@@ -211,7 +241,23 @@ class Membership:
         self._watcher = threading.Thread(target=self._watch, args=(self._kv.clone(),), name=f"membership-watch-{self.member_id}",
                                          daemon=True)
         self._watcher.start()
+        self._verifier = threading.Thread(target=self._verify_liveness, name=f"membership-liveness-{self.member_id}",
+                                          daemon=True)
+        self._verifier.start()
         return self
+
+    def _verify_liveness(self) -> None:
+        """Probe each newly published liveness port once; the ones that answer with their
+        token are trusted by the roll call (a refusal from them means the process is gone)."""
+        while not self._stop.is_set():
+            item = self._live_queue.get()
+            if item is None:
+                return
+            if answers(*item, timeout_s=1.0):
+                self._live_ok.add(item)
+            else:
+                log.info("membership %s: the liveness port %s does not answer; a roll call will tell that member's "
+                         "death by heartbeat silence", self.member_id, item[0])
 
     def _refuse_duplicate(self) -> None:
         """Another live process heartbeating under this member id (the same group name given
@@ -232,6 +278,11 @@ class Membership:
             self._thread.join(timeout=self.store_timeout.total_seconds() + self.heartbeat_interval_s + 1)
         if self._watcher is not None:
             self._watcher.join(timeout=self.store_timeout.total_seconds() + 1)
+        self._live_queue.put(None)
+        if self._verifier is not None:
+            self._verifier.join(timeout=2.0)
+        if self._liveness is not None:
+            self._liveness.close()
         with self._adopt_lock:
             if self._comm is not None:
                 self._retire(self._comm)
@@ -370,6 +421,8 @@ class Membership:
         kv.set(self._k(f"rollcall/{e}/{me}"), self._token.encode(), timeout=self.store_timeout)
         t0 = time.monotonic()
         seen: dict[str, tuple[Any, float]] = {}
+        probed: dict[str, float] = {}
+        dead: set[str] = set()
         while True:
             raw = kv.get(self._k(f"view/{e + 1}"), timeout=self.store_timeout)
             if raw is not None:
@@ -387,7 +440,17 @@ class Membership:
                     seen[m] = (hb, now if prev is not None else t0)
                 if _intent(hb) == "join":
                     continue  # a new process under that id (a restart): it rejoins, it is not in this round
+                if m in dead:
+                    continue
                 if now - seen[m][1] < silent_after:
+                    lv = _liveness_of(hb)
+                    if lv is not None and lv in self._live_ok and now - probed.get(m, -1.0) >= self.liveness_probe_s:
+                        probed[m] = now
+                        if probe(*lv) == "dead":
+                            dead.add(m)
+                            log.info("%s: roll call of epoch %d: %s's process is gone (its liveness port refuses)",
+                                     me, e, m)
+                            continue
                     waiting.append(m)
             late = now - t0 > deadline_s
             if not waiting or late:
@@ -399,10 +462,15 @@ class Membership:
                                               f"{self.min_members})")
                 elif members[0] == me:
                     gone = sorted(set(view.members) - set(members))
-                    why = "still" if not late else f"silent past the {deadline_s:g} s round deadline"
+                    if late:
+                        why = f"silent past the {deadline_s:g} s round deadline"
+                    elif dead and set(gone) <= dead:
+                        why = "process gone: liveness port refused"
+                    else:
+                        why = "heartbeat still"
                     new = View(e + 1, members, view.fingerprint, ())
                     reason = (f"epoch {e + 1}: dropped {gone} after a failed collective "
-                              f"({'heartbeat ' + why if not late else why}; roll call {now - t0:.2f} s)")
+                              f"({why}; roll call {now - t0:.2f} s)")
                     kv.compare_set(self._k(f"view/{e + 1}"), None, encode_view(new, reason), timeout=self.store_timeout)
                     continue
             if now - t0 > deadline_s + max(5.0, 2 * self.store_timeout.total_seconds()):
@@ -555,6 +623,8 @@ class Membership:
             epoch = self._latest.epoch
         body = {"token": self._token, "seq": self._seq, "intent": intent, "fingerprint": self.fingerprint,
                 "epoch": epoch}
+        if self._liveness is not None:
+            body["live"] = self._liveness.address
         self._bg_kv.set(self._k(f"hb/{self.member_id}"), json.dumps(body).encode(), timeout=self.store_timeout)
 
     def _observe(self, now: float) -> None:
@@ -578,6 +648,10 @@ class Membership:
                 self._last_seen[mid] = now
             self._seen_key[mid] = key
             self._info[mid] = (str(hb["intent"]), str(hb["fingerprint"]), int(hb["epoch"]))
+            lv = _liveness_of(raw)
+            if lv is not None and lv not in self._live_seen and mid != self.member_id:
+                self._live_seen.add(lv)
+                self._live_queue.put(lv)  # verified once, off this thread (liveness.py)
         self._last_seen[self.member_id] = now  # this process is alive by construction
 
     def _scan_views(self) -> None:
