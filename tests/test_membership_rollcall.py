@@ -18,7 +18,9 @@ from datetime import timedelta
 import time
 
 import pytest
+import torch
 
+from resilient_train.errors import MembershipError
 from resilient_train.membership import Membership, MemoryKVStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,9 +29,9 @@ HB = 0.05
 TO = timedelta(seconds=10)
 
 
-def _three(kv):
+def _three(kv, collective_timeout_s=10):
     # heartbeat drops out of the way (timeout_s), the first view as soon as all three are seen
-    kw = dict(heartbeat_interval_s=HB, timeout_s=30.0, collective_timeout_s=10, first_view_after_s=0.5)
+    kw = dict(heartbeat_interval_s=HB, timeout_s=30.0, collective_timeout_s=collective_timeout_s, first_view_after_s=0.5)
     ms = [Membership(kv, m, "fp", **kw) for m in "abc"]
     for m in ms:
         m.start()
@@ -229,6 +231,50 @@ def test_refusal_from_a_port_never_verified_is_not_taken_for_death(monkeypatch):
         assert set(results) == {"a", "c"}, results
         assert took["a"] >= silent_after, took  # waited for b's silence, did not trust the refusal
         assert "heartbeat still" in a.latest_reason, a.latest_reason
+    finally:
+        for m in ms:
+            m.close()
+
+
+def test_member_that_dies_before_connecting_the_new_epoch_costs_no_connect_timeout():
+    """b dies after the view that lists it is published, before it connects that epoch's group
+    (its heartbeat stops and its liveness port closes). a and c, connecting with a 60 s connect
+    timeout, give up as soon as b's port refuses (and the second one as soon as the first
+    reports the epoch failed), then the roll call drops b and a and c connect the next epoch.
+    Without the cancellable connect both wait out the 60 s."""
+    kv = MemoryKVStore()
+    ms, view = _three(kv, collective_timeout_s=60)
+    a, b, c = ms
+    deadline = time.monotonic() + 20
+    while not all(any(addr == b._liveness.address for addr, _ in m._live_ok) for m in (a, c)):
+        assert time.monotonic() < deadline, "a and c never verified b's liveness port"
+        time.sleep(0.02)
+    out: dict[str, object] = {}
+    took: dict[str, float] = {}
+
+    def member(m):
+        t0 = time.monotonic()
+        try:
+            m.communicator()
+            out[m.member_id] = "connected"
+        except MembershipError as exc:
+            out[m.member_id] = str(exc)
+            v = m.report_failure(deadline_s=30.0, silent_after_s=20.0, view=m.latest)
+            out[m.member_id + "-next"] = m.communicator().allreduce_sum(torch.ones(2)).wait(TO).tolist()
+            out[m.member_id + "-view"] = v
+        took[m.member_id] = time.monotonic() - t0
+
+    try:
+        b.close()  # dies after the view, before connecting
+        threads = [threading.Thread(target=member, args=(m,)) for m in (a, c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert "gave up connecting" in str(out.get("a")) and "gave up connecting" in str(out.get("c")), out
+        assert out["a-next"] == out["c-next"] == [2.0, 2.0], out
+        assert out["a-view"].members == ("a", "c"), out
+        assert max(took.values()) < 20.0, took  # not the 60 s connect timeout, nor the 20 s silence
     finally:
         for m in ms:
             m.close()

@@ -186,9 +186,15 @@ def _kv_torch_store_class() -> type:
         Blocking ``get``/``wait`` poll the KV store until ``timeout``. (torch's ``PrefixStore``
         cannot wrap a Python store in torch 2.13, so the prefix is applied here.)"""
 
-        def __init__(self, kv: KVStore, prefix: str, timeout: timedelta):
+        def __init__(self, kv: KVStore, prefix: str, timeout: timedelta, _cancelled: threading.Event | None = None):
             super().__init__()
             self._kv, self._prefix, self._timeout = kv, prefix.rstrip("/") + "/", timeout
+            self._cancelled = _cancelled or threading.Event()  # shared with clones
+
+        def cancel(self) -> None:
+            """Make every wait of this store and its clones fail now: a rendezvous abandoned by
+            its caller (``connect_cancellable``) ends at once instead of at its timeout."""
+            self._cancelled.set()
 
         def _k(self, key: str) -> str:
             return self._prefix + key
@@ -218,6 +224,8 @@ def _kv_torch_store_class() -> type:
             limit = timeout if timeout is not None else self._timeout
             deadline = time.monotonic() + limit.total_seconds()
             while not self.check(keys):
+                if self._cancelled.is_set():
+                    raise MembershipStoreError(f"the rendezvous under {self._prefix!r} was abandoned")
                 if time.monotonic() > deadline:
                     raise MembershipStoreError(f"keys {keys} did not appear under {self._prefix!r} within {limit}")
                 time.sleep(_POLL_S)
@@ -242,7 +250,7 @@ def _kv_torch_store_class() -> type:
             return False
 
         def clone(self) -> "_KVTorchStore":
-            return _KVTorchStore(self._kv.clone(), self._prefix, self._timeout)
+            return _KVTorchStore(self._kv.clone(), self._prefix, self._timeout, self._cancelled)
 
     return _KVTorchStore
 

@@ -365,12 +365,19 @@ class Membership:
             if not admitted or self.member_id not in latest.members:
                 raise MembershipError(f"{self.member_id} is not a member of epoch {latest.epoch} "
                                       f"{list(latest.members)}: wait_for_admission() and rejoin")
-            from ..sync.threads import make_gloo_group
+            from ..sync.threads import ConnectCancelled, connect_cancellable, make_gloo_group
 
             store = torch_store_for(self._kv.clone(), self._k(f"epoch-{latest.epoch}"), self.collective_timeout)
             try:
-                pg = make_gloo_group(store, latest.rank_of(self.member_id), len(latest.members),
-                                     self.collective_timeout)
+                pg = connect_cancellable(
+                    lambda: make_gloo_group(store, latest.rank_of(self.member_id), len(latest.members),
+                                            self.collective_timeout),
+                    self._connect_cancelled(latest), abandon=getattr(store, "cancel", None))
+            except ConnectCancelled as exc:
+                self._failed_epoch = max(self._failed_epoch, latest.epoch)
+                raise MembershipError(f"{self.member_id}: gave up connecting the group of epoch {latest.epoch} "
+                                      f"{list(latest.members)}: {exc}; wait_for_change() and call communicator() "
+                                      "again") from None
             except Exception as exc:  # gloo: connect timeout / refused
                 raise MembershipError(f"could not connect the group of epoch {latest.epoch} "
                                       f"{list(latest.members)} within {self.collective_timeout}: {exc}; "
@@ -384,6 +391,41 @@ class Membership:
             log.info("%s adopted epoch %d %s (rank %d)", self.member_id, latest.epoch, list(latest.members),
                      latest.rank_of(self.member_id))
             return self._comm
+
+    def _connect_cancelled(self, view: View):
+        """For :meth:`communicator`'s connect of ``view``'s group: a reason to give up now, or
+        None. Gives up when another member already reported the epoch failed (``abort/<e>``),
+        or when a member's trusted liveness port refuses (its process died after the view was
+        published: it will never connect); then reports the epoch failed itself, so that the
+        others give up too. Without this, both cost the connect timeout."""
+        e, me = view.epoch, self.member_id
+        kv = self._kv.clone()
+        state = {"next_probe": 0.0}
+
+        def cancelled() -> str | None:
+            try:
+                raw = kv.get(self._k(f"abort/{e}"), timeout=self.store_timeout)
+                if raw is not None:
+                    who, error = decode_abort_record(raw)
+                    return f"{who} reported epoch {e} failed: {error[:200]}"
+                now = time.monotonic()
+                if now < state["next_probe"]:
+                    return None
+                state["next_probe"] = now + self.liveness_probe_s
+                for m in view.members:
+                    if m == me:
+                        continue
+                    lv = _liveness_of(kv.get(self._k(f"hb/{m}"), timeout=self.store_timeout))
+                    if lv is not None and lv in self._live_ok and probe(*lv) == "dead":
+                        why = f"{m}'s process is gone (its liveness port refuses) before it connected"
+                        kv.compare_set(self._k(f"abort/{e}"), None, encode_abort_record(me, why),
+                                       timeout=self.store_timeout)
+                        return why
+            except MembershipStoreError as exc:  # the connect's own timeout still bounds the wait
+                self.last_error = exc
+            return None
+
+        return cancelled
 
     def report_failure(self, *, deadline_s: float, silent_after_s: float | None = None,
                        exclude: tuple[str, ...] = (), poll_s: float = 0.02, view: View | None = None,

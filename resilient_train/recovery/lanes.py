@@ -84,11 +84,29 @@ class Lane:
             old, self.comm = self.comm, None
         if old is not None:
             self._retire(old)
-        from ..sync.threads import make_gloo_group
+        from ..sync.threads import ConnectCancelled, connect_cancellable, make_gloo_group
 
         store = torch_store_for(self.kv.clone(), lane_prefix(self.prefix, self.index, epoch), self.timeout)
+        poll = self.kv.clone()
+
+        def cancelled() -> str | None:  # a member already gave this epoch up: never wait out the timeout
+            try:
+                raw = poll.get(abort_key(self.prefix, epoch), timeout=self.timeout)
+            except MembershipStoreError:
+                return None
+            if raw is None:
+                return None
+            who, why = decode_abort_record(raw)
+            return f"{who} reported epoch {epoch} failed: {why[:200]}"
+
         try:
-            pg = make_gloo_group(store, rank, world, self.timeout)
+            pg = connect_cancellable(lambda: make_gloo_group(store, rank, world, self.timeout), cancelled,
+                                     abandon=getattr(store, "cancel", None))
+        except ConnectCancelled as exc:
+            with self._lock:
+                self._failed_epoch = max(self._failed_epoch, epoch)
+            raise DistributedError(f"lane {self.index}: gave up connecting the group of epoch {epoch}",
+                                   {rank: str(exc)}) from None
         except Exception as exc:  # gloo: connect timeout / refused
             raise DistributedError(f"lane {self.index}: could not connect the group of epoch {epoch}",
                                    {rank: f"{type(exc).__name__}: {str(exc)[:300]}"}) from None

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ..errors import DistributedError
 from .communicator import ProcessGroupCommunicator
 
-__all__ = ["run_thread_ranks", "make_gloo_group"]
+__all__ = ["run_thread_ranks", "make_gloo_group", "connect_cancellable", "ConnectCancelled"]
 
 
 def gloo_device() -> Any:
@@ -46,6 +46,57 @@ def make_gloo_group(store: Any, rank: int, world_size: int, timeout: timedelta) 
     opts._timeout = timeout
     opts._devices = [gloo_device()]
     return dist.ProcessGroupGloo(store, rank, world_size, opts)
+
+
+class ConnectCancelled(Exception):
+    """Raised by :func:`connect_cancellable` when ``cancelled()`` gave a reason."""
+
+
+def connect_cancellable(build: Callable[[], Any], cancelled: Callable[[], str | None], poll_s: float = 0.05,
+                        abandon: Callable[[], None] | None = None) -> Any:
+    """``build()`` (a gloo group's constructor: its rendezvous blocks until every rank arrives
+    or its timeout) on a helper thread, while this thread asks ``cancelled()`` every ``poll_s``.
+    A reason from it raises :class:`ConnectCancelled` at once: a member known dead, or an epoch
+    another member already gave up on, never costs the connect timeout. The abandoned
+    constructor runs on to its own end on the helper thread and its group, if any, is dropped
+    there; ``abandon()`` (e.g. the store's ``cancel``) is called to make that end come sooner.
+    The helper thread is not a daemon: a rendezvous that cannot be cut short (torch's native
+    TCPStore) delays the interpreter's exit until its own timeout instead of aborting the
+    process, which a C++ thread left inside gloo at exit does. Exceptions of ``build()`` are
+    re-raised here."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def body() -> None:
+        try:
+            pg = build()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            with lock:
+                box["error"] = exc
+        else:
+            with lock:
+                if box.get("abandoned"):
+                    del pg  # nobody will use it: destroyed here, not on the caller's thread
+                    return
+                box["pg"] = pg
+        done.set()
+
+    threading.Thread(target=body, name="gloo-connect", daemon=False).start()
+    while not done.wait(poll_s):
+        why = cancelled()
+        if why:
+            with lock:
+                if "pg" not in box and "error" not in box:
+                    box["abandoned"] = True
+                    if abandon is not None:
+                        abandon()
+                    raise ConnectCancelled(why)
+            break  # it finished meanwhile: use it
+    with lock:
+        if "error" in box:
+            raise box["error"]
+        return box["pg"]
 
 
 def run_thread_ranks(fn: Callable[[int, ProcessGroupCommunicator], Any], world_size: int, *,
