@@ -82,6 +82,30 @@ def bench_rt_async(state: TrainState, root: str, runs: int) -> dict:
     }
 
 
+def bench_first_stall(state: TrainState, root: str, runs: int) -> dict:
+    """The first save's stall of a fresh AsyncCheckpointer, without and with ``prepare()``
+    (staging buffers allocated and touched beforehand), interleaved: A B A B ...; each also
+    with its second save's stall (buffers reused) for comparison."""
+    out: dict = {"without prepare": {"first": [], "second": []}, "with prepare": {"first": [], "second": [], "prepare_s": []}}
+    for r in range(runs):
+        for name in out:
+            d = os.path.join(root, f"first-{r}-{name.replace(' ', '-')}")
+            ck = AsyncCheckpointer(d)
+            if name == "with prepare":
+                t0 = time.perf_counter()
+                ck.prepare(state)
+                out[name]["prepare_s"].append(time.perf_counter() - t0)
+            for i, key in enumerate(("first", "second")):
+                t0 = time.perf_counter()
+                ck.save(i + 1, state)
+                out[name][key].append(time.perf_counter() - t0)
+                ck.wait()
+            ck.close()
+            del ck
+            shutil.rmtree(d)
+    return {name: {**{f"{k}_median_s": median(v) for k, v in runs_.items()}, **{f"{k}_runs_s": v for k, v in runs_.items()}} for name, runs_ in out.items()}
+
+
 def bench_dcp(state: TrainState, root: str, runs: int, mode: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -111,6 +135,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     ap.add_argument("--no-process", action="store_true", help="skip DCP's process mode")
     ap.add_argument("--out", default=os.path.join(RESULTS, "async_cpu.json"))
+    ap.add_argument("--first-stall", action="store_true", help="only the first save's stall without / with prepare(), interleaved (async_first_stall.json)")
     args = ap.parse_args()
 
     import torch.distributed as dist
@@ -120,6 +145,32 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=0, world_size=1, timeout=timedelta(seconds=300))
     state = make_state(args.size_mib)
     nbytes = sum(p.numel() * p.element_size() for p in state.model.parameters())
+    if args.first_stall:
+        try:
+            res = bench_first_stall(state, root, args.runs)
+        finally:
+            dist.destroy_process_group()
+            shutil.rmtree(root, ignore_errors=True)
+        ratio = res["with prepare"]["first_median_s"] / res["without prepare"]["first_median_s"]
+        out = {
+            "benchmark": "bench_async --first-stall", "state_bytes": nbytes, "runs": args.runs,
+            "order": "interleaved (without, with, without, with, ...), a fresh AsyncCheckpointer each",
+            "unit": "seconds save() blocks the loop; first = the checkpointer's first save, second = its next one",
+            "machine": machine_info(), "load_average_1m_at_end": os.getloadavg()[0], "results": res,
+            "ratios": {"first stall with prepare / without": ratio,
+                       "first stall with prepare / second stall with prepare": res["with prepare"]["first_median_s"] / res["with prepare"]["second_median_s"],
+                       "first stall without prepare / second stall without": res["without prepare"]["first_median_s"] / res["without prepare"]["second_median_s"]},
+            "goal": "the first save stalls like the later ones (first / second ~ 1.0)",
+        }
+        path = args.out if args.out != os.path.join(RESULTS, "async_cpu.json") else os.path.join(RESULTS, "async_first_stall.json")
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        for name, v in res.items():
+            print(f"{name:<18} first {v['first_median_s']:.3f} s, second {v['second_median_s']:.3f} s" + (f", prepare {v['prepare_s_median_s']:.3f} s" if "prepare_s_median_s" in v else ""))
+        for k, v in out["ratios"].items():
+            print(f"{k:<55} {v:.2f}x")
+        print(f"wrote {path}")
+        return
     # memcpy into already-allocated memory: the floor of any stall that copies the state
     dst = [torch.empty_like(p) for p in state.model.parameters()]
     copies = []

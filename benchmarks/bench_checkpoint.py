@@ -3,7 +3,7 @@ physical ceilings (memcpy into preallocated memory; dd with fdatasync; the hash 
 and BLAKE3 on this machine), in one interleaved run (A B C ... A B C ..., medians).
 
     python benchmarks/bench_checkpoint.py --size-gib 1 --reps 5 [--cold] [--two-ranks] [--dir /path/on/disk]
-    python benchmarks/bench_checkpoint.py --load-only --size-gib 0.25 --reps 5
+    python benchmarks/bench_checkpoint.py --load-only --size-gib 1 --reps 5 --baseline-commit eaee4b3
 
 The default run: saves (every one durable: fsync) of torch.save, safetensors, dcp.save and
 rt.save in format 3 (BLAKE3) and format 2 (SHA-256); then loads into a second model's tensors
@@ -14,9 +14,11 @@ there). ``--cold`` evicts the benchmark's own files from the page cache before e
 (posix_fadvise; nobody else's cache is dropped). The JSON holds every run, the ratios and
 which goals of issue 22 are met: benchmarks/results/<--out>.json.
 
-``--load-only``: verified load alone, interleaved (dcp.load, rt.load staged, rt.load streamed,
-dcp.load, ...), beside the hash ceiling (cores x one core's SHA-256 rate, measured in the same
-run) and peak memory. Results: benchmarks/results/checkpoint_load.json.
+``--load-only [--baseline-commit C]``: the loads alone, interleaved (dcp.load, safetensors +
+copy, rt.load staged and streamed, and those two at commit C), with wall time, CPU time and
+peak memory, then the ceilings of a verified load on this machine (memcpy, pread, a copy from
+a memory map, BLAKE3, read-and-hash both ways) and the least CPU a verified byte can cost.
+Results: benchmarks/results/checkpoint_load.json.
 
 Every save is durable (fsync) and resilient-train additionally hashes every byte on save and
 re-verifies every byte on load. Medians of --reps runs; page cache is warm (noted in the JSON).
@@ -77,28 +79,71 @@ def _two_rank_save(rank, world, total, root, reps):
     return statistics.median(times)
 
 
-def sha256_rate_one_core(nbytes: int = 256 * 1024**2) -> float:
-    """Bytes/s one core hashes with SHA-256 (best of 3, 8 MiB updates as the reader does)."""
-    import hashlib
+def load_ceilings(path: str, nbytes: int, chunk: int = 8 * 1024**2) -> dict[str, float]:
+    """GB/s of the pieces a verified load is made of, on ``path`` (in the page cache) into
+    preallocated, touched memory, one thread per core: memcpy, ``pread`` (the kernel's copy),
+    a copy out of a memory map, BLAKE3, and the two ways to read and hash (pread then hash;
+    copy from the map in 1 MiB pieces, each hashed while still in the CPU cache). Best of 3."""
+    import mmap
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    buf = memoryview(os.urandom(nbytes))
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for i in range(0, nbytes, 8 * 1024**2):
-            hashlib.sha256(buf[i:i + 8 * 1024**2]).digest()
-        best = max(best, nbytes / (time.perf_counter() - t0))
-    return best
+    import blake3
+    import numpy as np
+
+    cores = os.cpu_count() or 1
+    fd = os.open(path, os.O_RDONLY)
+    n = min(nbytes, os.fstat(fd).st_size) // chunk * chunk
+    dst = np.ones(n, dtype=np.uint8)
+    src = np.ones(n, dtype=np.uint8)
+    m = mmap.mmap(fd, n, prot=mmap.PROT_READ)
+    mapped = np.frombuffer(m, dtype=np.uint8, count=n)
+    sub = 1024**2
+
+    def mapped_hash(o):
+        h = blake3.blake3()
+        for a in range(o, o + chunk, sub):
+            np.copyto(dst[a:a + sub], mapped[a:a + sub])
+            h.update(memoryview(dst[a:a + sub]))
+        return h.digest()
+
+    ops = {
+        "memcpy": lambda o: np.copyto(dst[o:o + chunk], src[o:o + chunk]),
+        "pread": lambda o: os.preadv(fd, [memoryview(dst[o:o + chunk])], o),
+        "copy from mmap": lambda o: np.copyto(dst[o:o + chunk], mapped[o:o + chunk]),
+        "blake3": lambda o: blake3.blake3(memoryview(dst[o:o + chunk])).digest(),
+        "pread then blake3": lambda o: (os.preadv(fd, [memoryview(dst[o:o + chunk])], o), blake3.blake3(memoryview(dst[o:o + chunk])).digest()),
+        "mmap copy + blake3 per 1 MiB": mapped_hash,
+    }
+    out: dict[str, float] = {}
+    with ThreadPoolExecutor(cores) as pool:
+        for name, op in ops.items():
+            best = best_cpu = float("inf")
+            for _ in range(3):
+                c0, t0 = time.process_time(), time.perf_counter()
+                list(pool.map(op, range(0, n, chunk)))
+                best = min(best, time.perf_counter() - t0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            out[f"{name} ({cores} threads) GB/s"] = n / best / 1e9
+            # per CPU-second (all threads' CPU time): what the operation costs, whatever else runs
+            out[f"{name} GB per cpu-s"] = n / best_cpu / 1e9
+    del mapped
+    m.close()
+    os.close(fd)
+    return out
 
 
 def load_only(args) -> int:
-    """Interleaved verified loads: A = dcp.load, B = rt.load (staged), C = rt.load (streamed)."""
+    """Interleaved verified loads against the unverified ones: dcp.load, safetensors.load_file
+    + copy, rt.load staged and streamed (with ``--baseline-commit``, the same two of that
+    commit too), each with its wall time, the process's CPU time and peak memory; then the
+    ceilings (:func:`load_ceilings`, :func:`hash_rates`) measured in the same run."""
     import statistics
     import time
 
+    import safetensors.torch
     import torch.distributed.checkpoint as dcp
-    from common import peak_rss
+    from common import import_baseline, peak_rss
 
     total = int(args.size_gib * 1024**3)
     torch.manual_seed(0)
@@ -106,59 +151,94 @@ def load_only(args) -> int:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     nbytes = sum(v.numel() * 4 for v in sd.values())
     base = tempfile.mkdtemp(dir=args.dir, prefix="rt-bench-")
+    before = import_baseline(args.baseline_commit) if args.baseline_commit else None
     try:
         rt.save(os.path.join(base, "rt"), rt.TrainState(model=model, rng=False), 1)
         dcp.save(sd, checkpoint_id=os.path.join(base, "dcp"))
+        safetensors.torch.save_file(sd, os.path.join(base, "s.safetensors"))
         target = Blob(total)
         tsd = {k: v.detach() for k, v in target.state_dict().items()}
         tstate = rt.TrainState(model=target, rng=False)
+
+        def st_load():
+            for k, v in safetensors.torch.load_file(os.path.join(base, "s.safetensors")).items():
+                tsd[k].copy_(v)
+
+        staged, streamed = "rt.load staged (every byte verified, state untouched on failure)", "rt.load streamed (staging_budget_bytes=0)"
         methods = {
             "dcp.load (no verification)": lambda: dcp.load(tsd, checkpoint_id=os.path.join(base, "dcp")),
-            "rt.load staged (every byte verified, state untouched on failure)": lambda: rt.load(os.path.join(base, "rt"), tstate),
-            "rt.load streamed (staging_budget_bytes=0)": lambda: rt.load(os.path.join(base, "rt"), tstate, staging_budget_bytes=0),
+            "safetensors.load_file (+copy, no verification)": st_load,
+            staged: lambda: rt.load(os.path.join(base, "rt"), tstate),
+            streamed: lambda: rt.load(os.path.join(base, "rt"), tstate, staging_budget_bytes=0),
         }
+        if before is not None:
+            bstate = before.TrainState(model=target, rng=False)
+            methods[f"{staged} at {args.baseline_commit} (before)"] = lambda: before.load(os.path.join(base, "rt"), bstate)
+            methods[f"{streamed} at {args.baseline_commit} (before)"] = lambda: before.load(os.path.join(base, "rt"), bstate, staging_budget_bytes=0)
         for fn in methods.values():  # warm the page cache and imports
             fn()
         times: dict[str, list[float]] = {k: [] for k in methods}
+        cpu: dict[str, list[float]] = {k: [] for k in methods}
         peaks: dict[str, int] = {k: 0 for k in methods}
         for _ in range(args.reps):
             for name, fn in methods.items():  # interleaved: A B C A B C ...
                 for t in tsd.values():
                     t.zero_()
                 with peak_rss() as mem:
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
                 peaks[name] = max(peaks[name], mem["peak_extra_bytes"])
                 assert all(torch.equal(tsd[k], sd[k]) for k in sd), name
-        per_core = sha256_rate_one_core()
-        cores = os.cpu_count() or 1
+        ceilings = load_ceilings(os.path.join(base, "s.safetensors"), nbytes)
+        rates = hash_rates()
         res = {
-            name: {"median_s": statistics.median(t), "all_s": t, "gb_per_s": nbytes / statistics.median(t) / 1e9, "peak_extra_bytes": peaks[name]}
+            name: {"median_s": statistics.median(t), "all_s": t, "gb_per_s": nbytes / statistics.median(t) / 1e9,
+                   "cpu_s_median": statistics.median(cpu[name]), "cpu_s_all": cpu[name], "peak_extra_bytes": peaks[name]}
             for name, t in times.items()
         }
-        dcp_rate = res["dcp.load (no verification)"]["gb_per_s"]
-        staged = res["rt.load staged (every byte verified, state untouched on failure)"]["gb_per_s"]
-        streamed = res["rt.load streamed (staging_budget_bytes=0)"]["gb_per_s"]
-        ceiling = cores * per_core / 1e9
+        rate = {k: v["gb_per_s"] for k, v in res.items()}
+        dcp_rate, st_rate = rate["dcp.load (no verification)"], rate["safetensors.load_file (+copy, no verification)"]
+        cores = os.cpu_count() or 1
+        # The least CPU a verified byte can cost: hashed once and copied once out of the page
+        # cache (both in CPU time, so other jobs on the machine do not distort it).
+        floor_cpu_s = nbytes / (ceilings["blake3 GB per cpu-s"] * 1e9) + nbytes / (ceilings["copy from mmap GB per cpu-s"] * 1e9)
+        st_cpu = res["safetensors.load_file (+copy, no verification)"]["cpu_s_median"]
         ratios = {
-            "staged_vs_dcp": staged / dcp_rate,
-            "streamed_vs_dcp": streamed / dcp_rate,
-            "staged_vs_hash_ceiling": staged / ceiling,
-            "streamed_vs_hash_ceiling": streamed / ceiling,
+            "staged_vs_dcp": rate[staged] / dcp_rate,
+            "streamed_vs_dcp": rate[streamed] / dcp_rate,
+            "staged_vs_safetensors": rate[staged] / st_rate,
+            "streamed_vs_safetensors": rate[streamed] / st_rate,
+            "streamed_cpu_s_vs_verified_floor": res[streamed]["cpu_s_median"] / floor_cpu_s,
+            "best_possible_verified_vs_safetensors (cpu_s)": st_cpu / floor_cpu_s,
+        }
+        if before is not None:
+            for label, key in (("staged", staged), ("streamed", streamed)):
+                b = f"{key} at {args.baseline_commit} (before)"
+                ratios[f"{label}_after_vs_before (speed)"] = rate[key] / rate[b]
+                ratios[f"{label}_after_vs_before (cpu_s)"] = res[key]["cpu_s_median"] / res[b]["cpu_s_median"]
+                ratios[f"{label}_before_vs_dcp"] = rate[b] / dcp_rate
+        goals = {
+            "verified load >= 3x dcp.load (staged / streamed)": [ratios["staged_vs_dcp"] >= 3, ratios["streamed_vs_dcp"] >= 3],
+            "verified load >= 0.5x safetensors.load_file+copy (staged / streamed)": [ratios["staged_vs_safetensors"] >= 0.5, ratios["streamed_vs_safetensors"] >= 0.5],
         }
         out = write_result(args.out if args.out != "checkpoint" else "checkpoint_load", {
-            "state_bytes": nbytes, "reps": args.reps, "page_cache": "warm", "order": "interleaved",
-            "sha256_one_core_gb_per_s": per_core / 1e9, "cores": cores, "hash_ceiling_gb_per_s": ceiling,
-            "load_average_1m_at_end": os.getloadavg()[0], "results": res, "ratios": ratios,
+            "state_bytes": nbytes, "reps": args.reps, "page_cache": "warm", "cores": cores,
+            "order": "interleaved (A B C ... A B C ...), one warm-up round first",
+            "baseline_commit": args.baseline_commit, "ceilings": ceilings, "hash_rates": rates,
+            "verified_floor_cpu_s": floor_cpu_s, "load_average_1m_at_end": os.getloadavg()[0],
+            "results": res, "ratios": ratios, "goals_met": goals,
         })
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"state: {nbytes / 1e9:.2f} GB fp32, medians of {args.reps}, interleaved; hash ceiling {cores} x {per_core / 1e9:.2f} = {ceiling:.2f} GB/s")
+    print(f"state: {nbytes / 1e9:.2f} GB fp32, medians of {args.reps}, interleaved, page cache warm")
     for name, r in res.items():
-        print(f"  {name:<66} {r['gb_per_s']:6.2f} GB/s  {r['median_s']:7.3f} s  peak +{r['peak_extra_bytes'] / 1e9:.2f} GB")
+        print(f"  {name:<86} {r['gb_per_s']:6.2f} GB/s  {r['median_s']:7.3f} s  cpu {r['cpu_s_median']:6.3f} s  peak +{r['peak_extra_bytes'] / 1e9:.2f} GB")
+    for k, v in {**ceilings, **rates}.items():
+        print(f"  {k:<40} {v:6.2f}")
     for k, v in ratios.items():
-        print(f"  {k:<26} {v:5.2f}x")
+        print(f"  {k:<40} {v:5.2f}x")
     print(f"wrote {out}")
     return 0
 
@@ -216,7 +296,8 @@ def main() -> int:
     p.add_argument("--out", default="checkpoint")
     p.add_argument("--cold", action="store_true", help="evict the benchmark's files from the page cache before every load")
     p.add_argument("--two-ranks", action="store_true", help="also time rt.save from 2 ranks (gloo, one process each)")
-    p.add_argument("--load-only", action="store_true", help="only the older interleaved verified-load comparison")
+    p.add_argument("--load-only", action="store_true", help="only the loads, interleaved, with CPU time and the load ceilings")
+    p.add_argument("--baseline-commit", default=None, help="with --load-only: also time rt.load of this git commit, interleaved (before/after)")
     args = p.parse_args()
     if args.load_only:
         return load_only(args)

@@ -24,6 +24,7 @@ Results: benchmarks/results/storage_load.json.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -34,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine_info  # noqa: E402
+from common import RESULTS, import_baseline, machine_info  # noqa: E402
 
 from resilient_train.testing.servers import SERVERS, prepare_client_env  # noqa: E402
 
@@ -84,9 +85,11 @@ def _proxied_options(kind: str, srv, port: int) -> dict:
 
 
 def load_only(args) -> None:
-    """Interleaved: A = rt.load, B = plain concurrent fs.cat of the same files; plus one
-    counted rt.load through a proxy (bytes the server sent vs bytes in the checkpoint)."""
+    """Interleaved: A = rt.load, B = plain concurrent fs.cat of the same files (with
+    ``--baseline-commit``, C = rt.load of that commit); plus one counted rt.load through a
+    proxy (bytes the server sent vs bytes in the checkpoint)."""
     kinds = [k for k in args.servers.split(",") if k]
+    before = import_baseline(args.baseline_commit) if args.baseline_commit else None
     opts = SaveOptions(max_file_bytes=args.file_mib * 2**20, io_threads=args.threads)
     state = make_state(args.size_mib)
     fresh = make_state(args.size_mib, seed=1)
@@ -106,10 +109,16 @@ def load_only(args) -> None:
             nbytes = sum(fs.size(p) for p in paths)
             load(store, fresh, 1)  # warm up clients and the server
             fs.cat(paths)
-            rt_t, cat_t = [], []
+            rt_t, cat_t, before_t = [], [], []
+            if before is not None:
+                bstore = importlib.import_module("rt_before.storage").open_store(srv.uri("bench", "rt"), srv.storage_options, name=k)
+                bfresh = before.TrainState(model=fresh.model, rng=False)
+                before.load(bstore, bfresh, 1)
             for _ in range(args.runs):
                 rt_t.append(timed(lambda: load(store, fresh, 1)))
                 cat_t.append(timed(lambda: fs.cat(paths)))
+                if before is not None:
+                    before_t.append(timed(lambda: before.load(bstore, bfresh, 1)))
             assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), fresh.model.parameters()))
             proxy = FaultProxy(srv.port).start()
             try:
@@ -122,6 +131,8 @@ def load_only(args) -> None:
                 "rt load (hash what you use)": summary(rt_t, nbytes),
                 "plain concurrent fs.cat": summary(cat_t, nbytes),
                 "ratio rt / fs.cat (speed)": statistics.median(cat_t) / statistics.median(rt_t),
+                **({f"rt load at {args.baseline_commit} (before)": summary(before_t, nbytes),
+                    "ratio before / fs.cat (speed)": statistics.median(cat_t) / statistics.median(before_t)} if before_t else {}),
                 "checkpoint_bytes": nbytes,
                 "rt_bytes_fetched_by_client": res.bytes_fetched,
                 "bytes_served_by_server_incl_http_headers_manifest_listings": served,
@@ -131,7 +142,7 @@ def load_only(args) -> None:
             srv.stop()
     out = {
         "benchmark": "bench_storage --load-only",
-        "order": "interleaved (rt, cat, rt, cat, ...)",
+        "order": "interleaved (rt, cat, rt, cat, ...)" if before is None else f"interleaved (rt, cat, rt@{args.baseline_commit}, rt, cat, ...)",
         "size_mib": args.size_mib,
         "runs": args.runs,
         "unit": "seconds (median of runs) and MB/s; ratio = fs.cat time / rt time (1.0 = as fast as the plain client)",
@@ -160,6 +171,7 @@ def main() -> None:
     ap.add_argument("--servers", default="s3,azure", help="comma list of s3, azure, gcs")
     ap.add_argument("--out", default=os.path.join(RESULTS, "storage_emulators.json"))
     ap.add_argument("--load-only", action="store_true", help="only the interleaved load comparison, with bytes served counted")
+    ap.add_argument("--baseline-commit", default=None, help="with --load-only: also time rt.load of this git commit, interleaved (before/after)")
     args = ap.parse_args()
     if args.load_only:
         return load_only(args)

@@ -83,3 +83,25 @@ def write_result(name: str, payload: dict[str, Any]) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
     return path
+
+
+def import_baseline(commit: str) -> Any:
+    """resilient_train as of git ``commit`` (``git archive`` into a temp folder), imported as the
+    package ``rt_before`` beside this tree's one: a before/after pair timed in one interleaved
+    run. The package imports itself relatively, so the two never mix."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp(prefix="rt-baseline-")
+    tar = subprocess.run(["git", "-C", repo, "archive", commit, "resilient_train"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=tar, check=True)
+    pkg = os.path.join(tmp, "resilient_train")
+    spec = importlib.util.spec_from_file_location("rt_before", os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg])
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rt_before"] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -68,6 +68,37 @@ def test_staging_buffers_are_reused(tmp_path):
     assert committed_steps(LocalStore(str(tmp_path))) == [1, 2]
 
 
+def test_prepare_allocates_what_the_first_save_stages(tmp_path):
+    """prepare() learns the plan and allocates (and touches) every staging buffer the first
+    save uses: that save allocates nothing and copies into those very buffers (its stall is
+    then a later save's, see bench_async --first-stall), and the checkpoint is the state."""
+    state = make_train_state()
+    want = state_tensors(state)
+    with AsyncCheckpointer(LocalStore(str(tmp_path)), options=OPTS) as ck:
+        held = ck.prepare(state)
+        n = ck.staging_allocations
+        ptrs = {k: v.data_ptr() for k, v in ck._staging.items()}
+        assert n > 0 and held == ck.staging_bytes == sum(t.numel() * t.element_size() for t in want.values())
+        assert all(int(b.count_nonzero()) == 0 for b in ck._staging.values())  # touched (zeroed), not just reserved
+        assert ck.save(1, state)
+        ck.wait()
+        assert ck.staging_allocations == n
+        assert {k: v.data_ptr() for k, v in ck._staging.items()} == ptrs
+        assert ck.prepare(state) == held and ck.staging_allocations == n  # again: nothing new
+    fresh = make_train_state(seed=4)
+    load(LocalStore(str(tmp_path)), fresh, 1)
+    assert_same_tensors(state_tensors(fresh), want)
+
+
+def test_prepare_refuses_what_is_not_a_train_state_and_a_closed_checkpointer(tmp_path):
+    ck = AsyncCheckpointer(LocalStore(str(tmp_path)), options=OPTS)
+    with pytest.raises(TypeError, match="TrainState"):
+        ck.prepare({"w": torch.zeros(3)})
+    ck.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        ck.prepare(make_train_state())
+
+
 def test_at_most_one_in_flight_skip_and_wait(tmp_path):
     state = make_train_state()
     gated = GatedStore(LocalStore(str(tmp_path / "skip")))

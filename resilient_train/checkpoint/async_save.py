@@ -18,8 +18,9 @@ Promises:
   rank writes; only those are staged (``staging_bytes``), about 1/N of replicated state. A rank
   whose tensors changed shape stages everything for that save (no collective on the training
   thread to re-plan).
-* **Reuse**: staging buffers are allocated on the first save and reused while tensor shapes
-  and dtypes stay the same (``staging_allocations`` counts allocations).
+* **Reuse**: staging buffers are allocated on the first save (or beforehand by
+  :meth:`AsyncCheckpointer.prepare`, so the first save stalls like the later ones) and reused
+  while tensor shapes and dtypes stay the same (``staging_allocations`` counts allocations).
 * **One in flight**: a save while the previous one is still writing either waits for it
   (``when_busy="wait"``) or is skipped and returns False (``when_busy="skip"``).
 * **Off the training path** (a :class:`~resilient_train.storage.providers.Placement`): the
@@ -210,6 +211,33 @@ class AsyncCheckpointer:
         self._thread.start()
         return True
 
+    def prepare(self, state: TrainState) -> int:
+        """Do now what the first :meth:`save` would do on the training path: learn the save
+        plan (one small collective on ``process_group``: call it on every rank) and allocate
+        this rank's staging buffers, touching every page, so the first save stalls like the
+        later ones (a fresh buffer's page faults cost more than the copy itself). Call it
+        outside the training loop once ``state`` has its final tensors (after a load, or after
+        the first optimizer step: AdamW creates its moments there); a later change of shapes
+        only means that save allocates again. Returns the bytes of staging memory held.
+
+        Raises TypeError for a ``state`` that is not a TrainState and CheckpointError once
+        closed; a save in flight keeps its buffers (only missing ones are allocated)."""
+        if not isinstance(state, TrainState):
+            raise TypeError(f"state must be a TrainState, got {type(state).__name__}")
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
+        coord = Coordinator(self.process_group)
+        self._rank = coord.rank
+        snap = capture(state, coord.rank, coord.world_size)
+        if self.in_flight:
+            self._join()  # the background write refreshes the plan with a collective of its own
+        self._learn_share(coord, snap.metas())
+        share = self._share or set()
+        for p in snap.pieces:
+            if p.meta.ident in share:
+                self._buffer(p).zero_()  # touch every page now, not in the first save's copy
+        return self.staging_bytes
+
     @property
     def staging_bytes(self) -> int:
         """Bytes of CPU staging memory this rank holds (pinned when ``pin_memory``)."""
@@ -261,7 +289,8 @@ class AsyncCheckpointer:
 
     # ---------------------------------------------------------------- internals
 
-    def _stage(self, piece: Piece) -> torch.Tensor:
+    def _buffer(self, piece: Piece) -> torch.Tensor:
+        """The staging buffer of ``piece``: the one held, or a new one when none fits."""
         src = piece.tensor
         key = piece.meta.ident
         buf = self._staging.get(key)
@@ -269,6 +298,11 @@ class AsyncCheckpointer:
             buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=self.pin_memory)
             self._staging[key] = buf
             self.staging_allocations += 1
+        return buf
+
+    def _stage(self, piece: Piece) -> torch.Tensor:
+        src = piece.tensor
+        buf = self._buffer(piece)
         buf.copy_(src, non_blocking=src.device.type == "cuda")
         return buf
 
