@@ -85,3 +85,15 @@ def test_the_ranks_of_a_sharded_model_split_it_into_the_same_fragments():
     names. Split by the logical sizes, both agree."""
     per_rank = run_ranks(_fragments_of_a_sharded_model, 2)
     assert per_rank[0] == per_rank[1] == [["head", "a", "b"], ["c"]], per_rank
+
+
+def test_config_accepts_fragments_and_refuses_overlap_with_groups():
+    import resilient_train as rt
+    from resilient_train import errors
+
+    for group in ({}, {"group": "a", "membership": "tcp://127.0.0.1:1"}):
+        cfg = rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2), **group)
+        assert cfg.sync.fragments == 2
+    with pytest.raises(errors.ConfigError, match="overlap_steps.*docs/sync.md"):
+        rt.TrainerConfig(checkpoint="x", group="a", membership="tcp://127.0.0.1:1", every_n_steps=8,
+                         sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1))

@@ -36,7 +36,10 @@ What each member holds (and who persists it): the *global* state (DiLoCo's globa
 outer optimizer momentum, the step) is replicated across groups and is what joiners receive;
 the *group* state (local weights, inner optimizer state, error-feedback residuals, data
 position) is the group's own and goes to the group's own checkpoint; the *rank* state (RNG)
-goes to the rank's file of that checkpoint.
+goes to the rank's file of that checkpoint. With streaming DiLoCo (``fragments`` > 1) the local
+weights differ from the global ones between a fragment's syncs, so a group's ranks install a
+received global state only when their leader did (:meth:`join`): a group that kept its own
+state at a restart keeps its local weights on every rank.
 """
 
 from __future__ import annotations

@@ -45,6 +45,8 @@ class SyncConfig:
     (groups average parameters every ``sync_every`` steps) or ``diloco`` (pseudo-gradients
     averaged every ``sync_every`` steps and applied by an outer Nesterov SGD). ``codec``,
     ``fragments`` and ``overlap_steps`` are passed to :class:`~resilient_train.sync.DiLoCo`.
+    Streaming (``fragments`` > 1) works with and without ``group=``; ``overlap_steps`` > 0 is
+    refused with ``group=`` (docs/sync.md, "Streaming between providers").
     """
 
     mode: str = "ddp"
