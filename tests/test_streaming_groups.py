@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 BASE = sw.Case()
 LAYOUTS = {"1-rank": {}, "ddp-2-ranks": {"ranks": 2}, "fsdp2-2-ranks": {"ranks": 2, "fsdp": True}}
+KILL_LAYOUTS = {**LAYOUTS, "1-rank-allreduce": {"codec": "none"}}  # codec none: the round is an all-reduce
 
 
 def _run(case: sw.Case, out, *, hold_until_killed: bool = False) -> dict[str, int | None]:
@@ -107,8 +108,10 @@ def _sync_steps(out, g) -> list[int]:
     return [e["step"] for e in read_rt(str(out), g) if e["event"] == "sync"]
 
 
-def test_groups_train_with_fragments_and_hold_the_same_global_state(tmp_path):
-    codes = _run(BASE, tmp_path)
+@pytest.mark.parametrize("codec", ["int8", "none"])
+def test_groups_train_with_fragments_and_hold_the_same_global_state(tmp_path, codec):
+    """int8: each fragment's round is an all-gather of encoded payloads; none: an all-reduce."""
+    codes = _run(replace(BASE, codec=codec), tmp_path)
     assert codes == {"a": 0, "b": 0, "c": 0}, codes
     finals = {g: _final(tmp_path, g) for g in "abc"}
     assert all(int(f["step"]) == BASE.stop_step for f in finals.values())
@@ -121,6 +124,7 @@ def test_groups_train_with_fragments_and_hold_the_same_global_state(tmp_path):
 
 @pytest.mark.parametrize("kill,leave,layout", [("kill-exchange", "leave-before", "1-rank"),
                                                pytest.param("kill-vote", "leave-after", "1-rank", marks=pytest.mark.faults),
+                                               pytest.param("kill-exchange", "leave-before", "1-rank-allreduce", marks=pytest.mark.faults),
                                                pytest.param("kill-exchange", "leave-before", "ddp-2-ranks", marks=pytest.mark.faults),
                                                pytest.param("kill-exchange", "leave-before", "fsdp2-2-ranks", marks=pytest.mark.faults)])
 def test_group_lost_mid_period_equals_a_clean_leave(tmp_path, kill, leave, layout):
@@ -129,7 +133,7 @@ def test_group_lost_mid_period_equals_a_clean_leave(tmp_path, kill, leave, layou
     after step 9. ``kill-vote``: b dies in the vote after round 5, with fragment 0 synced with
     it and fragment 1 not yet, against b leaving cleanly after step 10. With 2 ranks every rank
     of b dies as it enters the exchange (FSDP2: its lane's; the survivors' lanes redo it)."""
-    base = replace(BASE, **LAYOUTS[layout])
+    base = replace(BASE, **KILL_LAYOUTS[layout])
     run, ref = tmp_path / "kill", tmp_path / "leave"
     codes = _run(replace(base, fault=kill), run)
     bs = [me for me in codes if me[0] == "b"]
