@@ -161,8 +161,9 @@ class TrainerConfig:
             if self.sync.mode == "ddp":
                 raise ConfigError("with group= (several providers) choose sync mode 'diloco' or 'localsgd': 'ddp' would average gradients across providers every step")
             if self.sync.overlap_steps:
-                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: a provider lost mid-overlap could not be redone exactly "
-                                  "(docs/sync.md, 'Streaming between providers'); use overlap_steps=0 (streaming fragments, fragments > 1, are supported)")
+                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: the provider group's exchange runs only when it is "
+                                  "awaited, at the apply step, and the vote that admits joiners would fall inside the round in flight (docs/sync.md, "
+                                  "'Streaming between providers'); use overlap_steps=0 (streaming fragments, fragments > 1, are supported)")
             if not self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s:
                 raise ConfigError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed 2 * heartbeat_interval_s ({self.heartbeat_interval_s})")
             if not self.round_deadline_s > 0 or not self.join_timeout_s > 0:
