@@ -36,7 +36,10 @@ What each member holds (and who persists it): the *global* state (DiLoCo's globa
 outer optimizer momentum, the step) is replicated across groups and is what joiners receive;
 the *group* state (local weights, inner optimizer state, error-feedback residuals, data
 position) is the group's own and goes to the group's own checkpoint; the *rank* state (RNG)
-goes to the rank's file of that checkpoint.
+goes to the rank's file of that checkpoint. With streaming DiLoCo (``fragments`` > 1) the local
+weights differ from the global ones between a fragment's syncs, so a group's ranks install a
+received global state only when their leader did (:meth:`join`): a group that kept its own
+state at a restart keeps its local weights on every rank.
 """
 
 from __future__ import annotations
@@ -480,16 +483,21 @@ class ProviderGroup:
         member with the highest step serves everyone). Returns the step to continue from."""
         if self.leader:
             t0 = time.perf_counter()
+            self._received = False
             res = self._leader_join()
-            self._bcast_code(_STATE)
-            if self.lanes == 1:  # a sharded group's ranks took their shards on their lanes
+            # the group's other ranks install the state only where the leader did: a group that
+            # kept its own (a restart from the groups' checkpoints) keeps its local weights,
+            # which differ from the global ones between a fragment's syncs (streaming)
+            received = int(self._received)
+            self._bcast_code(_STATE, received)
+            if self.lanes == 1 and received:  # a sharded group's ranks took their shards on their lanes
                 self._bcast_state(self.state.flat(), self.state.meta_bytes())
             self._emit("joined", epoch=self.view.epoch, members=list(self.view.members), step=self.state.step,
                        state_from=res.source if res is not None else None,
                        received_bytes=res.received_bytes if res is not None else 0, seconds=round(time.perf_counter() - t0, 4))
         else:
-            self._follow()  # _STATE (the restart point and the lanes' transfers are served meanwhile)
-            if self.lanes == 1:
+            received = self._follow()[1]  # _STATE (the restart point and the lanes' transfers are served meanwhile)
+            if self.lanes == 1 and received:
                 flat, meta = self._bcast_state(torch.empty(0), b"")
                 self.state.apply(flat, meta)
         return self.state.step

@@ -360,7 +360,10 @@ def allreduce_encoded(comm: Communicator, codec: Codec, payload: Encoded, flag: 
 
     def finish(pieces: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[int]]:
         hlen = _HEADER_INT64 * 8
-        headers = [p[:hlen].cpu().view(torch.int64).tolist() for p in pieces]
+        # clone: a piece may be a view into one buffer of all pieces at an offset that is not a
+        # multiple of 8 (a group's other ranks receive the all-gather so, and a payload of an
+        # odd size, e.g. a streaming fragment's, puts the next piece off the int64 alignment)
+        headers = [p[:hlen].clone().cpu().view(torch.int64).tolist() for p in pieces]
         bad = {r: f"header [magic, codec, numel, bytes] = {h[:4]}, expected {expect}"
                for r, h in enumerate(headers) if h[:4] != expect}
         if bad:

@@ -137,8 +137,14 @@ class _Fragment:
 
 
 def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
-    """K contiguous groups with about total/K elements each (every group non-empty)."""
-    total = sum(_local(p).numel() for p in params)
+    """K contiguous groups with about total/K elements each (every group non-empty).
+
+    Sized by each parameter's *logical* element count (a DTensor's whole tensor, not this rank's
+    piece), so every rank of a sharded model puts every parameter in the same fragment: a
+    fragment's pieces on the ranks of a group are one fragment of the model, synced at the same
+    steps, and its checkpointed pieces (``fragment.<k>.<what>.p<j>``) name the same parameter on
+    every rank and under any other sharding."""
+    total = sum(p.numel() for p in params)
     groups: list[list[torch.Tensor]] = [[] for _ in range(k)]
     seen = 0
     for i, p in enumerate(params):
@@ -149,7 +155,7 @@ def _split(params: list[torch.Tensor], k: int) -> list[list[torch.Tensor]]:
         if remaining_params <= empty_after:
             g = next(j for j, grp in enumerate(groups) if not grp)
         groups[g].append(p)
-        seen += _local(p).numel()
+        seen += p.numel()
     return groups
 
 

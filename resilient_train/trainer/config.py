@@ -45,6 +45,8 @@ class SyncConfig:
     (groups average parameters every ``sync_every`` steps) or ``diloco`` (pseudo-gradients
     averaged every ``sync_every`` steps and applied by an outer Nesterov SGD). ``codec``,
     ``fragments`` and ``overlap_steps`` are passed to :class:`~resilient_train.sync.DiLoCo`.
+    Streaming (``fragments`` > 1) works with and without ``group=``; ``overlap_steps`` > 0 is
+    refused with ``group=`` (docs/sync.md, "Streaming between providers").
     """
 
     mode: str = "ddp"
@@ -159,7 +161,9 @@ class TrainerConfig:
             if self.sync.mode == "ddp":
                 raise ConfigError("with group= (several providers) choose sync mode 'diloco' or 'localsgd': 'ddp' would average gradients across providers every step")
             if self.sync.overlap_steps:
-                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: a provider lost mid-overlap could not be redone exactly; use overlap_steps=0")
+                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: the provider group's exchange runs only when it is "
+                                  "awaited, at the apply step, and the vote that admits joiners would fall inside the round in flight (docs/sync.md, "
+                                  "'Streaming between providers'); use overlap_steps=0 (streaming fragments, fragments > 1, are supported)")
             if not self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s:
                 raise ConfigError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed 2 * heartbeat_interval_s ({self.heartbeat_interval_s})")
             if not self.round_deadline_s > 0 or not self.join_timeout_s > 0:
@@ -169,8 +173,6 @@ class TrainerConfig:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
         if self.sync.mode != "ddp":
-            if self.sync.fragments != 1:
-                raise ConfigError("checkpoints need every replica group to hold the same weights at the checkpointed step; streaming (fragments > 1) does not give that yet: use fragments=1 with the trainer")
             if self.every_n_steps % self.sync.sync_every:
                 raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
         if self.timeout_s <= 0:
