@@ -4,8 +4,10 @@
 
 Three replica groups ("providers") a, b, c with one process each, gloo on 127.0.0.1, the same
 MLP (AdamW inner optimizer) for two state sizes. Provider b is SIGKILLed at step 70 while the
-others are inside that step's exchange, relaunched once the survivors train again, and the run
-is stopped once b is back in. Methods (interleaved A B C D A B C D per size):
+others are inside that step's exchange (b waits until a and c have entered it; with
+``--kill-on-entry`` b dies on entering it, and a survivor still computing that step, up to 3
+inner steps behind when 3 processes share 2 cores, adds its own compute to the figure),
+relaunched once the survivors train again, and the run is stopped once b is back in. Methods (interleaved A B C D A B C D per size):
 
 * ``torchrun``: one ``torchrun --nproc-per-node=3 --max-restarts=1`` job, plain DDP, ``dcp.save``
   every 50 steps; the agent restarts every worker, which ``dcp.load`` the last checkpoint
@@ -33,6 +35,9 @@ failed one: its first committed step of index >= the fault step finished after t
 for torchrun its first step after the restart; the slowest survivor's, from its own log, with
 each survivor's own figure in ``resumed_s_by_survivor``: a run where any survivor stalled
 cannot report less than that stall),
+``after_last_notice_s`` (rt only: from the moment the last survivor left the failed exchange,
+having reached it, until every survivor completed its step: the recovery without a survivor's
+own compute up to the exchange when it was behind at the SIGKILL),
 ``sync_step_s`` (median duration of a fault-free step of the same kind: the floor of the former),
 ``steps_lost`` (optimizer steps whose update the survivors threw away), ``steps_redone``
 (batches computed again), ``rejoin_s`` (b's relaunch to its first step inside the job),
@@ -67,6 +72,7 @@ H = 10  # DiLoCo round length
 FAULT_STEP = 70  # b dies during step index 69 (the 70th step; DiLoCo round 7's exchange)
 EVERY = 50  # checkpoints (torchrun, rt)
 BATCH = 8
+KILL_ON_ENTRY = False  # --kill-on-entry: b dies on entering the exchange, not once a and c are inside it
 
 
 # ---------------------------------------------------------------------------------- workers
@@ -104,6 +110,30 @@ def _die(log: Log, whole_job: bool = True, **fields: Any) -> None:
     if whole_job:
         os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _at_fault_exchange(a: argparse.Namespace, log: Log, **fields: Any) -> None:
+    """Called by every provider on entering the exchange of the fault step (launch 0). The
+    others mark that they are inside it; b waits until a and c are (as the fault's description
+    says: "while the others are inside that step's exchange"), then dies. Without the wait
+    (``--kill-on-entry``) b dies on entering, and a survivor still computing that step (3
+    processes share 2 cores here, and one can be a whole step behind) adds its own remaining
+    compute to the figure, which no recovery can save."""
+    if a.launch != 0:
+        return
+    mark = os.path.join(a.out, f"in-exchange-{a.group}")
+    if not os.path.exists(mark):
+        with open(mark, "w"):
+            pass
+    if not a.kill:
+        return
+    if not a.kill_on_entry:
+        deadline = time.time() + 60
+        while not all(os.path.exists(os.path.join(a.out, f"in-exchange-{g}")) for g in GROUPS if g != a.group):
+            if time.time() > deadline:
+                break
+            time.sleep(0.001)
+    _die(log, **fields)
 
 
 def _rchar() -> int:
@@ -251,8 +281,8 @@ def worker_torchft_diloco(a: argparse.Namespace, log: Log) -> None:
     inner_allreduce = manager.allreduce
 
     def allreduce(tensor, *args: Any, **kw: Any):
-        if a.kill and rnd["i"] == FAULT_STEP - 1:
-            _die(log, step=rnd["i"])
+        if rnd["i"] == FAULT_STEP - 1:
+            _at_fault_exchange(a, log, step=rnd["i"])
         return inner_allreduce(tensor, *args, **kw)
 
     manager.allreduce = allreduce
@@ -287,16 +317,15 @@ def worker_rt(a: argparse.Namespace, log: Log) -> None:
         event_log=os.path.join(a.out, f"rt-{a.group}-{a.launch}-rank{{rank}}.jsonl"), timeout_s=120))
     log("wrapped", step=trainer.step_count)
     cur = {"i": -1}
-    if a.kill:  # as examples/provider_train.py --kill-at-round: die inside the round's exchange
-        cross = trainer.cross
-        inner = cross._collective
+    cross = trainer.cross  # as examples/provider_train.py --kill-at-round: die inside the round's exchange
+    inner = cross._collective
 
-        def collective(op: str, buf):
-            if cur["i"] == FAULT_STEP - 1:
-                _die(log, step=cur["i"], op=op)
-            return inner(op, buf)
+    def collective(op: str, buf):
+        if cur["i"] == FAULT_STEP - 1:
+            _at_fault_exchange(a, log, step=cur["i"], op=op)
+        return inner(op, buf)
 
-        cross._collective = collective
+    cross._collective = collective
     while trainer.step_count < a.steps:
         i = cur["i"] = trainer.step_count
         t0 = time.time()
@@ -317,6 +346,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--ckpt", default="")
     p.add_argument("--launch", type=int, default=0)
     p.add_argument("--kill", action="store_true")
+    p.add_argument("--kill-on-entry", action="store_true")
     p.add_argument("--lighthouse", default="")
     p.add_argument("--membership", default="")
     p.add_argument("--heartbeat-s", type=float, default=10.0)
@@ -405,7 +435,7 @@ def run_one(method: str, width: int, out: str, torchft_hb_ms: int, rt_hb_s: floa
 
     def wcmd(group: str, launch_no: int, kill: bool) -> list[str]:  # one torchrun per provider
         return [torchrun, "--standalone", "--nproc-per-node=1", me, "worker", "--method", method, "--group", group, "--width", str(width), "--out", out, "--ckpt", ckpt,
-                "--launch", str(launch_no), *(["--kill"] if kill else []), *extra]
+                "--launch", str(launch_no), *(["--kill"] if kill else []), *(["--kill-on-entry"] if KILL_ON_ENTRY else []), *extra]
 
     t_start = time.time()
     try:
@@ -578,11 +608,19 @@ def analyse(method: str, out: str, relaunched_t: float | None, wall_s: float) ->
         res["survivor_step_when_b_up"] = s_at_up
     res["roll_call_s"] = max((e["seconds"] for e in recs), default=None)
     res["round_failed_after_fault_s"] = round(min(e["t"] for e in failed) - tf, 3) if failed else None
+    # from the moment the last survivor left the failed exchange (it had reached it and learned
+    # of the failure) until every survivor completed its step: the recovery itself, without a
+    # survivor's own compute up to that exchange when it was behind at the SIGKILL (3 processes
+    # on 2 cores: without a synchronising step, one can be 1-3 inner steps behind the others)
+    notice = {g: min(e["t"] for e in failed if e["g"] == g) for g in surv if any(e["g"] == g for e in failed)}
+    res["notice_after_fault_s_by_survivor"] = {g: round(t - tf, 3) for g, t in notice.items()}
+    if len(notice) == len(surv):
+        res["after_last_notice_s"] = round(max(e["t"] for e in first.values()) - max(notice.values()), 3)
     res["rt_steps_redone_reported"] = max((e.get("steps_redone", 0) for e in recs), default=None)
     return res
 
 
-SUMMARY_KEYS = ("fault_to_resumed_s", "sync_step_s", "steps_lost", "steps_redone", "rejoin_s", "process_up_s", "joined_s", "bytes_moved", "roll_call_s")
+SUMMARY_KEYS = ("fault_to_resumed_s", "after_last_notice_s", "sync_step_s", "steps_lost", "steps_redone", "rejoin_s", "process_up_s", "joined_s", "bytes_moved", "roll_call_s")
 
 
 def summarise(runs: dict) -> dict:
@@ -674,12 +712,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rt-heartbeat-s", type=float, default=10.0, help="rt heartbeat_timeout_s (kept at its default to show recovery does not depend on it)")
     p.add_argument("--netns", choices=["auto", "yes", "no"], default="auto", help="run inside `unshare -n` with only loopback up")
     p.add_argument("--timeout", type=float, default=600.0, help="per run")
+    p.add_argument("--kill-on-entry", action="store_true", help="b dies on entering the fault step's exchange, even when a survivor "
+                   "is still computing that step (the figure then includes that survivor's own compute); default: once a and c are inside it")
     p.add_argument("--keep", help="keep the run folders here")
     p.add_argument("--result", default="recovery")
     p.add_argument("--append", action="store_true", help="add these runs to the existing results/<--result>.json (same setup) and summarise all")
     p.add_argument("--reanalyse", metavar="ROOT", help="recompute results/<--result>.json from the run folders kept with --keep ROOT")
     p.add_argument("--table", metavar="JSON", help="only print the markdown table of a results file")
     args = p.parse_args(argv)
+    global KILL_ON_ENTRY
+    KILL_ON_ENTRY = args.kill_on_entry
     if args.reanalyse:
         return reanalyse(args.reanalyse, args.result)
     if args.table:
@@ -739,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
 
     path = write_result(args.result, {
         "setup": {"groups": 3, "processes_per_group": 1, "backend": "gloo", "inner_optimizer": "AdamW", "batch": BATCH,
-                  "fault": f"group b SIGKILLed during step index {FAULT_STEP - 1} while the others are inside that step's exchange",
+                  "fault": (f"group b SIGKILLed on entering the exchange of step index {FAULT_STEP - 1} (--kill-on-entry: a survivor may still be computing that step)"
+                            if KILL_ON_ENTRY else f"group b SIGKILLed during step index {FAULT_STEP - 1} once a and c are inside that step's exchange"),
                   "diloco_sync_every": H, "checkpoint_every": EVERY, "torchft_heartbeat_timeout_ms": args.torchft_heartbeat_ms,
                   "rt_heartbeat_timeout_s": args.rt_heartbeat_s, "netns": bool(os.environ.get("RT_BENCH_IN_NETNS")),
                   "params": params, "state_bytes_fp32_with_adamw": {s: 3 * 4 * n for s, n in params.items()}, "reps_by_size": reps_done,
