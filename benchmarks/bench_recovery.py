@@ -762,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.time() - t0:6.0f} s] rep {rep} {size} {method}: {json.dumps(r, sort_keys=True)}", flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
+                else:  # keep the logs for --reanalyse, not the checkpoints (about 3 GB per 21M run: 40 runs filled the disk)
+                    shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
     reps_done = {s: args.reps if (s != args.sizes[-1] or len(args.sizes) == 1) else min(args.reps, args.large_reps) for s in args.sizes}
     if args.append:
         from common import RESULTS
