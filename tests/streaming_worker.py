@@ -15,6 +15,13 @@ counter is the engine's, so with K fragments and ``sync_every`` H, round r is at
 * ``hold``: every group stops training at ``stop_step`` and waits to be killed (a whole job
   killed between checkpoints; the relaunch resumes from the groups' own checkpoints).
 
+With ``overlap`` = d > 0 a round launched at step t runs in the background (its exchange on a
+thread of its own) and is applied at t + d, where its vote follows: ``kill-exchange`` then
+dies as the exchange of the round launched at ``fault_round``'s step starts (while the
+survivors take their d overlapped steps), and ``leave-after`` leaves after that round's apply
+step and vote. Every exchange is logged (``exchange``: the step that launched it, the trainer's
+step when it started, whether it ran on the training thread).
+
 Batches are a function of (step, group), so a resumed or joining group follows the step.
 Every worker appends JSON lines to ``<out>/w-<group>.jsonl`` (tests/failure_worker.py's log)
 and at the end writes ``<out>/final-<group>.safetensors``: its local weights (``model.*``), each
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,6 +55,7 @@ class Case:
     mode: str = "diloco"
     sync_every: int = 4
     fragments: int = 2
+    overlap: int = 0  # overlap_steps d: each round applied d steps after its launch
     fault_round: int = 5
     stop_step: int = 24
     every: int = 8
@@ -63,6 +72,16 @@ class Case:
     @staticmethod
     def load(raw: str) -> "Case":
         return Case(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(raw).items()})
+
+
+class _LockedLog(Log):
+    """tests/failure_worker.py's log, one line at a time: the exchange thread logs too."""
+
+    _lock = threading.Lock()
+
+    def __call__(self, ev: str, **fields) -> None:
+        with self._lock:
+            super().__call__(ev, **fields)
 
 
 def _batch_of(step: int, group: str, rank: int) -> torch.Tensor:
@@ -91,7 +110,7 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
     if case.ranks > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
     me = group if rank == 0 else f"{group}.{rank}"
-    log = Log(os.path.join(out, f"w-{me}.jsonl"))
+    log = _LockedLog(os.path.join(out, f"w-{me}.jsonl"))
     log("up", pid=os.getpid())
     model = _model(case.width)
     if case.fsdp:
@@ -99,21 +118,24 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     trainer = rt.wrap(model, opt, rt.TrainerConfig(
         checkpoint=os.path.join(out, "ckpt"), every_n_steps=case.every, keep_last=100, async_save=False, save_on_close=False,
-        sync=rt.SyncConfig(mode=case.mode, sync_every=case.sync_every, codec=case.codec, fragments=case.fragments),
+        sync=rt.SyncConfig(mode=case.mode, sync_every=case.sync_every, codec=case.codec, fragments=case.fragments, overlap_steps=case.overlap),
         group=group, membership=membership, start_groups=len(case.groups), round_deadline_s=case.round_deadline_s,
         join_timeout_s=120.0, heartbeat_timeout_s=10.0, event_log=os.path.join(out, f"rt-{me}.jsonl"), timeout_s=120, log="off"))
     log("wrapped", step=trainer.step_count, resumed_from=trainer.resumed_from)
     cross, victim, R = trainer.cross, group == case.victim, case.fault_round
-    if victim and case.fault == "kill-exchange":
-        inner = cross._collective
+    round_step = R * case.sync_every // case.fragments  # K divides H in these cases
+    inner = cross._collective
 
-        def collective(op: str, buf: torch.Tensor):
-            if trainer.sync.rounds == R:  # counted at launch; the exchange runs when the round is applied
-                _die(log, at="exchange", op=op, step=trainer.step_count)
-            return inner(op, buf)
+    def collective(op: str, buf: torch.Tensor):
+        launched = cross._op_step  # set when the exchange runs in the background (overlap), else None
+        log("exchange", op=op, launched=launched, step=trainer.step_count, main=threading.current_thread() is threading.main_thread())
+        # without overlap the exchange runs when the round is applied, in the step that launched it
+        if victim and case.fault == "kill-exchange" and (launched == round_step if case.overlap else trainer.sync.rounds == R):
+            _die(log, at="exchange", op=op, step=trainer.step_count, launched=launched)
+        return inner(op, buf)
 
-        cross._collective = collective
-    elif victim and case.fault == "kill-vote":
+    cross._collective = collective
+    if victim and case.fault == "kill-vote":
         after = cross.after_round
 
         def after_round():
@@ -122,7 +144,6 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
             return after()
 
         cross.after_round = after_round
-    round_step = R * case.sync_every // case.fragments  # K divides H in these cases
     # with a joiner, everyone trains one more period after the founders' view holds it
     stop = max(case.stop_step, trainer.step_count + case.sync_every) if joiner else case.stop_step
     while True:
@@ -135,7 +156,7 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
                 time.sleep(1)
         if step >= stop and (case.joiner is None or joiner or case.joiner in cross.view.members):
             break
-        if victim and (case.fault, step) in (("leave-before", round_step - 1), ("leave-after", round_step)):
+        if victim and (case.fault, step) in (("leave-before", round_step - 1), ("leave-after", round_step + case.overlap)):
             log("fault", at=case.fault, step=step)
             trainer.close()
             log("left", step=step)

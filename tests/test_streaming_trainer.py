@@ -87,13 +87,18 @@ def test_the_ranks_of_a_sharded_model_split_it_into_the_same_fragments():
     assert per_rank[0] == per_rank[1] == [["head", "a", "b"], ["c"]], per_rank
 
 
-def test_config_accepts_fragments_and_refuses_overlap_with_groups():
+def test_config_accepts_fragments_and_overlap_with_groups_and_refuses_overlapping_rounds():
+    """With group= one round runs at a time: overlap_steps must stay below sync_every // fragments."""
     import resilient_train as rt
     from resilient_train import errors
 
-    for group in ({}, {"group": "a", "membership": "tcp://127.0.0.1:1"}):
+    groups = {"group": "a", "membership": "tcp://127.0.0.1:1"}
+    for group in ({}, groups):
         cfg = rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2), **group)
         assert cfg.sync.fragments == 2
-    with pytest.raises(errors.ConfigError, match="overlap_steps.*docs/sync.md"):
-        rt.TrainerConfig(checkpoint="x", group="a", membership="tcp://127.0.0.1:1", every_n_steps=8,
-                         sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1))
+    for k, d in ((2, 1), (1, 2), (1, 3)):
+        assert rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=k, overlap_steps=d), **groups)
+    with pytest.raises(errors.ConfigError, match=r"overlap_steps \(2\) must be smaller than .* = 2.*docs/sync.md"):
+        rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=2), **groups)
+    # without group= the engine keeps several rounds in flight, as before
+    assert rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=3))

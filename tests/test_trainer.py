@@ -87,7 +87,7 @@ def test_bad_configuration_fails_at_start(tmp_path, monkeypatch):
     with pytest.raises(errors.ConfigError, match="choose sync mode 'diloco' or 'localsgd'"):
         rt.TrainerConfig(checkpoint="x", group="a", membership="tcp://127.0.0.1:1")
     with pytest.raises(errors.ConfigError, match="overlap_steps"):
-        rt.TrainerConfig(checkpoint="x", group="a", membership="tcp://127.0.0.1:1", every_n_steps=10, sync=rt.SyncConfig(mode="diloco", sync_every=5, overlap_steps=2))
+        rt.TrainerConfig(checkpoint="x", group="a", membership="tcp://127.0.0.1:1", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=2))  # rounds would overlap: 2 >= 4 // 2
     with pytest.raises(errors.ConfigError, match="provider name without '/'"):
         rt.TrainerConfig(checkpoint="x", group="a/b", membership="tcp://127.0.0.1:1", every_n_steps=10, sync=rt.SyncConfig(mode="diloco", sync_every=5))
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -28,6 +28,15 @@ sync engine, with three extra duties:
 * **Admit joiners at round boundaries.** After every round the leaders vote (one tiny
   all-reduce) on whether a newer view exists; if so, all of them switch to it after the same
   round and joiners receive the global state from a live peer (:func:`sync_state`).
+* **Run the exchange in the background when the engine overlaps it** (``background``, set
+  by the trainer when ``overlap_steps > 0``): an exchange starts at the launch, on a thread of
+  its own on every rank of the group (the leader's runs the cross-group operation with all of
+  its failure handling: roll call, redo, catch-up; the other ranks' receive its result over
+  the control group, or, in a sharded group, run their lanes and the commit vote), while the training thread takes its ``d`` overlapped inner steps; the
+  engine's wait at the apply step joins that thread. One exchange runs at a time, and the
+  training thread touches neither the control group nor the epoch's group until it has waited
+  for it (the vote runs after the apply step: the trainer calls :meth:`after_round` when a
+  round is *applied*), so no group ever sees collectives from two threads.
 * **Rejoin after being dropped.** A group that learns it was dropped (it missed a round's
   deadline) raises :class:`DroppedFromJobError` out of the sync engine; the trainer aborts the
   round and calls :meth:`join` again, which takes the live state from a peer.
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -92,6 +102,44 @@ class _Done:
     seq: int
     kind: str
     tensors: list[torch.Tensor]
+
+
+class _Exchange:
+    """One cross-group exchange running on its own thread (see ``ProviderGroup.background``).
+
+    The thread is not a daemon: a thread left inside gloo at interpreter exit aborts the
+    process, and every exchange ends on its own (each attempt is bounded by the round deadline,
+    the roll call by its own). :meth:`wait` joins it and returns its result or re-raises its
+    error on the caller's thread."""
+
+    def __init__(self, fn: Callable[[], Any], name: str):
+        self._fn = fn
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=False)
+
+    def start(self) -> "_Exchange":
+        self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        try:
+            self._result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, re-raised there
+            self._error = exc
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout: timedelta) -> Any:
+        self._thread.join(timeout.total_seconds())
+        if self._thread.is_alive():
+            raise DistributedError(f"the cross-group exchange did not end within {timeout.total_seconds():g} s",
+                                   {0: "still running (its attempts and roll calls go on in the background)"})
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 class _JoinersDeferred(DistributedError):
@@ -178,6 +226,11 @@ class ProviderGroup:
         self.resume_points: Callable[[], list[int]] | None = None
         self.restart_at: Callable[[int], int] | None = None
         self._fresh = True
+        # set by the trainer when the engine overlaps its exchanges (overlap_steps > 0): each
+        # exchange then starts at once on its own thread (_Exchange), not when it is awaited
+        self.background = False
+        self._exchange: _Exchange | None = None
+        self._op_step: int | None = None  # the step that launched the exchange running now
 
     # ------------------------------------------------------------------ helpers
 
@@ -481,6 +534,7 @@ class ProviderGroup:
         """Collective over the group (every rank): get admitted, then make this group's global
         state equal to the job's (joiners receive it from a live peer; at a fresh start the
         member with the highest step serves everyone). Returns the step to continue from."""
+        self._settle()
         if self.leader:
             t0 = time.perf_counter()
             self._received = False
@@ -551,10 +605,48 @@ class ProviderGroup:
     # ------------------------------------------------------------------ the Communicator protocol
 
     def allreduce_sum(self, buf: torch.Tensor) -> Handle:
-        return Handle(lambda timeout: self._collective("allreduce", buf))
+        return self._start("allreduce", buf)
 
     def allgather(self, buf: torch.Tensor) -> Handle:
-        return Handle(lambda timeout: self._collective("allgather", buf))
+        return self._start("allgather", buf)
+
+    def _start(self, op: str, buf: torch.Tensor) -> Handle:
+        """Without :attr:`background` the exchange runs when its handle is waited for (the
+        engine waits at once when it does not overlap). With it, the exchange starts now on its
+        own thread and the handle's wait joins it; a second exchange while one runs is refused
+        (the trainer admits overlap only when rounds cannot overlap each other)."""
+        if not self.background:
+            return Handle(lambda timeout: self._collective(op, buf))
+        if self._exchange is not None and self._exchange.running:
+            raise DistributedError("a cross-group exchange was launched while another one runs",
+                                   {self.rank: "overlap_steps must be smaller than the steps between two launches"})
+        self._op_step = self.state.step if self.state is not None else None
+
+        def run() -> Any:
+            try:
+                return self._collective(op, buf)
+            finally:
+                self._op_step = None
+
+        ex = self._exchange = _Exchange(run, f"rt-exchange-{self.name}-{self.group_rank}").start()
+        # the exchange bounds itself (each attempt by the round deadline, the roll calls by theirs);
+        # the engine's timeout is not made shorter than what a redo after a roll call may take
+        floor = timedelta(seconds=self.join_timeout_s + 4 * self.round_deadline_s)
+        return Handle(lambda timeout: ex.wait(max(timeout, floor)))
+
+    def _settle(self) -> None:
+        """Before the training thread uses the control or the epoch's group: no exchange may
+        still run on its thread (never the case when the engine waited for every round before
+        its boundary; guarded because two threads in one gloo group abort the process)."""
+        ex = self._exchange
+        if ex is not None and ex.running:
+            log.warning("group %s: an exchange still runs at a round boundary; waiting for it", self.name)
+            try:
+                ex.wait(timedelta(seconds=self.join_timeout_s + 4 * self.round_deadline_s))
+            except Exception as exc:  # noqa: BLE001 - its round is dropped by the caller (abort_round)
+                if ex.running:
+                    raise
+                log.warning("group %s: the exchange left running ended with %s", self.name, exc)
 
     def _collective(self, op: str, buf: torch.Tensor) -> Any:
         if self.lanes > 1:
@@ -718,9 +810,10 @@ class ProviderGroup:
                 log.warning("group %s: the start of epoch %d failed (%s); roll call again", self.name, m.view.epoch, again)
                 rolled, exc = m.view, again
         seconds = time.perf_counter() - t0
+        step = self._op_step if self._op_step is not None else self.state.step  # a background exchange: its launch step
         rec = {"epoch": m.view.epoch, "members": list(m.view.members),
                "dropped": sorted(set(failed.members) - set(m.view.members)),
-               "seconds": round(seconds, 4), "step": self.state.step, "steps_redone": 0}
+               "seconds": round(seconds, 4), "step": step, "steps_redone": 0}
         self.recoveries.append(rec)
         self._emit("reconfigured", **rec)
         log.warning("group %s: continuing in epoch %d with %s after %.2f s; %s", self.name, m.view.epoch,
@@ -759,8 +852,10 @@ class ProviderGroup:
     # ------------------------------------------------------------------ round boundaries
 
     def after_round(self) -> None:
-        """Collective over the group, after every completed round: the leaders vote on switching
-        to a newer view (joiners, or members dropped by heartbeat); joiners receive the state."""
+        """Collective over the group, after every completed round (with overlap: after the round
+        is applied, at ``t + d``): the leaders vote on switching to a newer view (joiners, or
+        members dropped by heartbeat); joiners receive the state."""
+        self._settle()
         if not self.leader:
             code = self._follow()[0]
             if code == _STATE and self.lanes == 1:

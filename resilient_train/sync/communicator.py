@@ -69,6 +69,11 @@ class Handle:
                 self._done = True
             return self._result
 
+    @property
+    def done(self) -> bool:
+        """Whether the result is known (a completed handle, or one waited for); never blocks."""
+        return self._done
+
     def then(self, fn: Callable[[Any], Any]) -> "Handle":
         """A handle whose result is ``fn(this result)``, computed on the first wait."""
         return Handle(lambda timeout: fn(self.wait(timeout)))

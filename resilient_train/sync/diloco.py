@@ -248,6 +248,13 @@ class DiLoCo:
         return list(range(o, horizon + 1, self.sync_every))
 
     @property
+    def completed_rounds(self) -> int:
+        """Rounds launched and applied (or skipped by a veto): :attr:`rounds` less those in
+        flight. With ``overlap_steps = 0`` it equals :attr:`rounds` after every step; with
+        overlap it moves at the apply step ``t + d`` (where a caller's round boundary falls)."""
+        return self.rounds - sum(1 for f in self._fragments if f.pending is not None)
+
+    @property
     def num_fragments(self) -> int:
         return len(self._fragments)
 
@@ -348,6 +355,15 @@ class DiLoCo:
         else:
             local = _flatten(frag.params).to(g.device)
             _write(frag.params, torch.lerp(local, g.detach(), self.mix))
+
+    def wait_in_flight(self) -> None:
+        """Wait until every round in flight has its result (kept, and applied at its apply step
+        as usual); raises what its exchange raised (the round stays in flight, for
+        :meth:`abort_round`). :meth:`state_dict` waits the same way; calling this first lets a
+        caller handle an exchange's failure where it handles the other sync failures."""
+        for f in self._fragments:
+            if f.pending is not None:
+                f.pending.handle.wait(self.timeout)
 
     def skip_handshake(self) -> None:
         """The caller has already compared the replicas' starting parameters and configuration
@@ -594,31 +610,61 @@ class DiLoCo:
 
     # The flat form of the global state, for a state transfer between members (one contiguous
     # fp32 tensor of a size fixed by the model, so peers with and without outer momentum agree):
-    # per fragment its global weights, then its outer momentum (zeros when there is none yet).
+    # per fragment its global weights, then its outer momentum (zeros when there is none yet),
+    # and with overlap_steps > 0 the averaged result of its round in flight (zeros when none).
+
+    def _known_pending(self, f: _Fragment) -> tuple[torch.Tensor | None, int] | None:
+        """A round in flight whose result is already known here (restored from a checkpoint, or
+        waited for by :meth:`state_dict`); None when there is none or it is still running."""
+        if f.pending is None or not f.pending.handle.done:
+            return None
+        return f.pending.handle.wait(self.timeout)
 
     def global_flat(self) -> torch.Tensor:
         """:meth:`global_state_dict` as one fp32 tensor (its meta: :meth:`global_flat_meta`).
         Outer state other than SGD's ``momentum_buffer`` is not carried (the receiver's
-        optimizer resets it)."""
+        optimizer resets it). With ``overlap_steps > 0`` each fragment also carries the result
+        of its round in flight when that result is known here (a group resumed from a
+        checkpoint taken inside a round: a receiver applies it at the same step as the sender);
+        a round still running is not waited for (nor carried: between providers a state is
+        sent only at round boundaries, where none runs)."""
         tensors = self.global_state_dict(copy=False)["tensors"]
         parts = []
         for f in self._fragments:
             mom = tensors.get(f"fragment.{f.index}.outer.0.momentum_buffer")
             parts.append(tensors[f"fragment.{f.index}.global"].reshape(-1))
             parts.append(mom.reshape(-1) if mom is not None else torch.zeros(f.numel))
+            if self.overlap_steps:
+                known = self._known_pending(f)
+                mean = known[0] if known is not None else None
+                parts.append(mean.reshape(-1) if mean is not None else torch.zeros(f.numel))
         return torch.cat([p.to(torch.float32) for p in parts]).contiguous()
 
     def global_flat_meta(self) -> dict[str, Any]:
-        """The JSON-able meta of :meth:`global_flat`: round counters, which fragments have momentum."""
+        """The JSON-able meta of :meth:`global_flat`: round counters, which fragments have
+        momentum, and (``overlap_steps > 0``) each fragment's carried round in flight
+        (``{"launched_at", "apply_at", "nbad"}`` or None)."""
         gsd = self.global_state_dict(copy=False)
         meta = gsd["meta"]
         flags = [f"fragment.{f.index}.outer.0.momentum_buffer" in gsd["tensors"] for f in self._fragments]
-        return {"sync_step": meta["step"], "rounds": meta["rounds"], "skipped": meta["skipped_rounds"], "momentum": flags}
+        out = {"sync_step": meta["step"], "rounds": meta["rounds"], "skipped": meta["skipped_rounds"], "momentum": flags}
+        if self.overlap_steps:
+            pend = []
+            for f in self._fragments:
+                known = self._known_pending(f)
+                pend.append(None if known is None else {"launched_at": f.pending.launched_at, "apply_at": f.pending.apply_at,
+                                                        "nbad": int(known[1])})
+            out["pending"] = pend
+        return out
 
     def load_global_flat(self, flat: torch.Tensor, meta: dict[str, Any]) -> None:
-        """Take :meth:`global_flat` + :meth:`global_flat_meta` of a peer, through :meth:`load_global_state_dict`."""
+        """Take :meth:`global_flat` + :meth:`global_flat_meta` of a peer, through
+        :meth:`load_global_state_dict`; a round in flight that the peer carried is installed
+        as this engine's own (its result known), to be applied at the same step as the peer's."""
         tensors: dict[str, torch.Tensor] = {}
         frags = []
+        pending: list[tuple[dict[str, Any], torch.Tensor] | None] = []
+        carried = meta.get("pending") if self.overlap_steps else None
         off = 0
         for f, has_mom in zip(self._fragments, meta["momentum"]):
             n = f.numel
@@ -630,9 +676,18 @@ class DiLoCo:
                 tensors[name] = flat[off:off + n].clone().view_as(f.global_)
                 ostate = {"0": {"momentum_buffer": {"tensor": name}}}
             off += n
+            if self.overlap_steps:
+                p = carried[f.index] if carried is not None else None
+                pending.append((p, flat[off:off + n].clone().view_as(f.global_)) if p is not None else None)
+                off += n
             frags.append({"numel": n, "outer_state": ostate, "outer_param_groups": f.outer.state_dict()["param_groups"]})
         self.load_global_state_dict({"meta": {"format": GLOBAL_STATE_FORMAT, "step": int(meta["sync_step"]), "rounds": int(meta["rounds"]),
                                               "skipped_rounds": int(meta["skipped"]), "fragments": frags}, "tensors": tensors})
+        for f, carried_round in zip(self._fragments, pending):
+            if carried_round is not None:  # the sender's round in flight: applied here at the same step
+                p, mean = carried_round
+                f.pending = _Pending(int(p["launched_at"]), int(p["apply_at"]),
+                                     Handle.completed((None if p["nbad"] else mean, int(p["nbad"]))), None)
 
 
 class LocalSGD(DiLoCo):

@@ -45,8 +45,9 @@ class SyncConfig:
     (groups average parameters every ``sync_every`` steps) or ``diloco`` (pseudo-gradients
     averaged every ``sync_every`` steps and applied by an outer Nesterov SGD). ``codec``,
     ``fragments`` and ``overlap_steps`` are passed to :class:`~resilient_train.sync.DiLoCo`.
-    Streaming (``fragments`` > 1) works with and without ``group=``; ``overlap_steps`` > 0 is
-    refused with ``group=`` (docs/sync.md, "Streaming between providers").
+    Streaming (``fragments`` > 1) and overlap (``overlap_steps`` > 0) work with and without
+    ``group=``; with ``group=`` overlap must stay below ``sync_every // fragments`` (one round in
+    flight at a time; docs/sync.md, "Overlap between providers").
     """
 
     mode: str = "ddp"
@@ -160,10 +161,12 @@ class TrainerConfig:
                 raise ConfigError(f"group must be a non-empty provider name without '/', got {self.group!r}")
             if self.sync.mode == "ddp":
                 raise ConfigError("with group= (several providers) choose sync mode 'diloco' or 'localsgd': 'ddp' would average gradients across providers every step")
-            if self.sync.overlap_steps:
-                raise ConfigError("with group= the overlapped outer step (overlap_steps > 0) is not supported yet: the provider group's exchange runs only when it is "
-                                  "awaited, at the apply step, and the vote that admits joiners would fall inside the round in flight (docs/sync.md, "
-                                  "'Streaming between providers'); use overlap_steps=0 (streaming fragments, fragments > 1, are supported)")
+            gap = self.sync.sync_every // max(1, self.sync.fragments)  # the fewest steps between two launches
+            if self.sync.overlap_steps and not self.sync.overlap_steps < gap:
+                raise ConfigError(f"with group= overlap_steps ({self.sync.overlap_steps}) must be smaller than the steps between two rounds' launches, "
+                                  f"sync_every // fragments = {gap}: between providers one round runs at a time, applied and followed by its vote "
+                                  f"(where joiners are admitted) before the next launch (docs/sync.md, 'Overlap between providers'); "
+                                  f"use overlap_steps <= {gap - 1}" + (" or fewer fragments" if self.sync.fragments > 1 else ""))
             if not self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s:
                 raise ConfigError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed 2 * heartbeat_interval_s ({self.heartbeat_interval_s})")
             if not self.round_deadline_s > 0 or not self.join_timeout_s > 0:

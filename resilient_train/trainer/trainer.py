@@ -121,7 +121,8 @@ class Trainer:
         sc = cfg.sync
         # groups exchange shard by shard only with groups sharded alike: the lane count is part of
         # what a joiner must match (refused at join otherwise, without disturbing the others)
-        fingerprint = model_fingerprint(checkpoint_module(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}")
+        fingerprint = model_fingerprint(checkpoint_module(self.module), f"{cfg.code_version}|{sc.mode}|H={sc.sync_every}|{sc.codec}|K={sc.fragments}|lr={sc.outer_lr}|m={sc.outer_momentum}"
+                                        + (f"|d={sc.overlap_steps}" if sc.overlap_steps else ""))  # the groups apply at the same steps
         fingerprint += f":lanes={lanes}"
         # the group's other ranks wait on this group while the leader rejoins: bound it by that
         wait_s = max(cfg.timeout_s, cfg.join_timeout_s + 2 * cfg.round_deadline_s)
@@ -168,6 +169,7 @@ class Trainer:
 
             self.cross.state = DiLoCoGlobalState(self.sync, lambda: self.step_count, self._set_step)
             self.cross.resume_points, self.cross.restart_at = self._resume_points, self._restart_at
+            self.cross.background = sc.overlap_steps > 0  # the exchange runs during the d overlapped steps
 
     def _set_step(self, step: int) -> None:
         self.step_count = step
@@ -288,15 +290,22 @@ class Trainer:
             self.scheduler.step()
         self.step_count += 1
         if self.sync is not None:
-            rounds = self.sync.rounds
+            # with group= a round's boundary (the vote that admits joiners) follows its apply
+            # step, so that a joiner takes a global state that holds the round (overlap: t + d)
+            count = (lambda: self.sync.completed_rounds) if self.cross is not None else (lambda: self.sync.rounds)
+            rounds = count()
             try:
                 self.sync.step()
-                if self.sync.rounds != rounds:
+                if count() != rounds:
                     if self.cross is not None:
                         self.cross.after_round()
                         self._record_sync_bytes()
                     self.events.emit("sync", step=self.step_count, rounds=self.sync.rounds, skipped=self.sync.skipped_rounds, bytes_sent=self.sync.comm.bytes_sent,
                                      **({"epoch": self.cross.view.epoch, "members": list(self.cross.view.members)} if self.cross is not None and self.cross.leader else {}))
+                if self.cross is not None and self.step_count % self.config.every_n_steps == 0:
+                    # a checkpoint saves the result of the round in flight (overlap): wait for it
+                    # here, so that this group being dropped in it is handled like any other drop
+                    self.sync.wait_in_flight()
             except DroppedFromJobError as exc:
                 if self.cross is None:
                     raise
