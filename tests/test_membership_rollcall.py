@@ -51,6 +51,16 @@ def _answered(kv, view, who):
     return kv.get(f"rt-membership/rollcall/{view.epoch}/{who}", timeout=TO) is not None
 
 
+def _run_survivors(call, survivors, results):
+    """a and c run ``call`` on threads (their training threads); returns when both are done."""
+    threads = [threading.Thread(target=call, args=(m,)) for m in survivors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert set(results) == {m.member_id for m in survivors}, results
+
+
 def test_late_member_still_heartbeating_is_waited_for():
     kv = MemoryKVStore()
     ms, view = _three(kv)
@@ -166,12 +176,7 @@ def test_member_whose_process_is_gone_is_dropped_at_once_not_after_the_silence_w
             assert time.monotonic() < deadline, "a and c never verified b's liveness port"
             time.sleep(0.02)
         b.close()  # stops b's heartbeat and closes its liveness port: a dead process, as others see it
-        threads = [threading.Thread(target=call, args=(m,)) for m in (a, c)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(40)
-        assert set(results) == {"a", "c"}, results
+        _run_survivors(call, (a, c), results)
         for v in results.values():
             assert v.epoch == view.epoch + 1 and v.members == ("a", "c"), v
         assert max(took.values()) < 10.0, took  # far below the 20 s silence window
@@ -223,12 +228,7 @@ def test_refusal_from_a_port_never_verified_is_not_taken_for_death(monkeypatch):
 
     try:
         b.close()
-        threads = [threading.Thread(target=call, args=(m,)) for m in (a, c)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(40)
-        assert set(results) == {"a", "c"}, results
+        _run_survivors(call, (a, c), results)
         assert took["a"] >= silent_after, took  # waited for b's silence, did not trust the refusal
         assert "heartbeat still" in a.latest_reason, a.latest_reason
     finally:
