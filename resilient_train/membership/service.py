@@ -407,7 +407,7 @@ class Membership:
                 raw = kv.get(self._k(f"abort/{e}"), timeout=self.store_timeout)
                 if raw is not None:
                     who, error = decode_abort_record(raw)
-                    return f"{who} reported epoch {e} failed: {error[:200]}"
+                    return f"{who} reported a failed collective in epoch {e}: {error[:200]}"
                 now = time.monotonic()
                 if now < state["next_probe"]:
                     return None

@@ -97,7 +97,7 @@ class Lane:
             if raw is None:
                 return None
             who, why = decode_abort_record(raw)
-            return f"{who} reported epoch {epoch} failed: {why[:200]}"
+            return f"{who} reported a failed collective in epoch {epoch}: {why[:200]}"
 
         try:
             pg = connect_cancellable(lambda: make_gloo_group(store, rank, world, self.timeout), cancelled,
