@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
+import statistics
 import sys
 import sysconfig
 import time
@@ -136,20 +135,53 @@ def global_model(model: nn.Module, sync) -> nn.Module:
     return out
 
 
-def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> dict:
-    import torch.distributed as dist
-
-    from resilient_train.sync import DiLoCo, LocalSGD, ProcessGroupCommunicator, VirtualClock, WanEmulator
-    from resilient_train.sync.communicator import allreduce_mean
-
+def _setup(rank: int, cfg: dict):
     torch.set_num_threads(1)
     corpus = load_corpus(cfg["corpus_bytes"])
     split = int(corpus.numel() * 0.95)
     train, val = corpus[:split], corpus[split:]
     model = make_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    clock = VirtualClock()
-    comm = WanEmulator(ProcessGroupCommunicator(), cfg["profile"], clock=clock)
+    gen = torch.Generator().manual_seed(10_000 + 100 * cfg["seed"] + rank)
+    return train, val, model, opt, gen
+
+
+def _shift(mode: dict) -> int:
+    """Steps from a round's launch to its apply in this library's overlap (0 without): G at an
+    apply step ``s`` holds the tokens of steps <= ``s - overlap``. torchft launches ``overlap``
+    steps *before* its sync step, so its shift is 0 and its lag is the overlap."""
+    return mode.get("overlap", 0) if mode["kind"] == "diloco" else 0
+
+
+def _total_steps(mode: dict, cfg: dict) -> int:
+    """DDP runs ``steps``; the others ``steps x steps_factor`` (to see when they reach DDP's
+    loss), plus the shift so their last round is applied."""
+    return cfg["steps"] if mode["kind"] == "ddp" else int(cfg["steps"] * cfg["steps_factor"]) + _shift(mode)
+
+
+def _eval_due(step: int, mode: dict, cfg: dict) -> bool:
+    """Evaluate where G is freshest: at the apply steps of the eval grid (``s - shift`` on the
+    grid), and at the equal-tokens point ``steps + shift``."""
+    sh = _shift(mode)
+    return (step > sh and (step - sh) % cfg["eval_every"] == 0) or step in (cfg["steps"] + sh, _total_steps(mode, cfg))
+
+
+def _point(step: int, mode: dict, world: int, cfg: dict) -> dict:
+    """``tokens``: the tokens G has taken in at this step (all replicas): the overlap's last
+    ``overlap`` steps are in the local weights only."""
+    return {"step": step, "tokens": max(0, step - mode.get("overlap", 0)) * world * cfg["batch"] * cfg["ctx"]}
+
+
+def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> dict:
+    """This library's modes (DDP through the same Communicator, local SGD, DiLoCo, streaming)."""
+    import torch.distributed as dist
+
+    from resilient_train.sync import DiLoCo, LocalSGD, ProcessGroupCommunicator, VirtualClock, WanEmulator
+    from resilient_train.sync.communicator import allreduce_mean
+
+    train, val, model, opt, gen = _setup(rank, cfg)
+    clock, trace = VirtualClock(), []
+    comm = WanEmulator(ProcessGroupCommunicator(), cfg["profile"], clock=clock, trace=trace)
     kind = mode["kind"]
     sync = None
     if kind == "localsgd":
@@ -158,11 +190,10 @@ def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> 
         sync = DiLoCo(model, sync_every=mode["H"], comm=comm, codec=mode.get("codec", "none"),
                       fragments=mode.get("fragments", 1), overlap_steps=mode.get("overlap", 0),
                       mix=mode.get("mix", 0.5))
-    gen = torch.Generator().manual_seed(10_000 + rank)
     curve = []
     params = list(model.parameters())
     wall0 = time.perf_counter()
-    total_steps = cfg["steps"] if kind == "ddp" else int(cfg["steps"] * cfg["steps_factor"])
+    total_steps = _total_steps(mode, cfg)
     for step in range(1, total_steps + 1):
         x, y = batch(train, gen, cfg["batch"], cfg["ctx"])
         loss = loss_fn(model, x, y)
@@ -179,17 +210,115 @@ def run_rank(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> 
         clock.advance(compute_s)
         if sync is not None:
             sync.step()
-        if step % cfg["eval_every"] == 0 or step in (cfg["steps"], total_steps):
+        if _eval_due(step, mode, cfg):
             vl = evaluate(global_model(model, sync), val, cfg) if rank == 0 else float("nan")
-            curve.append({"step": step, "tokens": step * world * cfg["batch"] * cfg["ctx"], "val_loss": vl,
-                          "emulated_s": clock.now_s, "bytes_sent": comm.bytes_sent})
-    out = {"curve": curve, "bytes_sent": comm.bytes_sent, "blocked_s": comm.blocked_s,
+            curve.append({**_point(step, mode, world, cfg), "val_loss": vl,
+                          "emulated_s": clock.now_s, "compute_s": comm.compute_s, "bytes_sent": comm.bytes_sent})
+    out = {"curve": curve, "bytes_sent": comm.bytes_sent, "blocked_s": comm.blocked_s, "trace": trace,
            "wall_s": time.perf_counter() - wall0,
            "skipped_rounds": sync.skipped_rounds if sync is not None else 0, "rounds": sync.rounds if sync is not None else cfg["steps"], "steps": total_steps}
     if sync is not None:
         sync.close()
     dist.barrier()
     return out
+
+
+def run_rank_torchft(rank: int, world: int, mode: dict, cfg: dict, compute_s: float) -> dict:
+    """torchft 0.2's ``DiLoCo`` (its streaming DiLoCo with ``fragments`` > 1): one replica group of
+    one rank per process, a Manager each, the driver's lighthouse; the same model, data, inner
+    AdamW, outer Nesterov SGD (0.7, 0.9) per fragment, and the same fragments (this library's
+    split by parameter size), ``fragment_sync_delay`` = ``overlap`` and ``fragment_update_alpha``
+    = 1 - ``mix`` (torchft mixes ``G + alpha (L - G)``, this library ``L + mix (G - L)``). Its
+    pseudo-gradients are all-reduced in fp32 (``should_quantize`` needs a GPU). The link is
+    charged by the same rule as this library's exchanges: each exchange (all the all-reduces a
+    step starts, bucketed as one) is ``latency + ring bytes / bandwidth``, from its start at the
+    fragment's prepare step to the wait in its sync step."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torchft import Manager, ProcessGroupGloo
+    from torchft.local_sgd import DiLoCo as FTDiLoCo
+
+    from resilient_train.sync.diloco import _split
+
+    train, val, model, opt, gen = _setup(rank, cfg)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    frags, names = [], []
+    for grp in _split(list(model.parameters()), mode.get("fragments", 1)):
+        m = nn.Module()
+        for p in grp:
+            m.register_parameter(name_of[id(p)].replace(".", "__"), p)
+            names.append((m, name_of[id(p)].replace(".", "__"), name_of[id(p)]))
+        frags.append(m)
+    outers = [torch.optim.SGD(f.parameters(), lr=0.7, momentum=0.9, nesterov=True) for f in frags]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    t = timedelta(seconds=600)
+    manager = Manager(pg=ProcessGroupGloo(timeout=t), min_replica_size=world, load_state_dict=lambda sd: None,
+                      state_dict=lambda: {}, use_async_quorum=False, replica_id=f"r{rank}", store_addr="127.0.0.1",
+                      store_port=store.port, rank=0, world_size=1, lighthouse_addr=cfg["lighthouse"],
+                      hostname="localhost", timeout=t, quorum_timeout=t, connect_timeout=t)
+    comp = [0.0]
+    trace: list[dict] = []
+    open_ids: list[int] = []
+    sent = [0]
+    inner_allreduce = manager.allreduce
+
+    def allreduce(tensor, *args, **kw):
+        n = max(1, manager.num_participants())
+        nbytes = int(2 * (n - 1) / n * tensor.numel() * tensor.element_size())
+        sent[0] += nbytes
+        last = trace[-1] if trace else None
+        if last is not None and last["ev"] == "start" and last["compute_s"] == comp[0]:
+            last["bytes"] += nbytes  # the all-reduces one step starts leave as one exchange
+        else:
+            trace.append({"ev": "start", "id": len(trace), "compute_s": comp[0], "bytes": nbytes})
+            open_ids.append(trace[-1]["id"])
+        return inner_allreduce(tensor, *args, **kw)
+
+    manager.allreduce = allreduce
+    curve = []
+    wall0 = time.perf_counter()
+    total_steps = _total_steps(mode, cfg)
+    ft = FTDiLoCo(manager, frags, opt, outers, sync_every=mode["H"], backup_device=torch.device("cpu"),
+                  pin_memory=False, fragment_sync_delay=mode.get("overlap", 0),
+                  fragment_update_alpha=1.0 - mode.get("mix", 0.5) if mode.get("overlap", 0) else 0.0)
+    for fr in ft._fragments:  # the wait: where torchft blocks on its in-flight all-reduces
+        inner_perform = fr.perform_sync
+
+        def perform(inner_perform=inner_perform):
+            while open_ids:
+                trace.append({"ev": "wait", "id": open_ids.pop(0), "compute_s": comp[0]})
+            return inner_perform()
+
+        fr.perform_sync = perform
+    rounds = 0
+    with ft:
+        for step in range(1, total_steps + 1):
+            x, y = batch(train, gen, cfg["batch"], cfg["ctx"])
+            loss = loss_fn(model, x, y)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            comp[0] += compute_s
+            opt.step()  # torchft's hooks prepare and perform the fragment syncs
+            if _eval_due(step, mode, cfg):
+                vl = float("nan")
+                if rank == 0:
+                    import copy
+
+                    g = copy.deepcopy(model)
+                    dst = dict(g.named_parameters())
+                    with torch.no_grad():
+                        for fr in ft._fragments:
+                            for short, tensor in fr.original_parameters.items():
+                                dst[next(full for m, s_, full in names if m is fr._model_fragment and s_ == short)].copy_(tensor)
+                    vl = evaluate(g, val, cfg)
+                curve.append({**_point(step, mode, world, cfg), "val_loss": vl, "compute_s": comp[0],
+                              "bytes_sent": sent[0]})
+    rounds = manager.current_step()
+    manager.shutdown(wait=False)
+    dist.barrier()
+    return {"curve": curve, "bytes_sent": sent[0], "trace": trace, "wall_s": time.perf_counter() - wall0,
+            "skipped_rounds": 0, "rounds": rounds, "steps": total_steps}
 
 
 # ------------------------------------------------------------------ driver
@@ -203,7 +332,8 @@ def _rank_entry(rank, world, store_path, out_path, mode, cfg, compute_s):
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
-        res = run_rank(rank, world, mode, cfg, compute_s)
+        fn = run_rank_torchft if mode["kind"] == "torchft" else run_rank
+        res = fn(rank, world, mode, cfg, compute_s)
         dist.destroy_process_group()
         Path(out_path).write_text(json.dumps({"ok": True, "result": res}))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -211,36 +341,48 @@ def _rank_entry(rank, world, store_path, out_path, mode, cfg, compute_s):
 
 
 def launch(world: int, mode: dict, cfg: dict, compute_s: float, timeout_s: float) -> list[dict]:
-    """One spawned process per rank (gloo over a FileStore); results through files."""
+    """One spawned process per rank (gloo over a FileStore); results through files. torchft
+    modes get a lighthouse here for the run."""
     import multiprocessing as mp
     import tempfile
 
+    lighthouse = None
+    if mode["kind"] == "torchft":
+        from torchft.coordination import LighthouseServer
+
+        os.environ.setdefault("RUST_LOG", "warn")  # torchft's servers log every quorum at INFO
+        lighthouse = LighthouseServer(bind="[::]:0", min_replicas=world)
+        cfg = {**cfg, "lighthouse": lighthouse.address()}
     ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
-        procs = [ctx.Process(target=_rank_entry, args=(r, world, os.path.join(tmp, "store"), outs[r], mode, cfg,
-                                                       compute_s), daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
-        results, errors = [], {}
-        for r, p in enumerate(procs):
-            if p.is_alive():
-                p.kill()
-                errors[r] = f"timed out after {timeout_s} s"
-                continue
-            if not os.path.exists(outs[r]):
-                errors[r] = f"exited with code {p.exitcode} without a result"
-                continue
-            doc = json.loads(Path(outs[r]).read_text())
-            if not doc["ok"]:
-                errors[r] = doc["error"]
-            results.append(doc.get("result"))
-        if errors:
-            raise RuntimeError("ranks failed: " + "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
-        return results
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
+            procs = [ctx.Process(target=_rank_entry, args=(r, world, os.path.join(tmp, "store"), outs[r], mode, cfg,
+                                                           compute_s), daemon=True) for r in range(world)]
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + timeout_s
+            for p in procs:
+                p.join(timeout=max(1.0, deadline - time.monotonic()))
+            results, errors = [], {}
+            for r, p in enumerate(procs):
+                if p.is_alive():
+                    p.kill()
+                    errors[r] = f"timed out after {timeout_s} s"
+                    continue
+                if not os.path.exists(outs[r]):
+                    errors[r] = f"exited with code {p.exitcode} without a result"
+                    continue
+                doc = json.loads(Path(outs[r]).read_text())
+                if not doc["ok"]:
+                    errors[r] = doc["error"]
+                results.append(doc.get("result"))
+            if errors:
+                raise RuntimeError("ranks failed: " + "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items())))
+            return results
+    finally:
+        if lighthouse is not None:
+            lighthouse.shutdown()
 
 
 def calibrate(cfg: dict, steps: int = 20) -> float:
@@ -263,6 +405,16 @@ def calibrate(cfg: dict, steps: int = 20) -> float:
     return min(times[3:])
 
 
+# ------------------------------------------------------------------ analysis
+
+def emulate(run: dict, links) -> list[dict]:
+    """The run's curve with ``emulated_s`` on ``links`` (replayed from its trace)."""
+    from resilient_train.sync.wan import replay
+
+    rep = replay(run["trace"], links, at_compute_s=[pt["compute_s"] for pt in run["curve"]])
+    return [{**pt, "emulated_s": t} for pt, t in zip(run["curve"], rep["at"])]
+
+
 def time_to(curve: list[dict], target: float) -> float | None:
     for pt in curve:
         if pt["val_loss"] <= target:
@@ -270,126 +422,294 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def make_table(runs: dict) -> list[dict]:
-    """One row per mode: loss at the same tokens as DDP, bytes, and emulated time to reach
-    DDP's final loss (and 1.02 x it), each speed-up against DDP's own time to that target."""
-    if "ddp" not in runs:
-        return []
-    ddp = runs["ddp"]
-    target = ddp["final_val_loss"]
-    t_ddp, t_ddp_2pct = time_to(ddp["curve"], target), time_to(ddp["curve"], target * 1.02)
+def _spread(xs: list) -> dict | None:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def make_table(runs: dict, seeds: list[int], links, steps: int, compute_s: float) -> list[dict]:
+    """One row per mode, mean and range over seeds, each seed against its own DDP run: loss at
+    DDP's tokens, bytes per inner step, emulated time to DDP's final loss on ``links`` and the
+    speed-up over DDP, and that speed-up as a fraction of the compute-bound ceiling (DDP's
+    emulated time over its pure compute time: what a mode that needed DDP's tokens and hid all
+    of its communication would reach)."""
+    modes = list(dict.fromkeys(k.split("@")[0] for k in runs))
     table = []
-    for name, r in runs.items():
-        t_hit, t_2pct = time_to(r["curve"], target), time_to(r["curve"], target * 1.02)
+    for name in modes:
+        per = {"loss": [], "vs": [], "bytes": [], "t_hit": [], "speedup": [], "ceiling": [], "frac": [], "sp2": []}
+        for s in seeds:
+            r, d = runs.get(f"{name}@{s}"), runs.get(f"ddp@{s}")
+            if r is None or d is None:
+                continue
+            target = d["final_val_loss"]
+            dc, rc = emulate(d, links), emulate(r, links)
+            t_ddp, t_hit = time_to(dc, target), time_to(rc, target)
+            t_ddp2, t_hit2 = time_to(dc, target * 1.01), time_to(rc, target * 1.01)
+            ceiling = t_ddp / (steps * compute_s)
+            per["loss"].append(r["final_val_loss"])
+            per["vs"].append(100 * (r["final_val_loss"] / target - 1))
+            per["bytes"].append(r["bytes_per_inner_step"])
+            per["t_hit"].append(t_hit)
+            per["speedup"].append(t_ddp / t_hit if t_hit else None)
+            per["sp2"].append(t_ddp2 / t_hit2 if t_hit2 and t_ddp2 else None)
+            per["ceiling"].append(ceiling)
+            per["frac"].append((t_ddp / t_hit) / ceiling if t_hit else None)
+        ddp_bytes = _spread([runs[f"ddp@{s}"]["bytes_per_inner_step"] for s in seeds if f"ddp@{s}" in runs])
         table.append({
-            "mode": name, "final_val_loss": r["final_val_loss"],
-            "vs_ddp_pct": 100 * (r["final_val_loss"] / target - 1),
-            "bytes_per_inner_step": r["bytes_per_inner_step"],
-            "emulated_s_at_same_tokens": r["emulated_s"], "last_val_loss": r["last_val_loss"],
-            "steps_run": r["steps_run"],
-            "emulated_s_to_ddp_final_loss": t_hit,
-            "speedup_to_ddp_final_loss": (t_ddp / t_hit) if t_hit else None,
-            "emulated_s_to_within_2pct_of_ddp": t_2pct,
-            "speedup_to_within_2pct": (t_ddp_2pct / t_2pct) if t_2pct else None,
+            "mode": name, "seeds": len(per["loss"]),
+            "final_val_loss": _spread(per["loss"]), "vs_ddp_pct": _spread(per["vs"]),
+            "bytes_per_inner_step": _spread(per["bytes"]),
+            "bytes_ratio_ddp_over_mode": (ddp_bytes["mean"] / statistics.fmean(per["bytes"])) if ddp_bytes and per["bytes"] else None,
+            "reached_ddp_final_loss": f"{sum(1 for t in per['t_hit'] if t)}/{len(per['t_hit'])}",
+            "emulated_s_to_ddp_final_loss": _spread(per["t_hit"]),
+            "speedup_to_ddp_final_loss": _spread(per["speedup"]),
+            "speedup_to_within_1pct_of_ddp": _spread(per["sp2"]),
+            "compute_bound_ceiling": _spread(per["ceiling"]),
+            "fraction_of_ceiling": _spread(per["frac"]),
         })
     return table
 
 
-def print_table(table: list[dict]) -> None:
-    print(f"\n{'mode':28s} {'val loss':>9s} {'vs DDP':>8s} {'bytes/step':>11s} {'t->DDP loss':>12s} {'speedup':>8s}")
+def _fmt(sp: dict | None, f: str = "{:.3f}", pct: bool = False) -> str:
+    if sp is None:
+        return "-"
+    suffix = "%" if pct else ""
+    if sp["n"] == 1 or sp["min"] == sp["max"]:
+        return f.format(sp["mean"]) + suffix
+    return f"{f.format(sp['mean'])}{suffix} [{f.format(sp['min'])}, {f.format(sp['max'])}]"
+
+
+def print_table(table: list[dict], title: str = "") -> None:
+    if title:
+        print(f"\n{title}")
+    print(f"{'mode':30s} {'val loss':>24s} {'vs DDP':>26s} {'bytes/step':>11s} {'DDP/mode':>9s} {'reached':>7s} "
+          f"{'speed-up to DDP loss':>22s} {'ceiling':>8s} {'of ceiling':>20s}")
     for row in table:
-        hit = f"{row['emulated_s_to_ddp_final_loss']:.1f} s" if row["emulated_s_to_ddp_final_loss"] else "not reached"
-        sp = f"{row['speedup_to_ddp_final_loss']:.1f}x" if row["speedup_to_ddp_final_loss"] else "-"
-        print(f"{row['mode']:28s} {row['final_val_loss']:9.4f} {row['vs_ddp_pct']:+7.2f}% "
-              f"{row['bytes_per_inner_step']:11.0f} {hit:>12s} {sp:>8s}")
+        print(f"{row['mode']:30s} {_fmt(row['final_val_loss']):>24s} {_fmt(row['vs_ddp_pct'], '{:+.2f}', True):>26s} "
+              f"{row['bytes_per_inner_step']['mean'] if row['bytes_per_inner_step'] else 0:11.0f} "
+              f"{(row['bytes_ratio_ddp_over_mode'] or 0):8.0f}x {row['reached_ddp_final_loss']:>7s} "
+              f"{_fmt(row['speedup_to_ddp_final_loss'], '{:.1f}'):>22s} {_fmt(row['compute_bound_ceiling'], '{:.1f}'):>8s} "
+              f"{_fmt(row['fraction_of_ceiling'], '{:.2f}'):>20s}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--H", type=int, default=40, help="inner steps between syncs")
-    ap.add_argument("--world", type=int, default=4)
-    ap.add_argument("--steps-factor", type=float, default=1.5,
-                    help="non-DDP modes train this many times --steps (to measure time to DDP's final loss); "
-                         "the loss comparison is at --steps")
-    ap.add_argument("--batch", type=int, default=8, help="sequences per replica per step")
-    ap.add_argument("--ctx", type=int, default=32)
-    ap.add_argument("--d", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--eval-batches", type=int, default=6)
-    ap.add_argument("--profile", default="wan")
-    ap.add_argument("--compute-ms", type=float, default=0.0, help="compute time per inner step (0: calibrate)")
-    ap.add_argument("--modes", default="all", help="comma-separated mode names, or all")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "diloco_cpu.json"))
-    ap.add_argument("--retable", default="", help="recompute the table of a saved results JSON and exit")
-    args = ap.parse_args()
-    if args.retable:
-        doc = json.loads(Path(args.retable).read_text())
-        doc["table"] = make_table(doc["runs"])
-        print_table(doc["table"])
-        Path(args.retable).write_text(json.dumps(doc, indent=2) + "\n")
-        return
+def plot(runs: dict, seeds: list[int], links, out_prefix: str, title: str) -> list[str]:
+    """Loss against tokens and against emulated wall-clock, mean over seeds with the range shaded."""
+    try:
+        import matplotlib
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from resilient_train.sync.wan import get_profile
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots")
+        return []
+    modes = list(dict.fromkeys(k.split("@")[0] for k in runs))
+    written = []
+    for axis, label in (("tokens", "tokens (all replicas)"), ("emulated_s", "emulated wall-clock (s)")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name in modes:
+            curves = [emulate(runs[f"{name}@{s}"], links) for s in seeds if f"{name}@{s}" in runs]
+            n = min(len(c) for c in curves)
+            xs = [statistics.fmean(c[i][axis] for c in curves) for i in range(n)]
+            ys = [[c[i]["val_loss"] for c in curves] for i in range(n)]
+            ax.plot(xs, [statistics.fmean(y) for y in ys], label=name)
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.15)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (global weights)")
+        if axis == "emulated_s":
+            ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        path = f"{out_prefix}_loss_vs_{'tokens' if axis == 'tokens' else 'wallclock'}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
 
-    cfg = {"steps": args.steps, "batch": args.batch, "ctx": args.ctx, "d": args.d, "layers": args.layers,
-           "heads": 4, "lr": args.lr, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
-           "profile": args.profile, "corpus_bytes": 4 << 20, "seed": 0, "steps_factor": args.steps_factor}
-    H = args.H
-    modes = {
+
+# ------------------------------------------------------------------ main
+
+PRESETS = {
+    # the first benchmark: a 43k-parameter model, 4 replicas (kept to reproduce diloco_cpu*.json)
+    "small": {"steps": 400, "H": 40, "world": 4, "batch": 8, "ctx": 32, "d": 32, "layers": 2, "heads": 4, "lr": 2e-3,
+              "eval_every": 20, "eval_batches": 6, "modes": "ddp,localsgd,diloco_none,diloco_int8,diloco_int4,"
+              "streaming_int8_K4,streaming_int8_K4_overlap5"},
+    # issue 21's evidence: a 10.9M-parameter GPT (d 384, 6 layers), 2 providers, 3 seeds, torchft side by side
+    "10m": {"steps": 240, "H": 24, "world": 2, "batch": 4, "ctx": 64, "d": 384, "layers": 6, "heads": 6, "lr": 1e-3,
+            "eval_every": 24, "eval_batches": 8, "modes": "ddp,diloco_none,diloco_int8,diloco_int4,streaming_int4_K4,"
+            "diloco_topk,streaming_int4_K4_overlap,torchft_diloco,torchft_streaming_K4_overlap"},
+}
+
+
+def mode_table(H: int, overlap: int) -> dict:
+    return {
         "ddp": {"kind": "ddp"},
         "localsgd": {"kind": "localsgd", "H": H},
         "diloco_none": {"kind": "diloco", "H": H, "codec": "none"},
         "diloco_int8": {"kind": "diloco", "H": H, "codec": "int8"},
         "diloco_int4": {"kind": "diloco", "H": H, "codec": "int4"},
+        "diloco_bf16": {"kind": "diloco", "H": H, "codec": "bf16"},
+        "diloco_topk": {"kind": "diloco", "H": H, "codec": "topk"},
         "streaming_int8_K4": {"kind": "diloco", "H": H, "codec": "int8", "fragments": 4},
         "streaming_int8_K4_overlap5": {"kind": "diloco", "H": H, "codec": "int8", "fragments": 4, "overlap": 5},
-    }
-    extra = {  # not in "all": to separate the effects of streaming, overlap and the mixing factor
+        "streaming_int4_K4": {"kind": "diloco", "H": H, "codec": "int4", "fragments": 4},
+        "streaming_int4_K4_overlap": {"kind": "diloco", "H": H, "codec": "int4", "fragments": 4, "overlap": overlap},
+        "streaming_none_K4_overlap": {"kind": "diloco", "H": H, "codec": "none", "fragments": 4, "overlap": overlap},
+        # not in the presets: to separate the effects of streaming, overlap and the mixing factor
         "diloco_int8_overlap5": {"kind": "diloco", "H": H, "codec": "int8", "overlap": 5},
         "diloco_int8_overlap5_mix1": {"kind": "diloco", "H": H, "codec": "int8", "overlap": 5, "mix": 1.0},
         "streaming_int8_K4_overlap5_mix1": {"kind": "diloco", "H": H, "codec": "int8", "fragments": 4, "overlap": 5,
                                             "mix": 1.0},
+        "torchft_diloco": {"kind": "torchft", "H": H},
+        "torchft_streaming_K4": {"kind": "torchft", "H": H, "fragments": 4},
+        "torchft_streaming_K4_overlap": {"kind": "torchft", "H": H, "fragments": 4, "overlap": overlap},
     }
-    if args.modes != "all":
-        modes = {k: {**modes, **extra}[k] for k in args.modes.split(",")}
+
+
+def parse_links(spec: str, world: int):
+    """``wan`` (every rank on it) or ``slow=wan,wan,...``-style per-rank list ``p0,p1,...``;
+    a name may be ``LAT_ms/BW_Mbit`` (e.g. ``300/10``)."""
+    from resilient_train.sync.wan import LinkProfile, get_profile
+
+    def one(s: str):
+        if "/" in s:
+            lat, bw = s.split("/")
+            return LinkProfile(s, float(lat) / 1e3, float(bw) * 1e6 / 8)
+        return get_profile(s)
+
+    parts = spec.split(",")
+    if len(parts) == 1:
+        return one(parts[0])
+    if len(parts) != world:
+        raise SystemExit(f"--hetero {spec!r}: give one link per rank ({world})")
+    return [one(p) for p in parts]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Every option left unset takes the preset's value.")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (model init and data order); "
+                    "runs are interleaved: every mode for seed 1, then every mode for seed 2, ...")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--H", type=int, help="inner steps between syncs")
+    ap.add_argument("--overlap", type=int, help="overlap steps of the *_overlap modes (default H // 8, >= 1)")
+    ap.add_argument("--world", type=int)
+    ap.add_argument("--steps-factor", type=float, default=1.5,
+                    help="non-DDP modes train this many times --steps (to measure time to DDP's final loss); "
+                         "the loss comparison is at --steps")
+    ap.add_argument("--batch", type=int, help="sequences per replica per step")
+    ap.add_argument("--ctx", type=int)
+    ap.add_argument("--d", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--eval-every", type=int)
+    ap.add_argument("--eval-batches", type=int)
+    ap.add_argument("--profile", default="wan", help="the link of the main table (every rank)")
+    ap.add_argument("--hetero", default="wan,300/10",
+                    help="per-rank links replayed on the same runs for the heterogeneous table (one provider behind "
+                         "a slower link: LAT_ms/BW_Mbit or a profile name per rank)")
+    ap.add_argument("--compute-ms", type=float, default=0.0, help="compute time per inner step (0: calibrate)")
+    ap.add_argument("--modes", default="", help="comma-separated mode names (default: the preset's)")
+    ap.add_argument("--netns", choices=["auto", "yes", "no"], default="auto",
+                    help="torchft modes: run inside `unshare -n` with only loopback up (its lighthouse binds every interface)")
+    ap.add_argument("--out", default="", help="results JSON (default results/diloco_cpu.json, or diloco_<preset>.json)")
+    ap.add_argument("--retable", default="", help="recompute the tables and plots of a saved results JSON and exit")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from common import machine_info, reexec_in_netns
+
+    if args.retable:
+        doc = json.loads(Path(args.retable).read_text())
+        finish(doc, Path(args.retable))
+        return
+    preset = PRESETS[args.preset]
+    pick = lambda k, a: preset[k] if a is None else a  # noqa: E731
+    H = pick("H", args.H)
+    overlap = args.overlap if args.overlap is not None else max(1, H // 8)
+    table_modes = mode_table(H, overlap)
+    names = (args.modes or preset["modes"]).split(",")
+    unknown = [n for n in names if n not in table_modes]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {sorted(table_modes)}")
+    if any(table_modes[n]["kind"] == "torchft" for n in names):
+        rc = reexec_in_netns(args.netns, __file__, sys.argv[1:])
+        if rc is not None:
+            raise SystemExit(rc)
+    cfg = {"steps": pick("steps", args.steps), "batch": pick("batch", args.batch), "ctx": pick("ctx", args.ctx),
+           "d": pick("d", args.d), "layers": pick("layers", args.layers), "heads": pick("heads", args.heads),
+           "lr": pick("lr", args.lr), "eval_every": pick("eval_every", args.eval_every),
+           "eval_batches": pick("eval_batches", args.eval_batches), "profile": args.profile,
+           "corpus_bytes": 4 << 20, "seed": 0, "steps_factor": args.steps_factor}
+    world = pick("world", args.world)
+    seeds = [int(s) for s in args.seeds.split(",")]
     compute_s = args.compute_ms / 1e3 if args.compute_ms > 0 else calibrate(cfg)
     nparams = sum(p.numel() for p in make_model(cfg).parameters())
-    print(f"model: {nparams} parameters; calibrated compute {compute_s * 1e3:.1f} ms/step", flush=True)
-    runs = {}
-    for name, mode in modes.items():
-        t = time.perf_counter()
-        res = launch(args.world, mode, cfg, compute_s, timeout_s=1800)
-        r0 = res[0]
-        at = next(pt for pt in r0["curve"] if pt["step"] == cfg["steps"])  # same tokens as DDP
-        runs[name] = {"mode": mode, "curve": r0["curve"], "bytes_sent_rank0": r0["bytes_sent"],
-                      "steps_run": r0["steps"], "bytes_per_inner_step": r0["bytes_sent"] / r0["steps"],
-                      "blocked_s": r0["blocked_s"], "emulated_s": at["emulated_s"], "final_val_loss": at["val_loss"],
-                      "last_val_loss": r0["curve"][-1]["val_loss"],
-                      "rounds": r0["rounds"], "skipped_rounds": r0["skipped_rounds"],
-                      "wall_s": time.perf_counter() - t}
-        print(f"{name:28s} val {runs[name]['final_val_loss']:.4f}  bytes/step {runs[name]['bytes_per_inner_step']:10.0f}"
-              f"  emulated {runs[name]['emulated_s']:8.1f} s  (wall {runs[name]['wall_s']:.0f} s)", flush=True)
+    print(f"model: {nparams} parameters; {world} replicas; calibrated compute {compute_s * 1e3:.1f} ms/step; "
+          f"seeds {seeds}; modes {names}", flush=True)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        "diloco_cpu.json" if args.preset == "small" else f"diloco_{args.preset}.json")
+    doc = {"benchmark": "bench_diloco", "preset": args.preset, "config": cfg, "H": H, "overlap": overlap,
+           "world": world, "seeds": seeds, "parameters": nparams, "calibrated_compute_s_per_step": compute_s,
+           "modes": {n: table_modes[n] for n in names}, "profile": args.profile, "hetero": args.hetero,
+           "machine": machine_info(), "runs": {}, "order": [],
+           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for seed in seeds:  # interleaved: A B C A B C
+        for name in names:
+            mode = table_modes[name]
+            t = time.perf_counter()
+            res = launch(world, mode, {**cfg, "seed": seed}, compute_s, timeout_s=3600)
+            r0 = res[0]
+            # G with DDP's tokens (torchft's overlap: d steps fewer, its schedule has no such point)
+            at = next(pt for pt in r0["curve"] if pt["step"] == cfg["steps"] + _shift(mode))
+            key = f"{name}@{seed}"
+            doc["runs"][key] = {"mode": mode, "seed": seed, "curve": r0["curve"], "trace": r0["trace"],
+                                "bytes_sent_rank0": r0["bytes_sent"], "steps_run": r0["steps"],
+                                "bytes_per_inner_step": r0["bytes_sent"] / r0["steps"],
+                                "final_val_loss": at["val_loss"], "last_val_loss": r0["curve"][-1]["val_loss"],
+                                "rounds": r0["rounds"], "skipped_rounds": r0["skipped_rounds"],
+                                "wall_s": time.perf_counter() - t}
+            doc["order"].append(key)
+            print(f"{key:36s} val {at['val_loss']:.4f}  bytes/step {doc['runs'][key]['bytes_per_inner_step']:12.0f}"
+                  f"  (wall {doc['runs'][key]['wall_s']:.0f} s)", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, default=_nan_none) + "\n")  # partial results survive an interrupted run
+    finish(doc, out)
 
-    table = make_table(runs)
-    print_table(table)
-    prof = get_profile(cfg["profile"])
-    doc = {"benchmark": "bench_diloco", "config": cfg, "H": H, "world": args.world, "parameters": nparams,
-           "calibrated_compute_s_per_step": compute_s,
-           "link_profile": {"name": prof.name, "latency_s": prof.latency_s,
-                            "bandwidth_bytes_per_s": prof.bandwidth_bytes_per_s},
-           "note": "emulated time = steps x calibrated compute + time blocked on the emulated link (virtual clock); "
-                   "validation loss on held-out stdlib bytes of DDP's model / DiLoCo's global weights G (rank 0)",
-           "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
-                       "platform": platform.platform()},
-           "table": table, "runs": runs, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2, default=lambda o: None if isinstance(o, float) and
-                                         math.isnan(o) else o) + "\n")
-    print("wrote", args.out)
+
+def _nan_none(o):
+    return None
+
+
+def finish(doc: dict, out: Path) -> None:
+    """Tables (main link, heterogeneous links) and plots from the runs; writes ``out``."""
+    for run in doc["runs"].values():  # JSON null -> nan for the ranks that do not evaluate
+        for pt in run["curve"]:
+            if pt["val_loss"] is None:
+                pt["val_loss"] = float("nan")
+    seeds, steps, compute_s = doc["seeds"], doc["config"]["steps"], doc["calibrated_compute_s_per_step"]
+    links = parse_links(doc["profile"], doc["world"])
+    doc["table"] = make_table(doc["runs"], seeds, links, steps, compute_s)
+    print_table(doc["table"], f"link {doc['profile']} for every replica")
+    if doc.get("hetero") and doc["world"] > 1:
+        hetero = parse_links(doc["hetero"], doc["world"])
+        doc["table_hetero"] = make_table(doc["runs"], seeds, hetero, steps, compute_s)
+        print_table(doc["table_hetero"], f"one provider behind a slower link: {doc['hetero']}")
+    prefix = str(out.with_suffix(""))
+    doc["plots"] = [os.path.relpath(p, out.parent.parent.parent) for p in
+                    plot(doc["runs"], seeds, links, prefix, f"{doc['parameters'] / 1e6:.1f}M-param GPT, "
+                         f"{doc['world']} replicas, H={doc['H']}, link {doc['profile']}; mean of seeds {seeds}, range shaded")]
+    doc["note"] = ("emulated time = inner steps x calibrated compute + time blocked on the emulated link, replayed from "
+                   "each run's exchange trace (resilient_train.sync.wan.replay; nothing sleeps); validation loss of "
+                   "DDP's model / the global weights G on held-out stdlib bytes (rank 0); each seed is compared with "
+                   "its own DDP run; ranges are [min, max] over seeds")
+    out.write_text(json.dumps(doc, default=_nan_none) + "\n")
+    print("wrote", out, *doc["plots"])
 
 
 if __name__ == "__main__":

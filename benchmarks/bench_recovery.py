@@ -729,13 +729,11 @@ def main(argv: list[str] | None = None) -> int:
             res = json.load(f)
         print(markdown_table(res["summary"], res["setup"]["params"]))
         return 0
-    if args.netns != "no" and not os.environ.get("RT_BENCH_IN_NETNS") and (args.netns == "yes" or os.geteuid() == 0):
-        if shutil.which("unshare") and shutil.which("ip"):
-            env = dict(os.environ, RT_BENCH_IN_NETNS="1")
-            cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, os.path.abspath(__file__), *argv]
-            return subprocess.call(cmd, env=env)
-        if args.netns == "yes":
-            raise SystemExit("--netns yes needs unshare and ip (util-linux, iproute2)")
+    from common import reexec_in_netns
+
+    rc = reexec_in_netns(args.netns, __file__, argv)
+    if rc is not None:
+        return rc
     if any(m.startswith("torchft") for m in args.methods):
         try:
             import numpy  # noqa: F401  (torchft's state transfer needs it)

@@ -105,3 +105,23 @@ def import_baseline(commit: str) -> Any:
     sys.modules["rt_before"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def reexec_in_netns(mode: str, script: str, argv: list[str]) -> int | None:
+    """Re-run ``script argv`` inside ``unshare -n`` with only the loopback up, for benchmarks that
+    start torchft's servers (they bind every interface). ``mode``: "yes", "no" or "auto" (when
+    running as root). Returns the child's exit code, or None when the caller should go on here
+    (already inside, not wanted, or not possible under "auto")."""
+    import shutil
+    import subprocess
+    import sys
+
+    if mode == "no" or os.environ.get("RT_BENCH_IN_NETNS") or (mode == "auto" and os.geteuid() != 0):
+        return None
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        if mode == "yes":
+            raise SystemExit("--netns yes needs unshare and ip (util-linux, iproute2)")
+        return None
+    env = dict(os.environ, RT_BENCH_IN_NETNS="1")
+    cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, os.path.abspath(script), *argv]
+    return subprocess.call(cmd, env=env)

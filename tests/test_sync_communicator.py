@@ -7,7 +7,7 @@ import torch
 
 from resilient_train.compression import get_codec
 from resilient_train.errors import ConfigError, PayloadMismatchError
-from resilient_train.sync import (PROFILES, Communicator, LinkProfile, VirtualClock, WanEmulator, allreduce_encoded,
+from resilient_train.sync import (PROFILES, Communicator, LinkProfile, VirtualClock, WanEmulator, allreduce_encoded, replay,
                                   allreduce_mean, get_profile)
 from resilient_train.sync.threads import run_thread_ranks
 
@@ -117,6 +117,34 @@ def test_wan_emulator_virtual_clock_charges_latency_plus_bytes_over_bandwidth():
     assert clock.now_s == pytest.approx(1.7 + 0.4)
     h1.wait()
     assert wan.bytes_sent == 400 + 100 + 100 + 200
+
+
+def test_wan_trace_replays_to_the_same_time_and_to_slower_links():
+    """A traced run replayed on its own link gives the emulator's own clock (evaluation marks
+    included); on one slower link per rank the slowest link sets every exchange's time."""
+    clock, trace = VirtualClock(), []
+    link = LinkProfile("test", latency_s=0.1, bandwidth_bytes_per_s=1000.0)
+    wan = WanEmulator(_FakeComm(), link, clock=clock, trace=trace)
+    marks, seen = [], []
+    for step in range(6):
+        clock.advance(0.25)
+        if step % 2 == 0:
+            h = wan.allreduce_sum(torch.zeros(25))  # 100 bytes: 0.2 s on the link
+        if step % 2 == 1:
+            h.wait()  # overlapped by one step's compute (0.25 s): never late on this link
+        if step == 3:
+            wan.allgather(torch.zeros(100)).wait()  # 400 bytes: 0.5 s, blocking
+        marks.append(wan.compute_s)
+        seen.append(clock.now_s)
+    assert [e["ev"] for e in trace].count("start") == 4
+    same = replay(trace, link, at_compute_s=marks)
+    assert same["total_s"] == pytest.approx(clock.now_s) and same["blocked_s"] == pytest.approx(wan.blocked_s)
+    assert same["at"] == pytest.approx(seen)
+    # one rank behind a 10x slower link: 100 bytes now take 0.1 + 1.0 s, past the overlap
+    slow = replay(trace, [link, LinkProfile("slow", 0.1, 100.0)])
+    assert slow["total_s"] == pytest.approx(6 * 0.25 + 3 * (1.1 - 0.25) + 4.1)
+    with pytest.raises(ConfigError, match="virtual clock"):
+        WanEmulator(_FakeComm(), link, trace=[])
 
 
 def test_wan_emulator_real_clock_sleeps_the_remaining_delay():

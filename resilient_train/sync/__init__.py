@@ -9,8 +9,8 @@ from __future__ import annotations
 from .communicator import (DEFAULT_TIMEOUT, Communicator, Handle, ProcessGroupCommunicator, allreduce_encoded,
                            allreduce_mean)
 from .diloco import DiLoCo, LocalSGD, default_outer_optimizer
-from .wan import PROFILES, LinkProfile, VirtualClock, WanEmulator, get_profile
+from .wan import PROFILES, LinkProfile, VirtualClock, WanEmulator, get_profile, replay
 
 __all__ = ["Communicator", "Handle", "ProcessGroupCommunicator", "allreduce_mean", "allreduce_encoded",
            "DEFAULT_TIMEOUT", "DiLoCo", "LocalSGD", "default_outer_optimizer", "WanEmulator", "LinkProfile",
-           "PROFILES", "VirtualClock", "get_profile"]
+           "PROFILES", "VirtualClock", "get_profile", "replay"]

@@ -15,6 +15,13 @@ Two clocks:
   ``clock.advance(compute_s)`` for its compute, and ``wait()`` moves the clock forward to
   the completion time when it is later. ``clock.now_s`` is then the emulated wall time;
   async exchanges overlap with the compute advanced between start and wait.
+
+Tracing: with ``trace=[]`` the emulator appends one event per exchange start and per wait,
+each stamped with the *compute* time so far (the virtual clock less the time blocked), so
+:func:`replay` can recompute the emulated wall time of the same run under any other link,
+including one slower link per rank (the collective completes when its slowest link delivers).
+The training maths never depends on the link (nothing is dropped by a deadline here), so a
+replayed time is what the run would have taken on that link.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 from ..errors import ConfigError
 from .communicator import DEFAULT_TIMEOUT, Communicator, Handle
 
-__all__ = ["LinkProfile", "PROFILES", "get_profile", "VirtualClock", "WanEmulator"]
+__all__ = ["LinkProfile", "PROFILES", "get_profile", "VirtualClock", "WanEmulator", "replay"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,13 @@ class WanEmulator:
     emulated link allows. ``blocked_s`` sums the time waits were held back by the link."""
 
     def __init__(self, inner: Communicator, profile: str | LinkProfile = "wan", clock: VirtualClock | None = None,
-                 sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic):
+                 sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic,
+                 trace: list[dict] | None = None):
+        if trace is not None and clock is None:
+            raise ConfigError("a trace needs the virtual clock (clock=VirtualClock()): its events are stamped "
+                              "with compute time")
+        self.trace = trace
+        self._next_id = 0
         self.inner = inner
         self.profile = get_profile(profile)
         self.clock = clock
@@ -105,6 +118,11 @@ class WanEmulator:
     def bytes_sent(self) -> int:
         return self.inner.bytes_sent
 
+    @property
+    def compute_s(self) -> float:
+        """With the virtual clock: the emulated time spent computing (clock less time blocked)."""
+        return self._now() - self.blocked_s if self.clock is not None else float("nan")
+
     def _now(self) -> float:
         return self.clock.now_s if self.clock is not None else self._monotonic()
 
@@ -116,9 +134,15 @@ class WanEmulator:
             begin = max(self._now(), self._link_free_s)
             ready = begin + self.profile.delay_s(nbytes)
             self._link_free_s = ready
+            xid = self._next_id
+            self._next_id += 1
+            if self.trace is not None:
+                self.trace.append({"ev": "start", "id": xid, "compute_s": self.compute_s, "bytes": nbytes})
 
         def wait(timeout: timedelta = DEFAULT_TIMEOUT):
             result = handle.wait(timeout)
+            if self.trace is not None:
+                self.trace.append({"ev": "wait", "id": xid, "compute_s": self.compute_s})
             late = ready - self._now()
             if late > 0:
                 self.blocked_s += late
@@ -135,3 +159,39 @@ class WanEmulator:
 
     def allgather(self, buf: torch.Tensor) -> Handle:
         return self._wrap(lambda: self.inner.allgather(buf))
+
+
+def replay(trace: list[dict], links: LinkProfile | str | list[LinkProfile | str],
+           at_compute_s: list[float] | None = None) -> dict:
+    """Recompute a traced run's emulated wall time on other links (pure; see the module doc).
+
+    ``links``: one profile for every rank, or one per rank: an exchange then takes
+    ``max_r(latency_r + bytes / bandwidth_r)`` (it completes when its slowest link delivers; every
+    rank sends the same bytes). Exchanges queue behind each other on the link, as in
+    :class:`WanEmulator`. Returns ``{"total_s", "blocked_s", "at": [...]}`` where ``at`` maps each
+    of ``at_compute_s`` (compute-time stamps, e.g. of evaluation points, in order) to the
+    emulated wall time at that point."""
+    profs = [get_profile(p) for p in (links if isinstance(links, list) else [links])]
+    if not profs:
+        raise ConfigError("replay needs at least one link profile")
+    marks = sorted(at_compute_s or [])
+    out_at: list[float] = []
+    ready: dict[int, float] = {}
+    link_free = float("-inf")
+    blocked = 0.0
+    compute = 0.0
+    for ev in trace:
+        while marks and marks[0] < ev["compute_s"]:  # a mark at an event's time comes after it
+            out_at.append(marks.pop(0) + blocked)
+        compute = ev["compute_s"]
+        now = compute + blocked
+        if ev["ev"] == "start":
+            begin = max(now, link_free)
+            ready[ev["id"]] = begin + max(p.delay_s(ev["bytes"]) for p in profs)
+            link_free = ready[ev["id"]]
+        else:
+            late = ready.pop(ev["id"]) - now
+            if late > 0:
+                blocked += late
+    out_at.extend(m + blocked for m in marks)
+    return {"total_s": compute + blocked, "blocked_s": blocked, "at": out_at}
