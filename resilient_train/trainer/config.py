@@ -177,7 +177,14 @@ class TrainerConfig:
                     raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
         if self.sync.mode != "ddp":
             if self.every_n_steps % self.sync.sync_every:
-                raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
+                sc = self.sync
+                where = (f"step k * sync_every: the last of the {sc.fragments} fragments launches its sync there, the others "
+                         "synced earlier in the period" if sc.fragments > 1 else "step k * sync_every: a sync step")
+                if sc.overlap_steps:
+                    where += f"; with overlap_steps = {sc.overlap_steps} that round is in flight and the checkpoint waits for its result and holds it"
+                raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({sc.sync_every}) so that every "
+                                  f"checkpoint falls at the end of a sync period ({where}), the steps where resume is tested bit for bit (docs/sync.md, "
+                                  f"'Checkpoint steps'); e.g. every_n_steps = {sc.sync_every * max(1, round(self.every_n_steps / sc.sync_every))}")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s must be positive")
         for label in ("max_uncommitted_steps", "max_checkpoint_failures"):
