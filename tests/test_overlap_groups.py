@@ -114,9 +114,9 @@ def test_joiner_under_overlap_takes_the_global_state(tmp_path):
 
 @pytest.mark.faults
 @pytest.mark.parametrize("schedule,layout", [("K1-d2", {}), ("K2-d1", {"ranks": 2}), ("K1-d2", {"ranks": 2, "fsdp": True}),
-                                             ("K2-d1", {"codec": "int4"}), ("K2-d1", {"codec": "topk"}), ("K2-d1", VARIANTS["none"]),
+                                             ("K2-d1", {"codec": "int4"}), ("K2-d1", {"codec": "topk"}), ("K2-d1", {"codec": "bf16"}), ("K2-d1", VARIANTS["none"]),
                                              ("K2-d1", VARIANTS["localsgd"]), ("K2-d1", {"codec": "topk", "ranks": 2, "fsdp": True})],
-                         ids=["K1-d2", "K2-d1-ddp-2-ranks", "K1-d2-fsdp2-2-ranks", "K2-d1-int4", "K2-d1-topk", "K2-d1-none",
+                         ids=["K1-d2", "K2-d1-ddp-2-ranks", "K1-d2-fsdp2-2-ranks", "K2-d1-int4", "K2-d1-topk", "K2-d1-bf16", "K2-d1-none",
                               "K2-d1-localsgd", "K2-d1-topk-fsdp2-2-ranks"])
 def test_whole_job_killed_and_relaunched_under_overlap_resumes_bit_for_bit(tmp_path, schedule, layout):
     """Checkpoints at 8 and 16 fall on a launch step (the round launched there is in flight:
@@ -131,6 +131,7 @@ def test_whole_job_killed_and_relaunched_under_overlap_resumes_bit_for_bit(tmp_p
 @pytest.mark.parametrize("layout", [pytest.param({}, id="1-rank"),
                                     pytest.param({"codec": "none"}, id="1-rank-none", marks=pytest.mark.faults),
                                     pytest.param({"mode": "localsgd", "codec": "none"}, id="1-rank-localsgd", marks=pytest.mark.faults),
+                                    pytest.param({"ranks": 2}, id="ddp-2-ranks", marks=pytest.mark.faults),
                                     pytest.param({"ranks": 2, "fsdp": True}, id="fsdp2-2-ranks", marks=pytest.mark.faults)])
 def test_a_vetoed_round_under_overlap_is_skipped_by_every_group(tmp_path, layout):
     """b's pseudo-gradient of the round launched at step 10 (fragment 0) is not finite (FSDP2:

@@ -81,6 +81,7 @@ RESUME_CASES = [pytest.param(layout, codec, id=layout if codec == "int8" else f"
                              marks=[] if layout == "1-rank" and codec in ("int8", "int4", "topk") else [pytest.mark.faults])
                 for layout in LAYOUTS for codec in RESUME_CODECS
                 if codec == "int8" or layout == "1-rank" or (layout == "fsdp2-2-ranks" and codec in ("int4", "topk"))]
+RESUME_CASES.append(pytest.param("1-rank", "localsgd", id="1-rank-localsgd", marks=pytest.mark.faults))  # parameter averaging
 
 
 @pytest.mark.parametrize("layout,codec", RESUME_CASES)
@@ -93,5 +94,7 @@ def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, layout, c
     every rank. ``ddp-2-ranks``: DDP inside each group, the leader exchanges; ``fsdp2-2-ranks``:
     the model sharded over each group's 2 ranks, every rank exchanges its pieces (lanes). Each
     codec: int8/int4 (blockwise, the residual is the rounding), topk (1% kept: the residual
-    holds almost all of the pseudo-gradient), bf16, none (an all-reduce, no residual)."""
-    h.check_resume_bit_for_bit(replace(BASE, codec=codec, **LAYOUTS[layout]), tmp_path)
+    holds almost all of the pseudo-gradient), bf16, none (an all-reduce, no residual); and local
+    SGD (``mode="localsgd"``: parameter averaging, no codec)."""
+    mode = {"mode": "localsgd", "codec": "none"} if codec == "localsgd" else {"codec": codec}
+    h.check_resume_bit_for_bit(replace(BASE, **mode, **LAYOUTS[layout]), tmp_path)
