@@ -135,24 +135,29 @@ def check_kill_equals_leave(base: sw.Case, kill: str, leave: str, tmp_path, *, s
 
 
 def check_resume_bit_for_bit(base: sw.Case, tmp_path, *, also: Callable[[str], None] = lambda run_dir: None) -> None:
-    """The uninterrupted run against the whole job held at step 21 and SIGKILLed (checkpoints at
-    8 and 16), b's step-16 checkpoint removed (a kill between a's and b's commits), relaunched:
-    the groups agree on step 8 (a and c go back to it) and the relaunched job ends equal to the
-    uninterrupted one, bit for bit, in every group and on every rank; the ranks of a group hold
-    one model; the groups' local weights differ. ``also(run_dir)``: the caller's own checks."""
+    """The uninterrupted run against the whole job held at step 21 and SIGKILLed (checkpoints
+    every ``base.every`` steps: at 8 and 16 by default), b's newest checkpoint removed (a kill
+    between a's and b's commits), relaunched: the groups agree on the one before (8; a and c
+    go back to it) and the relaunched job ends equal to the uninterrupted one, bit for bit, in
+    every group and on every rank; the ranks of a group hold one model; the groups' local
+    weights differ. ``also(run_dir)``: the caller's own checks."""
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     ranks = everyone(base)
+    held = 21
+    newest = held // base.every * base.every
+    before = newest - base.every
+    assert before > 0, "the case needs two checkpoints before step 21"
     assert run(base, ref) == dict.fromkeys(ranks, 0)
-    codes = run(replace(base, fault="hold", stop_step=21), run_dir, hold_until_killed=True)
+    codes = run(replace(base, fault="hold", stop_step=held), run_dir, hold_until_killed=True)
     assert set(codes.values()) == {-signal.SIGKILL}, codes
-    b16 = run_dir / "ckpt" / "group-b" / "step-0000000016"
-    assert (b16 / "manifest.json").exists()
-    shutil.rmtree(b16)
+    b_newest = run_dir / "ckpt" / "group-b" / f"step-{newest:010d}"
+    assert (b_newest / "manifest.json").exists()
+    shutil.rmtree(b_newest)
     for me in ranks:
         os.remove(run_dir / f"w-{me}.jsonl")
     assert run(base, run_dir) == dict.fromkeys(ranks, 0)
     agreed = [e for e in read_rt(str(run_dir), "a") if e["event"] == "restart_point"]
-    assert agreed and agreed[-1]["agreed"] == 8 and agreed[-1]["loaded"] == {"a": 16, "b": 8, "c": 16}, agreed
+    assert agreed and agreed[-1]["agreed"] == before and agreed[-1]["loaded"] == {"a": newest, "b": before, "c": newest}, agreed
     for me in ranks:
         assert same(final(ref, me), final(run_dir, me)), f"{me} differs from the uninterrupted run"
     for g in base.groups:  # the ranks of a group hold one model (DDP: the same local weights)

@@ -112,19 +112,29 @@ def test_joiner_under_overlap_takes_the_global_state(tmp_path):
         assert torch.equal(finals["a"]["global"], finals[g]["global"]), f"{g}'s global state differs from a's"
 
 
-@pytest.mark.faults
-@pytest.mark.parametrize("schedule,layout", [("K1-d2", {}), ("K2-d1", {"ranks": 2}), ("K1-d2", {"ranks": 2, "fsdp": True}),
-                                             ("K2-d1", {"codec": "int4"}), ("K2-d1", {"codec": "topk"}), ("K2-d1", {"codec": "bf16"}), ("K2-d1", VARIANTS["none"]),
-                                             ("K2-d1", VARIANTS["localsgd"]), ("K2-d1", {"codec": "topk", "ranks": 2, "fsdp": True})],
-                         ids=["K1-d2", "K2-d1-ddp-2-ranks", "K1-d2-fsdp2-2-ranks", "K2-d1-int4", "K2-d1-topk", "K2-d1-bf16", "K2-d1-none",
-                              "K2-d1-localsgd", "K2-d1-topk-fsdp2-2-ranks"])
-def test_whole_job_killed_and_relaunched_under_overlap_resumes_bit_for_bit(tmp_path, schedule, layout):
+# every-N: checkpoints every N steps, off the sync period (with group= TrainerConfig accepts any
+# interval); the step resumed from is the one before the newest (21 // N * N - N): K = 1, d = 2,
+# every 9: 9, inside the round launched at 8 (in flight, applied at 10); K = 2, d = 1, every 5:
+# 15, the apply step of the round launched at 14; every 7: 14, fragment 0's launch in the middle
+# of a period (in flight)
+RESUME = {"K1-d2": ("K1-d2", {}), "K2-d1-ddp-2-ranks": ("K2-d1", {"ranks": 2}), "K1-d2-fsdp2-2-ranks": ("K1-d2", {"ranks": 2, "fsdp": True}),
+          "K2-d1-int4": ("K2-d1", {"codec": "int4"}), "K2-d1-topk": ("K2-d1", {"codec": "topk"}), "K2-d1-bf16": ("K2-d1", {"codec": "bf16"}),
+          "K2-d1-none": ("K2-d1", VARIANTS["none"]), "K2-d1-localsgd": ("K2-d1", VARIANTS["localsgd"]),
+          "K2-d1-topk-fsdp2-2-ranks": ("K2-d1", {"codec": "topk", "ranks": 2, "fsdp": True}),
+          "K1-d2-every-9": ("K1-d2", {"every": 9}), "K2-d1-every-5": ("K2-d1", {"every": 5}), "K2-d1-int4-every-7": ("K2-d1", {"codec": "int4", "every": 7}),
+          "K2-d1-ddp-2-ranks-every-7": ("K2-d1", {"ranks": 2, "every": 7}), "K1-d2-fsdp2-2-ranks-every-9": ("K1-d2", {"ranks": 2, "fsdp": True, "every": 9})}
+
+
+@pytest.mark.parametrize("name", [pytest.param(k, marks=[] if k == "K1-d2-every-9" else [pytest.mark.faults]) for k in RESUME])
+def test_whole_job_killed_and_relaunched_under_overlap_resumes_bit_for_bit(tmp_path, name):
     """Checkpoints at 8 and 16 fall on a launch step (the round launched there is in flight:
     the checkpoint waits for its result and saves it, the resumed run applies it at 8 + d).
     Every group holds at 21 and is killed; b's step-16 checkpoint is removed; the groups agree
     on 8 and the relaunched job ends equal to the uninterrupted one in every group and rank.
     Every codec (each fragment's residual and the one saved at the launch of the round in
-    flight, ``pending.saved_residual``, both in the checkpoint) and local SGD."""
+    flight, ``pending.saved_residual``, both in the checkpoint) and local SGD; ``every-N``:
+    checkpoints every N steps instead (the newest before 21 removed from b)."""
+    schedule, layout = RESUME[name]
     h.check_resume_bit_for_bit(replace(SCHEDULES[schedule], **layout), tmp_path)
 
 

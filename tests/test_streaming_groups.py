@@ -77,15 +77,23 @@ def test_joiner_takes_every_fragments_global_state(tmp_path):
 # `make test-faults`. DDP groups encode on the leader alone, as a 1-rank group does;
 # FSDP2 groups encode per piece on every rank (int4 and topk: each rank's own residual pieces)
 RESUME_CODECS = ("int8", "int4", "topk", "bf16", "none")
-RESUME_CASES = [pytest.param(layout, codec, id=layout if codec == "int8" else f"{layout}-{codec}",
+RESUME_CASES = [pytest.param({**LAYOUTS[layout], "codec": codec}, id=layout if codec == "int8" else f"{layout}-{codec}",
                              marks=[] if layout == "1-rank" and codec in ("int8", "int4", "topk") else [pytest.mark.faults])
                 for layout in LAYOUTS for codec in RESUME_CODECS
                 if codec == "int8" or layout == "1-rank" or (layout == "fsdp2-2-ranks" and codec in ("int4", "topk"))]
-RESUME_CASES.append(pytest.param("1-rank", "localsgd", id="1-rank-localsgd", marks=pytest.mark.faults))  # parameter averaging
+RESUME_CASES += [
+    pytest.param({"mode": "localsgd", "codec": "none"}, id="1-rank-localsgd", marks=pytest.mark.faults),  # parameter averaging
+    # with group= checkpoints need not fall at the end of a sync period (TrainerConfig accepts
+    # any every_n_steps); the step resumed from (the one before the newest, 21 // N * N - N):
+    # every 5: 15, between two syncs; every 7: 14, fragment 0's sync in the middle of a period
+    pytest.param({"every": 5}, id="1-rank-every-5", marks=pytest.mark.faults),
+    pytest.param({"every": 7, "codec": "int4"}, id="1-rank-int4-every-7", marks=pytest.mark.faults),
+    pytest.param({"every": 5, "codec": "topk", "ranks": 2, "fsdp": True}, id="fsdp2-2-ranks-topk-every-5", marks=pytest.mark.faults),
+]
 
 
-@pytest.mark.parametrize("layout,codec", RESUME_CASES)
-def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, layout, codec):
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, case):
     """Checkpoints at steps 8 and 16 (fragment 1 just synced, fragment 0 two local steps past
     its sync: every group's local weights differ from the global ones and from each other's).
     Every group holds at step 21 and is killed; b's step-16 checkpoint is removed (a kill
@@ -95,6 +103,6 @@ def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, layout, c
     the model sharded over each group's 2 ranks, every rank exchanges its pieces (lanes). Each
     codec: int8/int4 (blockwise, the residual is the rounding), topk (1% kept: the residual
     holds almost all of the pseudo-gradient), bf16, none (an all-reduce, no residual); and local
-    SGD (``mode="localsgd"``: parameter averaging, no codec)."""
-    mode = {"mode": "localsgd", "codec": "none"} if codec == "localsgd" else {"codec": codec}
-    h.check_resume_bit_for_bit(replace(BASE, **mode, **LAYOUTS[layout]), tmp_path)
+    SGD (``mode="localsgd"``: parameter averaging, no codec). ``every-N``: checkpoints every N
+    steps, off the sync period (the newest before 21 removed from b, the one before agreed)."""
+    h.check_resume_bit_for_bit(replace(BASE, **case), tmp_path)

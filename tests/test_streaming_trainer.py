@@ -92,7 +92,9 @@ def test_the_ranks_of_a_sharded_model_split_it_into_the_same_fragments():
 
 def test_config_accepts_fragments_and_overlap_with_groups_and_refuses_overlapping_rounds():
     """With group= one round runs at a time: overlap_steps must stay below sync_every // fragments.
-    A checkpoint interval off the sync period is refused with where checkpoints fall instead."""
+    Without group= a checkpoint interval off the sync period is refused with where checkpoints
+    fall instead; with group= it is accepted (resume tested there: tests/test_streaming_groups.py,
+    tests/test_overlap_groups.py, ``every`` cases)."""
     import resilient_train as rt
     from resilient_train import errors
 
@@ -104,10 +106,13 @@ def test_config_accepts_fragments_and_overlap_with_groups_and_refuses_overlappin
         assert rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=k, overlap_steps=d), **groups)
     with pytest.raises(errors.ConfigError, match=r"overlap_steps \(2\) must be smaller than .* = 2.*docs/sync.md"):
         rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=2), **groups)
-    # checkpoints at the end of a sync period, where only the last fragment syncs: the message says so
+    # without group=, checkpoints at the end of a sync period, where only the last fragment
+    # syncs: the message says so; with group= any interval (resume tested off the period)
     with pytest.raises(errors.ConfigError, match=r"every_n_steps \(6\) must be a multiple of sync.sync_every \(4\).*"
                                                  r"the last of the 2 fragments launches its sync there, the others synced earlier.*"
-                                                 r"overlap_steps = 1 that round is in flight.*e\.g\. every_n_steps = 8"):
-        rt.TrainerConfig(checkpoint="x", every_n_steps=6, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1), **groups)
+                                                 r"overlap_steps = 1 that round is in flight.*without group=.*e\.g\. every_n_steps = 8"):
+        rt.TrainerConfig(checkpoint="x", every_n_steps=6, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1))
+    for every in (1, 5, 6, 7):
+        assert rt.TrainerConfig(checkpoint="x", every_n_steps=every, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1), **groups)
     # without group= the engine keeps several rounds in flight, as before
     assert rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=3))
