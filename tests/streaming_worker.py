@@ -1,6 +1,7 @@
-"""One provider of the streaming-with-groups tests (tests/test_streaming_groups.py): a real
+"""One provider of the streaming-with-groups tests (tests/test_streaming_groups.py,
+tests/test_overlap_groups.py; launched by tests/streaming_harness.py): a real
 ``rt.wrap(group=..., membership=tcp://...)`` trainer with DiLoCo split into ``fragments``
-(streaming), in its own process (one rank per provider, no torchrun), AdamW inside, checkpoints
+(streaming), one process per rank (no torchrun), AdamW inside, checkpoints
 in its group's own folder.
 
 What a worker does at a chosen point (``Case.fault``, for the group ``Case.victim``; the round
@@ -13,7 +14,11 @@ counter is the engine's, so with K fragments and ``sync_every`` H, round r is at
 * ``leave-after``: ``trainer.close()`` right after round ``fault_round`` and its vote (the
   clean-leave reference of ``kill-vote``);
 * ``hold``: every group stops training at ``stop_step`` and waits to be killed (a whole job
-  killed between checkpoints; the relaunch resumes from the groups' own checkpoints).
+  killed between checkpoints; the relaunch resumes from the groups' own checkpoints);
+* ``nan``: the pseudo-gradient of round ``fault_round`` is not finite on the victim (one
+  element of the fragment's first parameter is NaN while the round launches, on rank 0, which
+  holds that element with FSDP2 too; on every rank of a DDP group, whose ranks hold one
+  model); the weights are put back right after the launch, so only the round sees it.
 
 With ``overlap`` = d > 0 a round launched at step t runs in the background (its exchange on a
 thread of its own) and is applied at t + d, where its vote follows: ``kill-exchange`` then
@@ -24,7 +29,8 @@ step when it started, whether it ran on the training thread).
 
 Batches are a function of (step, group), so a resumed or joining group follows the step.
 Every worker appends JSON lines to ``<out>/w-<group>.jsonl`` (tests/failure_worker.py's log)
-and at the end writes ``<out>/final-<group>.safetensors``: its local weights (``model.*``), each
+Each ``step`` line carries ``global``: a CRC32 of the rank's global state (every fragment's
+global weights and outer momentum) after the step. At the end it writes ``<out>/final-<group>.safetensors``: its local weights (``model.*``), each
 fragment's global weights and outer momentum (``global``, :meth:`DiLoCo.global_flat`), and its
 step.
 """
@@ -35,6 +41,7 @@ import json
 import os
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,7 +57,7 @@ torch.set_num_threads(1)
 class Case:
     groups: tuple[str, ...] = ("a", "b", "c")
     victim: str = "b"
-    fault: str = "none"  # none | kill-exchange | kill-vote | leave-before | leave-after | hold
+    fault: str = "none"  # none | kill-exchange | kill-vote | leave-before | leave-after | hold | nan
     codec: str = "int8"
     mode: str = "diloco"
     sync_every: int = 4
@@ -105,10 +112,23 @@ def _whole(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def _crc(sync) -> int:
+    """CRC32 of the global weights and outer momentum (not of a round in flight, whose result
+    may or may not be known yet when the step ends)."""
+    tensors = sync.global_state_dict(copy=False)["tensors"]
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        crc = zlib.crc32((t.to_local() if hasattr(t, "to_local") else t).detach().contiguous().numpy().tobytes(), crc)
+    return crc
+
+
 def run(group: str, membership: str, out: str, case_json: str, joiner: bool = False, rank: int = 0, master_port: int = 0) -> None:
     case = Case.load(case_json)
     if case.ranks > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        # the rendezvous store is the test process's (tests/streaming_harness.py), as torchrun's agent's is
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                          TORCHELASTIC_USE_AGENT_STORE="True")
     me = group if rank == 0 else f"{group}.{rank}"
     log = _LockedLog(os.path.join(out, f"w-{me}.jsonl"))
     log("up", pid=os.getpid())
@@ -144,6 +164,24 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
             return after()
 
         cross.after_round = after_round
+    if victim and case.fault == "nan" and (rank == 0 or not case.fsdp):
+        launch = trainer.sync._launch
+
+        def poisoned(frag, t):
+            if t != round_step:
+                return launch(frag, t)
+            piece = frag.params[0].to_local() if hasattr(frag.params[0], "to_local") else frag.params[0]
+            keep = piece.detach().clone()
+            with torch.no_grad():
+                piece.view(-1)[0] = float("nan")
+            log("fault", at="nan", step=t, fragment=frag.index)
+            try:
+                return launch(frag, t)
+            finally:
+                with torch.no_grad():
+                    piece.copy_(keep)
+
+        trainer.sync._launch = poisoned
     # with a joiner, everyone trains one more period after the founders' view holds it
     stop = max(case.stop_step, trainer.step_count + case.sync_every) if joiner else case.stop_step
     while True:
@@ -166,7 +204,8 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
         opt.zero_grad()
         loss.backward()
         trainer.step()
-        log("step", i=step, after=trainer.step_count, members=list(cross.view.members), rounds=trainer.sync.rounds)
+        log("step", i=step, after=trainer.step_count, members=list(cross.view.members), rounds=trainer.sync.rounds,
+            **{"global": _crc(trainer.sync)})
     tensors = {f"model.{k}": v for k, v in _whole(model).items()}  # an FSDP2 model's pieces gathered (collective)
     tensors["global"] = trainer.sync.global_flat().clone()  # this rank's pieces with FSDP2
     tensors["step"] = torch.tensor([trainer.step_count])

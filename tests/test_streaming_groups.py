@@ -11,22 +11,20 @@ and K = 2 fragments: fragment 0 syncs at steps 2, 6, 10, ..., fragment 1 at 4, 8
 * a joiner takes every fragment's global state and trains in step with the others;
 * the whole job killed between checkpoints and relaunched, one group's newest checkpoint
   missing, equals the uninterrupted run bit for bit: local weights, inner optimizer and
-  residuals from each group's own checkpoint, global state alike in all of them.
+  residuals from each group's own checkpoint, global state alike in all of them; with every
+  codec the config accepts (int8, int4, topk, bf16, none).
+
+The launching and the checks shared with tests/test_overlap_groups.py: tests/streaming_harness.py.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import shutil
-import signal
-import time
 from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests import streaming_harness as h
 from tests import streaming_worker as sw
 from tests.failure_worker import read_rt
 
@@ -37,89 +35,14 @@ LAYOUTS = {"1-rank": {}, "ddp-2-ranks": {"ranks": 2}, "fsdp2-2-ranks": {"ranks":
 KILL_LAYOUTS = {**LAYOUTS, "1-rank-allreduce": {"codec": "none"}}  # codec none: the round is an all-reduce
 
 
-def _run(case: sw.Case, out, *, hold_until_killed: bool = False) -> dict[str, int | None]:
-    """Run ``case``'s providers (and its joiner) to the end; their exit codes. With
-    ``hold_until_killed`` every provider is SIGKILLed once all of them hold at ``stop_step``."""
-    from resilient_train.membership import TCPKVStore
-
-    os.makedirs(out, exist_ok=True)
-    kv = TCPKVStore.host(0)  # the membership store lives in the test process, never killed
-    url = f"tcp://127.0.0.1:{kv.port}"
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.streaming_worker"])
-    procs: dict[str, mp.Process] = {}
-
-    def launch(g: str, joiner: bool = False) -> None:
-        port = _free_port()
-        for r in range(case.ranks):
-            me = g if r == 0 else f"{g}.{r}"
-            procs[me] = ctx.Process(target=sw.run, args=(g, url, str(out), case.dump(), joiner, r, port), daemon=True)
-            procs[me].start()
-
-    def wait_for(pred, what: str) -> None:
-        while not all(pred(g) for g in procs if g[0] in case.groups):
-            assert time.monotonic() < deadline, what
-            assert all(p.exitcode is None for p in procs.values()), {g: p.exitcode for g, p in procs.items()}
-            time.sleep(0.05)
-
-    deadline = time.monotonic() + 200
-    try:
-        for g in case.groups:
-            launch(g)
-        if case.joiner:
-            wait_for(lambda g: any(e["ev"] == "step" and e["after"] >= case.join_after_step for e in sw.read(str(out), g)),
-                     "the founders did not reach the join step")
-            launch(case.joiner, joiner=True)
-        if hold_until_killed:
-            wait_for(lambda g: any(e["ev"] == "held" for e in sw.read(str(out), g)), "the groups did not hold")
-            for p in procs.values():
-                os.kill(p.pid, signal.SIGKILL)
-        for p in procs.values():
-            p.join(max(1.0, deadline - time.monotonic()))
-        return {g: p.exitcode for g, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
-                p.join(5)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _final(out, g) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out, f"final-{g}.safetensors"))
-
-
-def _same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _models(f):
-    return {k: v for k, v in f.items() if k.startswith("model.")}
-
-
-def _sync_steps(out, g) -> list[int]:
-    return [e["step"] for e in read_rt(str(out), g) if e["event"] == "sync"]
-
-
 @pytest.mark.parametrize("codec", ["int8", "none"])
 def test_groups_train_with_fragments_and_hold_the_same_global_state(tmp_path, codec):
     """int8: each fragment's round is an all-gather of encoded payloads; none: an all-reduce."""
-    codes = _run(replace(BASE, codec=codec), tmp_path)
+    codes = h.run(replace(BASE, codec=codec), tmp_path)
     assert codes == {"a": 0, "b": 0, "c": 0}, codes
-    finals = {g: _final(tmp_path, g) for g in "abc"}
-    assert all(int(f["step"]) == BASE.stop_step for f in finals.values())
-    # the replicated state is identical everywhere; the local weights are each group's own
-    assert torch.equal(finals["a"]["global"], finals["b"]["global"]) and torch.equal(finals["a"]["global"], finals["c"]["global"])
-    assert not _same(_models(finals["a"]), _models(finals["b"]))
+    h.check_same_global_state(BASE, tmp_path)
     # one round per fragment per period, at the staggered steps
-    assert _sync_steps(tmp_path, "a") == list(range(2, BASE.stop_step + 1, 2))
+    assert h.sync_steps(tmp_path, "a") == list(range(2, BASE.stop_step + 1, 2))
 
 
 @pytest.mark.parametrize("kill,leave,layout", [("kill-exchange", "leave-before", "1-rank"),
@@ -134,62 +57,52 @@ def test_group_lost_mid_period_equals_a_clean_leave(tmp_path, kill, leave, layou
     it and fragment 1 not yet, against b leaving cleanly after step 10. With 2 ranks every rank
     of b dies as it enters the exchange (FSDP2: its lane's; the survivors' lanes redo it)."""
     base = replace(BASE, **KILL_LAYOUTS[layout])
-    run, ref = tmp_path / "kill", tmp_path / "leave"
-    codes = _run(replace(base, fault=kill), run)
-    bs = [me for me in codes if me[0] == "b"]
-    assert all(codes[me] == -signal.SIGKILL for me in bs) and all(c == 0 for me, c in codes.items() if me[0] != "b"), codes
-    assert set(_run(replace(base, fault=leave), ref).values()) == {0}
-    for g in "ac":
-        assert _sync_steps(run, g) == list(range(2, BASE.stop_step + 1, 2)), f"{g} redid or skipped a round"
-        rec = [e for e in read_rt(str(run), g) if e["event"] == "reconfigured"]
-        assert rec and rec[0]["members"] == ["a", "c"] and rec[0]["steps_redone"] == 0, rec
-        assert rec[0]["step"] == 10, rec
-        for me in [g] + [f"{g}.{r}" for r in range(1, base.ranks)]:
-            assert _same(_final(run, me), _final(ref, me)), f"survivor {me} differs from the clean-leave run"
-    assert torch.equal(_final(run, "a")["global"], _final(run, "c")["global"])
+    h.check_kill_equals_leave(base, kill, leave, tmp_path, syncs=list(range(2, BASE.stop_step + 1, 2)), reconfigured_at=10)
 
 
 def test_joiner_takes_every_fragments_global_state(tmp_path):
     case = replace(BASE, joiner="d")
-    codes = _run(case, tmp_path)
+    codes = h.run(case, tmp_path)
     assert codes == {"a": 0, "b": 0, "c": 0, "d": 0}, codes
     joined = [e for e in read_rt(str(tmp_path), "d") if e["event"] == "joined"]
     assert joined and joined[-1]["state_from"] in ("a", "b", "c") and joined[-1]["received_bytes"] > 0, joined
-    finals = {g: _final(tmp_path, g) for g in "abcd"}
+    finals = {g: h.final(tmp_path, g) for g in "abcd"}
     assert len({int(f["step"]) for f in finals.values()}) == 1
     for g in "bcd":
         assert torch.equal(finals["a"]["global"], finals[g]["global"]), f"{g}'s global state differs from a's"
 
 
+# every codec the config accepts, each with its own error-feedback residual per fragment (none:
+# zero); the 2-rank layouts (6 processes a run, ~20 s each here), bf16 and none run in
+# `make test-faults`. DDP groups encode on the leader alone, as a 1-rank group does;
+# FSDP2 groups encode per piece on every rank (int4 and topk: each rank's own residual pieces)
+RESUME_CODECS = ("int8", "int4", "topk", "bf16", "none")
+RESUME_CASES = [pytest.param({**LAYOUTS[layout], "codec": codec}, id=layout if codec == "int8" else f"{layout}-{codec}",
+                             marks=[] if layout == "1-rank" and codec in ("int8", "int4", "topk") else [pytest.mark.faults])
+                for layout in LAYOUTS for codec in RESUME_CODECS
+                if codec == "int8" or layout == "1-rank" or (layout == "fsdp2-2-ranks" and codec in ("int4", "topk"))]
+RESUME_CASES += [
+    pytest.param({"mode": "localsgd", "codec": "none"}, id="1-rank-localsgd", marks=pytest.mark.faults),  # parameter averaging
+    # with group= checkpoints need not fall at the end of a sync period (TrainerConfig accepts
+    # any every_n_steps); the step resumed from (the one before the newest, 21 // N * N - N):
+    # every 5: 15, between two syncs; every 7: 14, fragment 0's sync in the middle of a period
+    pytest.param({"every": 5}, id="1-rank-every-5", marks=pytest.mark.faults),
+    pytest.param({"every": 7, "codec": "int4"}, id="1-rank-int4-every-7", marks=pytest.mark.faults),
+    pytest.param({"every": 5, "codec": "topk", "ranks": 2, "fsdp": True}, id="fsdp2-2-ranks-topk-every-5", marks=pytest.mark.faults),
+]
 
 
-# the 2-rank layouts (6 processes a run, ~20 s each here) run in `make test-faults`
-@pytest.mark.parametrize("layout", [pytest.param(k, marks=[pytest.mark.faults] if k != "1-rank" else []) for k in LAYOUTS])
-def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, layout):
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_whole_job_killed_and_relaunched_resumes_bit_for_bit(tmp_path, case):
     """Checkpoints at steps 8 and 16 (fragment 1 just synced, fragment 0 two local steps past
     its sync: every group's local weights differ from the global ones and from each other's).
     Every group holds at step 21 and is killed; b's step-16 checkpoint is removed (a kill
     between a's and b's commits): the groups agree on step 8, a and c go back to it, and the
     relaunched job ends equal to the uninterrupted one, bit for bit, in every group and on
     every rank. ``ddp-2-ranks``: DDP inside each group, the leader exchanges; ``fsdp2-2-ranks``:
-    the model sharded over each group's 2 ranks, every rank exchanges its pieces (lanes)."""
-    base = replace(BASE, **LAYOUTS[layout])
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    everyone = [g if r == 0 else f"{g}.{r}" for g in "abc" for r in range(base.ranks)]
-    assert _run(base, ref) == dict.fromkeys(everyone, 0)
-    codes = _run(replace(base, fault="hold", stop_step=21), run, hold_until_killed=True)
-    assert set(codes.values()) == {-signal.SIGKILL}, codes
-    b16 = run / "ckpt" / "group-b" / "step-0000000016"
-    assert (b16 / "manifest.json").exists()
-    shutil.rmtree(b16)
-    for me in everyone:
-        os.remove(run / f"w-{me}.jsonl")
-    assert _run(base, run) == dict.fromkeys(everyone, 0)
-    agreed = [e for e in read_rt(str(run), "a") if e["event"] == "restart_point"]
-    assert agreed and agreed[-1]["agreed"] == 8 and agreed[-1]["loaded"] == {"a": 16, "b": 8, "c": 16}, agreed
-    for me in everyone:
-        assert _same(_final(ref, me), _final(run, me)), f"{me} differs from the uninterrupted run"
-    for g in "abc":  # the ranks of a group hold one model (DDP: the same local weights)
-        for r in range(1, base.ranks):
-            assert _same(_models(_final(run, g)), _models(_final(run, f"{g}.{r}"))), f"the ranks of group {g} differ"
-    assert not _same(_models(_final(run, "a")), _models(_final(run, "b")))
+    the model sharded over each group's 2 ranks, every rank exchanges its pieces (lanes). Each
+    codec: int8/int4 (blockwise, the residual is the rounding), topk (1% kept: the residual
+    holds almost all of the pseudo-gradient), bf16, none (an all-reduce, no residual); and local
+    SGD (``mode="localsgd"``: parameter averaging, no codec). ``every-N``: checkpoints every N
+    steps, off the sync period (the newest before 21 removed from b, the one before agreed)."""
+    h.check_resume_bit_for_bit(replace(BASE, **case), tmp_path)

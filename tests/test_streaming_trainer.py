@@ -1,5 +1,6 @@
 """Streaming DiLoCo (``fragments`` > 1) through ``rt.wrap`` without provider groups: one job of 2
-real gloo ranks (resilient_train.testing.ranks), DDP inside, DiLoCo int8 with H = 4 and K = 2
+real gloo ranks (resilient_train.testing.ranks), DDP inside, DiLoCo (int8; int4 and topk in
+`make test-faults`) with H = 4 and K = 2
 between its ranks. Checkpoints fall at steps 8 and 16, where fragment 1 has just synced and
 fragment 0 is two local steps past its sync (local weights != global weights): the job stopped
 after step 12 and resumed from step 8 ends equal to the uninterrupted run bit for bit (local
@@ -16,14 +17,14 @@ from resilient_train.testing.ranks import run_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _train(rank: int, world: int, root: str, stop: int) -> dict:
+def _train(rank: int, world: int, root: str, stop: int, codec: str) -> dict:
     import resilient_train as rt
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tr = rt.wrap(model, opt, checkpoint=root, every_n_steps=8, async_save=False, save_on_close=False, log="off",
-                 sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, codec="int8"))
+                 sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, codec=codec))
     resumed = tr.resumed_from
     while tr.step_count < stop:
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1000 * tr.step_count + rank))
@@ -37,13 +38,15 @@ def _train(rank: int, world: int, root: str, stop: int) -> dict:
     return out
 
 
-def _three_runs(rank: int, world: int, root: str) -> list[dict]:
+def _three_runs(rank: int, world: int, root: str, codec: str) -> list[dict]:
     """Uninterrupted to 24; stopped after 12; resumed to 24 (three trainers in turn on the same ranks)."""
-    return [_train(rank, world, f"{root}/ref", 24), _train(rank, world, f"{root}/run", 12), _train(rank, world, f"{root}/run", 24)]
+    return [_train(rank, world, f"{root}/ref", 24, codec), _train(rank, world, f"{root}/run", 12, codec), _train(rank, world, f"{root}/run", 24, codec)]
 
 
-def test_streaming_without_groups_resumes_bit_for_bit(tmp_path):
-    runs = run_ranks(_three_runs, 2, str(tmp_path))
+@pytest.mark.parametrize("codec", ["int8", pytest.param("int4", marks=pytest.mark.faults), pytest.param("topk", marks=pytest.mark.faults)])
+def test_streaming_without_groups_resumes_bit_for_bit(tmp_path, codec):
+    """int8, int4, topk: each fragment's error-feedback residual comes from the sync state."""
+    runs = run_ranks(_three_runs, 2, str(tmp_path), codec)
     ref, first, again = runs[0][0], runs[0][1], runs[0][2]
     assert ref["differs"], "fragment 0's local weights should differ from its global ones at step 24"
     assert first["resumed"] is None and first["step"] == 12 and again["resumed"] == 8
@@ -88,7 +91,10 @@ def test_the_ranks_of_a_sharded_model_split_it_into_the_same_fragments():
 
 
 def test_config_accepts_fragments_and_overlap_with_groups_and_refuses_overlapping_rounds():
-    """With group= one round runs at a time: overlap_steps must stay below sync_every // fragments."""
+    """With group= one round runs at a time: overlap_steps must stay below sync_every // fragments.
+    Without group= a checkpoint interval off the sync period is refused with where checkpoints
+    fall instead; with group= it is accepted (resume tested there: tests/test_streaming_groups.py,
+    tests/test_overlap_groups.py, ``every`` cases)."""
     import resilient_train as rt
     from resilient_train import errors
 
@@ -100,5 +106,13 @@ def test_config_accepts_fragments_and_overlap_with_groups_and_refuses_overlappin
         assert rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=k, overlap_steps=d), **groups)
     with pytest.raises(errors.ConfigError, match=r"overlap_steps \(2\) must be smaller than .* = 2.*docs/sync.md"):
         rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=2), **groups)
+    # without group=, checkpoints at the end of a sync period, where only the last fragment
+    # syncs: the message says so; with group= any interval (resume tested off the period)
+    with pytest.raises(errors.ConfigError, match=r"every_n_steps \(6\) must be a multiple of sync.sync_every \(4\).*"
+                                                 r"the last of the 2 fragments launches its sync there, the others synced earlier.*"
+                                                 r"overlap_steps = 1 that round is in flight.*without group=.*e\.g\. every_n_steps = 8"):
+        rt.TrainerConfig(checkpoint="x", every_n_steps=6, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1))
+    for every in (1, 5, 6, 7):
+        assert rt.TrainerConfig(checkpoint="x", every_n_steps=every, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=1), **groups)
     # without group= the engine keeps several rounds in flight, as before
     assert rt.TrainerConfig(checkpoint="x", every_n_steps=8, sync=rt.SyncConfig(mode="diloco", sync_every=4, fragments=2, overlap_steps=3))

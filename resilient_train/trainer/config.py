@@ -76,7 +76,9 @@ class TrainerConfig:
 
     ``checkpoint``: where checkpoints go: a URI (any fsspec URL), a Store, or a
     :class:`~resilient_train.storage.providers.Placement` (providers + replication policy).
-    ``every_n_steps``/``keep_last``: the schedule and retention. One torchrun job is one
+    ``every_n_steps``/``keep_last``: the schedule and retention (with a sync mode and no
+    ``group=``, ``every_n_steps`` must be a multiple of ``sync.sync_every``; with ``group=`` any
+    interval: docs/sync.md, "Checkpoint steps"). One torchrun job is one
     provider's replica group; several providers train together with ``group=``/``membership=``.
     A keyword that is not a field (a typo, or the retired ``replica_groups``) raises ConfigError.
     ``async_save``: write checkpoints in the background (the loop stalls only for the copy).
@@ -175,9 +177,18 @@ class TrainerConfig:
                 v = getattr(self, name)
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        if self.sync.mode != "ddp":
+        if self.sync.mode != "ddp" and self.group is None:
+            # with group= any interval resumes bit for bit (tested off the sync period, inside a
+            # round in flight too); without it, resume is tested at these steps only
             if self.every_n_steps % self.sync.sync_every:
-                raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({self.sync.sync_every}) so that checkpoints fall on synchronised steps")
+                sc = self.sync
+                where = (f"step k * sync_every: the last of the {sc.fragments} fragments launches its sync there, the others "
+                         "synced earlier in the period" if sc.fragments > 1 else "step k * sync_every: a sync step")
+                if sc.overlap_steps:
+                    where += f"; with overlap_steps = {sc.overlap_steps} that round is in flight and the checkpoint waits for its result and holds it"
+                raise ConfigError(f"every_n_steps ({self.every_n_steps}) must be a multiple of sync.sync_every ({sc.sync_every}) so that every "
+                                  f"checkpoint falls at the end of a sync period ({where}), the steps where resume without group= is tested bit for bit "
+                                  f"(docs/sync.md, 'Checkpoint steps'); e.g. every_n_steps = {sc.sync_every * max(1, round(self.every_n_steps / sc.sync_every))}")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s must be positive")
         for label in ("max_uncommitted_steps", "max_checkpoint_failures"):
