@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 from ..errors import ConfigError, StorageError, StoreConflictError, StoreNotFoundError, StorePermissionError, StoreTransientError
 from .base import check_relpath
-from .multipart import S3MultipartWriter, is_s3
+from .multipart import AzureBlockWriter, S3MultipartWriter, is_azure, is_s3
 from .redact import install_log_redaction, redact, redact_options, remember_secrets
 from .retry import classify
 
@@ -341,6 +341,8 @@ class _SpoolingWriter:
                 fs = self._store.fs
                 if is_s3(fs):
                     self._f = S3MultipartWriter(self._store, self._full, self._store.block_size_bytes or DEFAULT_BLOCK_SIZE_BYTES)
+                elif is_azure(fs):
+                    self._f = AzureBlockWriter(self._store, self._full, self._store.block_size_bytes or DEFAULT_BLOCK_SIZE_BYTES)
                 else:
                     extra = {"block_size": self._store.block_size_bytes} if self._store.block_size_bytes else {}
                     self._f = fs.open(self._full, "wb", **extra)
@@ -370,7 +372,7 @@ class _SpoolingWriter:
         self._buf = bytearray()
         f, fs = self._f, self._store.fs
         try:
-            if isinstance(f, S3MultipartWriter):
+            if isinstance(f, (S3MultipartWriter, AzureBlockWriter)):
                 f.abort(exc)  # nothing exists under the path before the completion: no check
                 return
             if f is not None:
