@@ -41,6 +41,7 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,36 @@ PARKED_MAX = 64
 
 MIN_PART_BYTES = 5 * 1024 * 1024
 """S3's smallest part (all but the last); smaller ``block_size_bytes`` are raised to it."""
+
+
+class _OneInFlight:
+    """At most one part on the wire, sent from its own thread, so that the caller hashes and
+    buffers the next part meanwhile. A send's error is raised by the next ``submit``/``wait``."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._fut: Future | None = None
+
+    def submit(self, fn: Any) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="rt-part-upload")
+        self._fut = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        fut, self._fut = self._fut, None
+        if fut is not None:
+            fut.result()
+
+    def shutdown(self) -> None:
+        """Wait for the part on the wire (its error is dropped: the caller is failing already)."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the first error is the one reported
+            pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 @dataclass(frozen=True)
@@ -123,8 +154,9 @@ def _plain_md5(etag: Any) -> str | None:
 class S3MultipartWriter:
     """The streamed-upload file of :meth:`FsspecStore.open_write` on S3 (see module doc).
 
-    ``write`` buffers up to one part and sends (or reuses) whole parts; ``close`` sends the
-    last part and completes the upload; ``abort(exc)`` parks the upload when ``exc`` is
+    ``write`` buffers up to one part and sends (or reuses) whole parts, one on the wire at a
+    time from a thread while the next is hashed; ``close`` sends the last part and completes
+    the upload; ``abort(exc)`` parks the upload when ``exc`` is
     transient and aborts it otherwise. ``bytes_sent`` and ``bytes_reused`` count part bytes
     sent over the network and part bytes found verified on the server.
     """
@@ -144,6 +176,7 @@ class S3MultipartWriter:
         self.bytes_sent = 0
         self.bytes_reused = 0
         self.closed = False
+        self._sender = _OneInFlight()
         parked = self._parking.take(full)
         if parked is not None:
             if parked.part_bytes == self._part_bytes:
@@ -210,16 +243,19 @@ class S3MultipartWriter:
             if n in self._on_server:
                 log.info("[%s] part %d of %s on the server does not match our bytes (size %d vs %d, ETag %s); sending it again",
                          self._store.name, n, redact(self._full), size, len(data), "differs" if etag else "not an MD5")
-            out = self._call("upload_part", UploadId=self.upload_id, PartNumber=n, Body=data,
-                             ContentMD5=base64.b64encode(md5.digest()).decode())
-            got = _plain_md5(out.get("ETag"))
-            if got is not None and got != hexd:
-                from ..errors import StorageError
+            content_md5 = base64.b64encode(md5.digest()).decode()
 
-                raise StorageError(f"part {n} of {self._full!r}: the server's ETag {got} is not the MD5 {hexd} of the bytes sent",
-                                   provider=self._store.name, path=self._full)
-            self._on_server[n] = (len(data), hexd)
-            self.bytes_sent += len(data)
+            def send() -> None:
+                out = self._call("upload_part", UploadId=self.upload_id, PartNumber=n, Body=data, ContentMD5=content_md5)
+                got = _plain_md5(out.get("ETag"))
+                if got is not None and got != hexd:
+                    from ..errors import StorageError
+
+                    raise StorageError(f"part {n} of {self._full!r}: the server's ETag {got} is not the MD5 {hexd} of the bytes sent",
+                                       provider=self._store.name, path=self._full)
+                self.bytes_sent += len(data)
+
+            self._sender.submit(send)
         self._parts.append({"PartNumber": n, "ETag": f'"{hexd}"'})
 
     def close(self) -> None:
@@ -230,6 +266,8 @@ class S3MultipartWriter:
         if self._buf or not self._parts:
             self._put_part(bytes(self._buf))
             self._buf = bytearray()
+        self._sender.wait()
+        self._sender.shutdown()
         self._call("complete_multipart_upload", UploadId=self.upload_id, MultipartUpload={"Parts": self._parts})
         self.closed = True
         try:
@@ -242,6 +280,7 @@ class S3MultipartWriter:
     def abort(self, exc: BaseException | None) -> None:
         """Park the upload when ``exc`` is transient (see module doc), abort it otherwise."""
         self._buf = bytearray()
+        self._sender.shutdown()  # no part on the wire while the upload is parked or aborted
         if self.closed:
             return
         self.closed = True
@@ -307,6 +346,7 @@ class AzureBlockWriter:
         self._buf = bytearray()
         self._ids: list[str] = []
         self._staged: dict[str, int] | None = None
+        self._sender = _OneInFlight()
         self.bytes_sent = 0
         self.bytes_reused = 0
         self.closed = False
@@ -351,9 +391,11 @@ class AzureBlockWriter:
         if self._staged.get(bid) == len(data):
             self.bytes_reused += len(data)
         else:
-            self._run(lambda bc: bc.stage_block(block_id=bid, data=data, length=len(data), validate_content=True))
-            self._staged[bid] = len(data)
-            self.bytes_sent += len(data)
+            def send() -> None:
+                self._run(lambda bc: bc.stage_block(block_id=bid, data=data, length=len(data), validate_content=True))
+                self.bytes_sent += len(data)
+
+            self._sender.submit(send)
         self._ids.append(bid)
 
     def close(self) -> None:
@@ -362,6 +404,8 @@ class AzureBlockWriter:
         if self._buf or not self._ids:
             self._put_part(bytes(self._buf))
             self._buf = bytearray()
+        self._sender.wait()
+        self._sender.shutdown()
         from azure.storage.blob import BlobBlock
 
         blocks = [BlobBlock(block_id=i) for i in self._ids]
@@ -377,4 +421,5 @@ class AzureBlockWriter:
     def abort(self, exc: BaseException | None) -> None:
         """Nothing to abort on the server (uncommitted blocks cannot be deleted; see class doc)."""
         self._buf = bytearray()
+        self._sender.shutdown()
         self.closed = True
