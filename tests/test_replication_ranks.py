@@ -59,3 +59,53 @@ def test_two_ranks_agree_on_replication_outcome(tmp_path):
 
     assert committed_steps(LocalStore(str(tmp_path / "a"))) == [1, 2]
     assert committed_steps(LocalStore(str(tmp_path / "b"))) == [1, 2]
+
+
+# ---------------------------------------------------------------- copies="now" vs the collective timeout
+
+TIMEOUT_S = 3.0
+
+
+def _slow_sync(rank, world, root):
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from resilient_train.checkpoint.saving import save_replicated
+    from resilient_train.storage import LocalStore
+    from resilient_train.storage.providers import Placement, Provider, ReplicationPolicy
+
+    class SlowStore(LocalStore):
+        """A provider whose first write takes twice the collective timeout (a slow link)."""
+
+        slept = 0.0
+
+        def write_bytes(self, path, data):
+            if not SlowStore.slept:
+                SlowStore.slept = 2 * TIMEOUT_S
+                time.sleep(SlowStore.slept)
+            super().write_bytes(path, data)
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=TIMEOUT_S))
+    stores = {"a": LocalStore(f"{root}/a", name="a"), "b": SlowStore(f"{root}/b", name="b")}
+    provs = [Provider(n, f"{root}/{n}", "eu-west-1") for n in ("a", "b")]
+    pl = Placement(provs, ReplicationPolicy(copies=2), stores=stores)
+    t0 = time.monotonic()
+    rep = save_replicated(pl, _state(rank), 1, process_group=group)
+    return {"committed": rep.committed, "seconds": time.monotonic() - t0, "slept": SlowStore.slept}
+
+
+def test_copies_longer_than_the_collective_timeout_fail_no_rank(tmp_path):
+    """copies="now": rank 0 copies while every rank waits for the outcome; a copy that outlasts
+    the group's collective timeout (3 s here) used to fail every rank with gloo's timeout though
+    the copy went through. Now the ranks exchange a beat every 0.5 s and both return the same
+    outcome."""
+    outs = run_ranks(_slow_sync, 2, str(tmp_path), timeout_s=150)
+    assert outs[0]["slept"] == 2 * TIMEOUT_S and outs[1]["slept"] == 0.0  # only rank 0 copied, and it outlasted the timeout
+    assert outs[0]["committed"] == outs[1]["committed"] == ["a", "b"]
+    assert outs[1]["seconds"] > TIMEOUT_S  # rank 1 did wait for the copy (the outcome is the same on every rank)
+    from resilient_train.checkpoint.steps import committed_steps
+    from resilient_train.storage import LocalStore
+
+    assert committed_steps(LocalStore(str(tmp_path / "b"))) == [1]

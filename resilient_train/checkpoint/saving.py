@@ -15,7 +15,8 @@ through :class:`~.collectives.Coordinator` (collective: every rank calls it with
    (:class:`~resilient_train.errors.CommitConflictError` when another writer committed first).
 3. **replicate** (Placement with ``copies="now"``, rank 0 only, then broadcast so every rank
    returns the same outcome): copies to the policy's other providers
-   (:func:`~.replicate.fill_copies`). With ``copies="later"`` the caller hands them to a
+   (:func:`~.replicate.fill_copies`), on a thread of rank 0 while every rank takes part in a
+   small broadcast each ``COPY_BEAT_S`` (no collective waits longer than that for the copies). With ``copies="later"`` the caller hands them to a
    :class:`~.background.CheckpointWorker` instead, so no rank waits while rank 0 copies.
 
 Failure behaviour: one store: its error is raised on every rank as is. A Placement: each
@@ -28,6 +29,7 @@ provider's cause when fewer than the policy's copies (``copies="now"``) or none 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Mapping
 
@@ -140,10 +142,24 @@ def _write_step(coord: Coordinator, store: Store, snap: Snapshot, step: int, opt
     return SaveResult(step, manifest, written, seconds)
 
 
+COPY_BEAT_S = 0.5
+"""While rank 0 makes the copies of ``copies="now"``, every rank takes part in one small
+broadcast per this many seconds ("still copying"), so no collective waits longer than this
+for the copies, whatever the process group's timeout."""
+
+
 def _replicate(coord: Coordinator, pl: Placement, report: ReplicationReport, names: list[str], failures: dict[str, str], io_threads: int, book: HealthBook | None, t: float) -> None:
-    """Phase **replicate**: rank 0 copies to the policy's count; every rank learns the outcome."""
+    """Phase **replicate**: rank 0 copies to the policy's count; every rank learns the outcome.
+
+    The copies run on a thread of rank 0 while the ranks exchange a beat every
+    ``COPY_BEAT_S``: a copy longer than the process group's collective timeout fails no rank
+    (before, the other ranks' one broadcast timed out and every rank failed with gloo's error,
+    though the copy went through). A copy that raises is a failure of the phase ("replication").
+    """
     if report.committed and coord.rank == 0:
-        fill_copies(pl, report, names, failures, io_threads)
+        _copy_beating(coord, lambda: fill_copies(pl, report, names, failures, io_threads), failures)
+    elif report.committed:
+        _copy_beating(coord, None, failures)
     report.committed, report.copies, shared = coord.broadcast((report.committed, report.copies, dict(failures)) if coord.rank == 0 else None)
     failures.clear()  # rank 0's view, on every rank
     failures.update(shared)
@@ -152,6 +168,35 @@ def _replicate(coord: Coordinator, pl: Placement, report: ReplicationReport, nam
             book.failed(name, t, failures[name])
         for name in report.committed:
             book.succeeded(name)
+
+
+def _copy_beating(coord: Coordinator, work: Any, failures: dict[str, str]) -> None:
+    """Run ``work`` (rank 0) on a thread; every rank broadcasts rank 0's "done?" each beat until
+    it is done. Collective: every rank calls it (``work`` None off rank 0)."""
+    if not coord.is_distributed:
+        if work is not None:
+            work()
+        return
+    if coord.rank != 0:
+        while not coord.broadcast(None):
+            pass
+        return
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank through the outcome
+            failures["replication"] = describe(exc)
+            log.error("replication failed: %s", failures["replication"])
+        finally:
+            done.set()
+
+    th = threading.Thread(target=run, name="rt-copies-now", daemon=True)
+    th.start()
+    while not coord.broadcast(done.wait(COPY_BEAT_S)):
+        pass
+    th.join()
 
 
 def _check_copies(pl: Placement, report: ReplicationReport, names: list[str], failures: dict[str, str], copies: str, reason: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 from ..errors import ConfigError, StorageError, StoreConflictError, StoreNotFoundError, StorePermissionError, StoreTransientError
 from .base import check_relpath
+from .multipart import AzureBlockWriter, S3MultipartWriter, is_azure, is_s3
 from .redact import install_log_redaction, redact, redact_options, remember_secrets
 from .retry import classify
 
@@ -123,19 +124,24 @@ class FsspecStore:
         """Objects up to ``single_put_bytes`` are buffered and sent as one PUT on exit (the
         fastest request on every backend: adlfs streams 2-3x slower than one upload); larger
         ones switch to the backend's streamed multipart / block upload of ``block_size_bytes``
-        parts. Either way nothing exists under ``path`` until the context exits cleanly."""
+        parts. Either way nothing exists under ``path`` until the context exits cleanly.
+
+        On S3 a streamed upload that fails with a transient error is parked, not aborted, and
+        the next upload of the same path resumes it: parts already on the server whose size
+        and ETag match the MD5 of the new attempt's bytes are not sent again (see
+        :mod:`resilient_train.storage.multipart`). Any other failure aborts the upload."""
         full = self._full(path)
         self.fs  # noqa: B018 - resolve the filesystem (ConfigError) before the body runs
         w = _SpoolingWriter(self, full, path)
         try:
             yield w  # type: ignore[misc]
-        except BaseException:
-            w.abort()
+        except BaseException as exc:
+            w.abort(exc)
             raise
         try:
             w.finish()
-        except BaseException:
-            w.abort()  # a failed completion must not leave parts or a partial object behind
+        except BaseException as exc:
+            w.abort(exc)  # a failed completion leaves no partial object (S3: parts parked if transient)
             raise
 
     @contextmanager
@@ -332,8 +338,14 @@ class _SpoolingWriter:
                 self._buf += mv
                 return n
             try:
-                extra = {"block_size": self._store.block_size_bytes} if self._store.block_size_bytes else {}
-                self._f = self._store.fs.open(self._full, "wb", **extra)
+                fs = self._store.fs
+                if is_s3(fs):
+                    self._f = S3MultipartWriter(self._store, self._full, self._store.block_size_bytes or DEFAULT_BLOCK_SIZE_BYTES)
+                elif is_azure(fs):
+                    self._f = AzureBlockWriter(self._store, self._full, self._store.block_size_bytes or DEFAULT_BLOCK_SIZE_BYTES)
+                else:
+                    extra = {"block_size": self._store.block_size_bytes} if self._store.block_size_bytes else {}
+                    self._f = fs.open(self._full, "wb", **extra)
                 self._f.write(self._buf)
             except Exception as exc:  # noqa: BLE001 - every backend error is mapped to the tree
                 raise self._store._wrap(exc, self._path) from exc
@@ -354,11 +366,15 @@ class _SpoolingWriter:
         except Exception as exc:  # noqa: BLE001
             raise self._store._wrap(exc, self._path) from exc
 
-    def abort(self) -> None:
-        """Drop the upload (multipart parts too) and make sure no object is left behind."""
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Drop the upload (multipart parts too; on S3 parked when ``exc`` is transient) and
+        make sure no object is left behind."""
         self._buf = bytearray()
         f, fs = self._f, self._store.fs
         try:
+            if isinstance(f, (S3MultipartWriter, AzureBlockWriter)):
+                f.abort(exc)  # nothing exists under the path before the completion: no check
+                return
             if f is not None:
                 discard = getattr(f, "discard", None)
                 if callable(discard):

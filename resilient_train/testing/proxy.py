@@ -14,6 +14,10 @@ while it runs):
   ``match`` reach the server, but its answer never reaches the client: the connection is cut
   when the first byte of the response arrives (a response lost in transit after the server
   acted on the request). ``responses_dropped`` counts them.
+* :meth:`cut_after` (``n``, ``then_down``): once ``n`` more bytes have gone to the server, the
+  connections are cut at exactly that byte (the rest of the chunk is not forwarded); with
+  ``then_down`` the proxy also goes :meth:`down`. ``cut_done`` is set when it happened and
+  ``bytes_to_server_at_cut`` holds the counter then: an event to orchestrate a test on.
 
 Counters: ``bytes_to_server`` and ``bytes_to_client`` (what the server sent back: the bytes a
 download really cost), ``bytes_forwarded`` (both).
@@ -54,6 +58,10 @@ class FaultProxy:
         self._drop_left = 0
         self.bytes_to_server = 0
         self.bytes_to_client = 0
+        self._cut_at: int | None = None
+        self._cut_then_down = False
+        self.cut_done = threading.Event()
+        self.bytes_to_server_at_cut: int | None = None
 
     @property
     def endpoint(self) -> str:
@@ -100,6 +108,13 @@ class FaultProxy:
         """Lose the server's answer to the next ``count`` requests containing ``match`` (see module doc)."""
         with self._lock:
             self._drop_match, self._drop_left = bytes(match), count
+
+    def cut_after(self, n: int, *, then_down: bool = False) -> None:
+        """Cut every connection once ``n`` more bytes have reached the server (see module doc)."""
+        with self._lock:
+            self.cut_done.clear()
+            self._cut_at = self.bytes_to_server + int(n)
+            self._cut_then_down = then_down
 
     def __enter__(self) -> "FaultProxy":
         return self.start()
@@ -170,6 +185,12 @@ class FaultProxy:
                     with self._lock:
                         self.responses_dropped += 1
                     break  # the server answered (it acted on the request): cut, answer unsent
+                cut_now = False
+                if not to_client and self._cut_at is not None:
+                    with self._lock:
+                        if self._cut_at is not None and self.bytes_to_server + len(data) >= self._cut_at:
+                            data = data[: self._cut_at - self.bytes_to_server]
+                            cut_now = True
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 rate = self.bytes_per_s
@@ -191,6 +212,15 @@ class FaultProxy:
                         self.bytes_to_client += len(data)
                     else:
                         self.bytes_to_server += len(data)
+                if cut_now:
+                    with self._lock:
+                        self._cut_at = None
+                        self.bytes_to_server_at_cut = self.bytes_to_server
+                    if self._cut_then_down:
+                        self._down.set()
+                    self._cut_all()
+                    self.cut_done.set()
+                    break
         except OSError:
             pass
         finally:

@@ -62,6 +62,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.events = EventLog(None)
         self._ckpt: AsyncCheckpointer | None = None
+        self._saves_prepared = False
         self._ckpt_group: Any = None
         self._owns_default_pg = False
         self._started = False
@@ -225,6 +226,21 @@ class Trainer:
 
         Storage trouble does not raise here (see TrainerConfig's limits): copies, catch-up and
         retention run in the background on rank 0."""
+        self._checkpointer()
+        assert self._ckpt is not None
+        started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
+        self._note_commits()
+        if started:
+            self._in_flight_step = self.step_count
+        self.events.emit("checkpoint_started" if started else "checkpoint_skipped", step=self.step_count, stall_s=round(self._ckpt.last_stall_s or 0.0, 5), staging_bytes=self._ckpt.staging_bytes,
+                         allocations=self._ckpt.staging_allocations)
+        if not self.config.async_save:
+            self._ckpt.wait(include_copies=False)
+            self._note_commits()
+        return started
+
+    def _checkpointer(self) -> AsyncCheckpointer:
+        """The checkpointer, created at first use (no I/O)."""
         if self._ckpt is None:
             cfg = self.config
             self._ckpt = AsyncCheckpointer(
@@ -234,15 +250,32 @@ class Trainer:
             )
             if cfg.keep_best:
                 self._ckpt.protect = lambda: self._protected_steps  # a snapshot taken at each save (scripts.script_extras)
-        started = self._ckpt.save(self.step_count, self.train_state())  # joins the previous save first
-        self._note_commits()
-        if started:
-            self._in_flight_step = self.step_count
-        self.events.emit("checkpoint_started" if started else "checkpoint_skipped", step=self.step_count, stall_s=round(self._ckpt.last_stall_s or 0.0, 5), staging_bytes=self._ckpt.staging_bytes)
+        return self._ckpt
+
+    def _prepare_saves(self) -> None:
+        """Once, after the first optimizer step of this run (the optimizer's state exists now,
+        e.g. AdamW's moments), with ``async_save``: learn the save plan and allocate and touch
+        this rank's staging buffers (:meth:`AsyncCheckpointer.prepare`), so the first save
+        stalls like the later ones instead of paying the allocation and its page faults.
+        Collective on the checkpoint group: every rank's ``step()`` reaches it at the same
+        step. Skipped while a save is in flight (the start of a run adopted with ``init_from``
+        saves at once; the loop is not made to wait for it here). A failure is logged and
+        reported as ``checkpoint_prepare_failed``: the first save then allocates, as before."""
+        self._saves_prepared = True
         if not self.config.async_save:
-            self._ckpt.wait(include_copies=False)
-            self._note_commits()
-        return started
+            return
+        ck = self._checkpointer()
+        if ck.in_flight:
+            return
+        t0 = time.perf_counter()
+        try:
+            held = ck.prepare(self.train_state())
+        except Exception as exc:  # noqa: BLE001 - the training path does not raise for checkpoint work
+            log.warning("preparing the checkpoint staging buffers failed (the first save allocates them): %s", exc)
+            self.events.emit("checkpoint_prepare_failed", step=self.step_count, error=f"{type(exc).__name__}: {exc}"[:500])
+            return
+        self.events.emit("checkpoint_prepared", step=self.step_count, staging_bytes=held, allocations=ck.staging_allocations,
+                         seconds=round(time.perf_counter() - t0, 5))
 
     @property
     def ledger(self) -> Ledger:
@@ -312,6 +345,8 @@ class Trainer:
                 self._rejoin(exc)
         if self._ckpt is not None and not self._ckpt.in_flight:
             self._note_commits()
+        if not self._saves_prepared:
+            self._prepare_saves()
         if self.step_count % self.config.every_n_steps == 0:
             self.save()
 
