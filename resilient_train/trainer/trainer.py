@@ -258,15 +258,16 @@ class Trainer:
         this rank's staging buffers (:meth:`AsyncCheckpointer.prepare`), so the first save
         stalls like the later ones instead of paying the allocation and its page faults.
         Collective on the checkpoint group: every rank's ``step()`` reaches it at the same
-        step. Skipped while a save is in flight (the start of a run adopted with ``init_from``
-        saves at once; the loop is not made to wait for it here). A failure is logged and
+        step, and every rank takes the same decision: skipped when this run has already started
+        a save (the start of a run adopted with ``init_from`` saves at once; that save
+        allocated the buffers), decided by the save steps, which every rank shares, never by
+        whether a rank's background thread is still writing (that differs between ranks, and
+        a collective entered by some ranks only would hang them). A failure is logged and
         reported as ``checkpoint_prepare_failed``: the first save then allocates, as before."""
         self._saves_prepared = True
-        if not self.config.async_save:
+        if not self.config.async_save or self._in_flight_step is not None:
             return
         ck = self._checkpointer()
-        if ck.in_flight:
-            return
         t0 = time.perf_counter()
         try:
             held = ck.prepare(self.train_state())
