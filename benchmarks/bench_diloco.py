@@ -1,29 +1,36 @@
-"""DDP vs LocalSGD vs DiLoCo (none/int8/int4) vs streaming/overlap on a small GPT, 4 gloo ranks.
+"""DDP vs local SGD vs DiLoCo (each codec) vs streaming/overlap vs torchft's DiLoCo, on a GPT, gloo ranks.
 
 The task: a byte-level GPT-style language model trained on the Python standard library's
-source files (text every machine with Python has), 4 replicas, one process each, gloo on
-127.0.0.1. Every mode sees the same tokens per inner step per replica. Reported per mode:
-validation loss at the same number of tokens (of the model the run delivers: DDP's model,
-or DiLoCo's global weights G), bytes sent per inner step (per rank, as the
-Communicator counts them), and the *emulated* time to reach DDP's final validation loss
-under the ``wan`` link profile (150 ms, 100 Mbit/s), where
+source files (text every machine with Python has), one process per replica, gloo on
+127.0.0.1. Every mode sees the same tokens per inner step per replica. Reported per mode,
+mean and [min, max] over --seeds (each seed against its own DDP run): validation loss at the
+same number of tokens (of the model the run delivers: DDP's model, or DiLoCo's global weights
+G), bytes sent per inner step (per rank, as the Communicator counts them), the time blocked on
+the link over the compute, and the *emulated* time to reach DDP's final validation loss (and
+within 1% of it), as a speed-up over DDP and as a fraction of the compute-bound ceiling, where
 
     emulated time = inner steps x calibrated compute time per step + time blocked on the link
 
-(see resilient_train.sync.wan: a virtual clock, nothing sleeps; the compute time per step is
+(see resilient_train.sync.wan: a virtual clock, nothing sleeps; each run's exchanges are traced
+and replayed on the main link (--profile, default ``wan``: 150 ms, 100 Mbit/s) and on a
+heterogeneous one (--hetero: one provider behind a slower link); the compute time per step is
 measured once, single process, before the runs (fastest of 20 steps, or --compute-ms), and is
 the same for every mode).
 
 DDP here is data-parallel SGD with the gradients all-reduced (averaged) every step through
-the same Communicator, i.e. what DDP does, without bucketing. Writes
-benchmarks/results/diloco_cpu.json (or --out).
+the same Communicator, i.e. what DDP does, without bucketing. torchft modes run torchft's
+``DiLoCo`` (a lighthouse per run; inside ``unshare -n`` when root, see --netns). Runs are
+interleaved by seed (every mode for the first seed, then the next); results are written after
+every run, and --resume adds missing (mode, seed) pairs to a results file.
 
-    python benchmarks/bench_diloco.py             # default config, ~10-12 min on 2 shared cores
+    python benchmarks/bench_diloco.py                              # preset small: 43k params, 4 replicas, ~10 min
+    python benchmarks/bench_diloco.py --preset 10m --seeds 0,1,2   # 10.9M params, 2 replicas, ~100 min here
+    python benchmarks/bench_diloco.py --retable results/diloco_10m.json   # tables and plots again
 
-"final_val_loss" / "val loss" is measured at --steps inner steps for every mode (same tokens).
-The non-DDP modes then keep training to --steps-factor x --steps, so that the time at which
-they reach DDP's final loss can be observed even when they need more tokens to get there.
-    python benchmarks/bench_diloco.py --steps 60  # smoke run
+"final_val_loss" / "val loss" is measured at --steps inner steps for every mode (same tokens;
+with overlap at its apply step, where G holds the tokens up to the launch). The non-DDP modes
+then keep training to --steps-factor x --steps, so that the time at which they reach DDP's final
+loss can be observed even when they need more tokens to get there.
 """
 
 from __future__ import annotations
@@ -416,9 +423,20 @@ def emulate(run: dict, links) -> list[dict]:
 
 
 def time_to(curve: list[dict], target: float) -> float | None:
-    for pt in curve:
+    return crossing(curve, target, "emulated_s")
+
+
+def crossing(curve: list[dict], target: float, key: str) -> float | None:
+    """``key`` where the loss first reaches ``target``, interpolated linearly between the two
+    evaluation points around the crossing (the grid is every --eval-every steps; reading the
+    first point below would round every time up to the grid)."""
+    for i, pt in enumerate(curve):
         if pt["val_loss"] <= target:
-            return pt["emulated_s"]
+            if i == 0:
+                return pt[key]
+            prev = curve[i - 1]
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - pt["val_loss"])
+            return prev[key] + frac * (pt[key] - prev[key])
     return None
 
 
@@ -433,12 +451,15 @@ def make_table(runs: dict, seeds: list[int], links, steps: int, compute_s: float
     """One row per mode, mean and range over seeds, each seed against its own DDP run: loss at
     DDP's tokens, bytes per inner step, emulated time to DDP's final loss on ``links`` and the
     speed-up over DDP, and that speed-up as a fraction of the compute-bound ceiling (DDP's
-    emulated time over its pure compute time: what a mode that needed DDP's tokens and hid all
-    of its communication would reach)."""
+    emulated time to its final loss over the compute it spent getting there: what a mode that
+    needed DDP's tokens and hid all of its communication would reach). ``comm_overhead_pct``:
+    the time blocked on the link over the compute, over the whole run (0: the exchanges are
+    hidden), a measure of the overlap that does not depend on the loss."""
     modes = list(dict.fromkeys(k.split("@")[0] for k in runs))
     table = []
     for name in modes:
-        per = {"loss": [], "vs": [], "bytes": [], "t_hit": [], "speedup": [], "ceiling": [], "frac": [], "sp2": []}
+        per = {"loss": [], "vs": [], "bytes": [], "t_hit": [], "speedup": [], "ceiling": [], "frac": [], "sp2": [],
+               "overhead": [], "reached1": [], "ceiling1": [], "frac1": []}
         for s in seeds:
             r, d = runs.get(f"{name}@{s}"), runs.get(f"ddp@{s}")
             if r is None or d is None:
@@ -447,7 +468,12 @@ def make_table(runs: dict, seeds: list[int], links, steps: int, compute_s: float
             dc, rc = emulate(d, links), emulate(r, links)
             t_ddp, t_hit = time_to(dc, target), time_to(rc, target)
             t_ddp2, t_hit2 = time_to(dc, target * 1.01), time_to(rc, target * 1.01)
-            ceiling = t_ddp / (steps * compute_s)
+            ceiling = t_ddp / crossing(d["curve"], target, "compute_s")
+            ceiling1 = t_ddp2 / crossing(d["curve"], target * 1.01, "compute_s")
+            from resilient_train.sync.wan import replay
+
+            rep = replay(r["trace"], links)
+            per["overhead"].append(100 * rep["blocked_s"] / (rep["total_s"] - rep["blocked_s"]))
             per["loss"].append(r["final_val_loss"])
             per["vs"].append(100 * (r["final_val_loss"] / target - 1))
             per["bytes"].append(r["bytes_per_inner_step"])
@@ -456,6 +482,9 @@ def make_table(runs: dict, seeds: list[int], links, steps: int, compute_s: float
             per["sp2"].append(t_ddp2 / t_hit2 if t_hit2 and t_ddp2 else None)
             per["ceiling"].append(ceiling)
             per["frac"].append((t_ddp / t_hit) / ceiling if t_hit else None)
+            per["reached1"].append(t_hit2)
+            per["ceiling1"].append(ceiling1)
+            per["frac1"].append((t_ddp2 / t_hit2) / ceiling1 if t_hit2 else None)
         ddp_bytes = _spread([runs[f"ddp@{s}"]["bytes_per_inner_step"] for s in seeds if f"ddp@{s}" in runs])
         table.append({
             "mode": name, "seeds": len(per["loss"]),
@@ -466,8 +495,12 @@ def make_table(runs: dict, seeds: list[int], links, steps: int, compute_s: float
             "emulated_s_to_ddp_final_loss": _spread(per["t_hit"]),
             "speedup_to_ddp_final_loss": _spread(per["speedup"]),
             "speedup_to_within_1pct_of_ddp": _spread(per["sp2"]),
+            "reached_within_1pct": f"{sum(1 for t in per['reached1'] if t)}/{len(per['reached1'])}",
+            "compute_bound_ceiling_1pct": _spread(per["ceiling1"]),
+            "fraction_of_ceiling_1pct": _spread(per["frac1"]),
             "compute_bound_ceiling": _spread(per["ceiling"]),
             "fraction_of_ceiling": _spread(per["frac"]),
+            "comm_overhead_pct": _spread(per["overhead"]),
         })
     return table
 
@@ -485,13 +518,29 @@ def print_table(table: list[dict], title: str = "") -> None:
     if title:
         print(f"\n{title}")
     print(f"{'mode':30s} {'val loss':>24s} {'vs DDP':>26s} {'bytes/step':>11s} {'DDP/mode':>9s} {'reached':>7s} "
-          f"{'speed-up to DDP loss':>22s} {'ceiling':>8s} {'of ceiling':>20s}")
+          f"{'speed-up to DDP loss':>22s} {'ceiling':>8s} {'of ceiling':>20s} {'blocked/compute':>22s}")
     for row in table:
         print(f"{row['mode']:30s} {_fmt(row['final_val_loss']):>24s} {_fmt(row['vs_ddp_pct'], '{:+.2f}', True):>26s} "
               f"{row['bytes_per_inner_step']['mean'] if row['bytes_per_inner_step'] else 0:11.0f} "
               f"{(row['bytes_ratio_ddp_over_mode'] or 0):8.0f}x {row['reached_ddp_final_loss']:>7s} "
               f"{_fmt(row['speedup_to_ddp_final_loss'], '{:.1f}'):>22s} {_fmt(row['compute_bound_ceiling'], '{:.1f}'):>8s} "
-              f"{_fmt(row['fraction_of_ceiling'], '{:.2f}'):>20s}")
+              f"{_fmt(row['fraction_of_ceiling'], '{:.2f}'):>20s} {_fmt(row['comm_overhead_pct'], '{:.1f}', True):>22s}")
+
+
+def markdown_table(table: list[dict]) -> str:
+    """The table as markdown (docs/sync.md, README): mean [min, max] over seeds."""
+    out = ["| mode | seeds | val loss at DDP's tokens | vs DDP | bytes / inner step / rank | DDP's bytes / mode's | "
+           "blocked / compute | to DDP's final loss: reached, speed-up, of the ceiling | "
+           "to within 1% of it: reached, speed-up, of the ceiling |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        b = r["bytes_per_inner_step"]["mean"] if r["bytes_per_inner_step"] else 0
+        out.append(f"| {r['mode']} | {r['seeds']} | {_fmt(r['final_val_loss'])} | {_fmt(r['vs_ddp_pct'], '{:+.2f}', True)} | "
+                   f"{b:,.0f} | {(r['bytes_ratio_ddp_over_mode'] or 0):.0f}x | {_fmt(r['comm_overhead_pct'], '{:.1f}', True)} | "
+                   f"{r['reached_ddp_final_loss']}, {_fmt(r['speedup_to_ddp_final_loss'], '{:.1f}x')}, "
+                   f"{_fmt(r['fraction_of_ceiling'], '{:.2f}')} | {r['reached_within_1pct']}, "
+                   f"{_fmt(r['speedup_to_within_1pct_of_ddp'], '{:.1f}x')}, {_fmt(r['fraction_of_ceiling_1pct'], '{:.2f}')} |")
+    return "\n".join(out)
 
 
 def plot(runs: dict, seeds: list[int], links, out_prefix: str, title: str) -> list[str]:
@@ -508,13 +557,17 @@ def plot(runs: dict, seeds: list[int], links, out_prefix: str, title: str) -> li
     written = []
     for axis, label in (("tokens", "tokens (all replicas)"), ("emulated_s", "emulated wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(8, 5))
-        for name in modes:
+        for i, name in enumerate(modes):
             curves = [emulate(runs[f"{name}@{s}"], links) for s in seeds if f"{name}@{s}" in runs]
             n = min(len(c) for c in curves)
             xs = [statistics.fmean(c[i][axis] for c in curves) for i in range(n)]
             ys = [[c[i]["val_loss"] for c in curves] for i in range(n)]
-            ax.plot(xs, [statistics.fmean(y) for y in ys], label=name)
-            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.15)
+            color = plt.get_cmap("tab20")(i % 20)
+            ax.plot(xs, [statistics.fmean(y) for y in ys], label=name, color=color,
+                    linestyle="--" if name.startswith("torchft") else "-", linewidth=2.2 if name == "ddp" else 1.4)
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.12, color=color)
+        lows = [pt["val_loss"] for r in runs.values() for pt in r["curve"] if pt["val_loss"] == pt["val_loss"]]
+        ax.set_ylim(min(lows) - 0.03, min(max(lows), 1.25 * min(lows)))  # the early, high losses off the top
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (global weights)")
         if axis == "emulated_s":
@@ -558,6 +611,10 @@ def mode_table(H: int, overlap: int) -> dict:
         "streaming_int4_K4": {"kind": "diloco", "H": H, "codec": "int4", "fragments": 4},
         "streaming_int4_K4_overlap": {"kind": "diloco", "H": H, "codec": "int4", "fragments": 4, "overlap": overlap},
         "streaming_none_K4_overlap": {"kind": "diloco", "H": H, "codec": "none", "fragments": 4, "overlap": overlap},
+        # the schedule for a slow link: fewer, larger fragments and the longest overlap one round in
+        # flight allows (d < H / K), so a fragment's exchange has d x compute to cross the link
+        "streaming_int4_K2_overlap_max": {"kind": "diloco", "H": H, "codec": "int4", "fragments": 2,
+                                          "overlap": H // 2 - 1},
         # not in the presets: to separate the effects of streaming, overlap and the mixing factor
         "diloco_int8_overlap5": {"kind": "diloco", "H": H, "codec": "int8", "overlap": 5},
         "diloco_int8_overlap5_mix1": {"kind": "diloco", "H": H, "codec": "int8", "overlap": 5, "mix": 1.0},
@@ -610,15 +667,17 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--eval-batches", type=int)
     ap.add_argument("--profile", default="wan", help="the link of the main table (every rank)")
-    ap.add_argument("--hetero", default="wan,300/10",
-                    help="per-rank links replayed on the same runs for the heterogeneous table (one provider behind "
-                         "a slower link: LAT_ms/BW_Mbit or a profile name per rank)")
+    ap.add_argument("--hetero", default="",
+                    help="per-rank links replayed on the same runs for the heterogeneous table, LAT_ms/BW_Mbit or a "
+                         "profile name per rank (default: the last provider behind 300/10, the others on --profile)")
     ap.add_argument("--compute-ms", type=float, default=0.0, help="compute time per inner step (0: calibrate)")
     ap.add_argument("--modes", default="", help="comma-separated mode names (default: the preset's)")
     ap.add_argument("--netns", choices=["auto", "yes", "no"], default="auto",
                     help="torchft modes: run inside `unshare -n` with only loopback up (its lighthouse binds every interface)")
     ap.add_argument("--out", default="", help="results JSON (default results/diloco_cpu.json, or diloco_<preset>.json)")
     ap.add_argument("--retable", default="", help="recompute the tables and plots of a saved results JSON and exit")
+    ap.add_argument("--resume", default="", help="a results JSON of the same configuration (pass its --compute-ms): its "
+                    "runs are kept and only the (mode, seed) pairs it lacks are run; everything goes to --out")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -656,12 +715,27 @@ def main() -> None:
         "diloco_cpu.json" if args.preset == "small" else f"diloco_{args.preset}.json")
     doc = {"benchmark": "bench_diloco", "preset": args.preset, "config": cfg, "H": H, "overlap": overlap,
            "world": world, "seeds": seeds, "parameters": nparams, "calibrated_compute_s_per_step": compute_s,
-           "modes": {n: table_modes[n] for n in names}, "profile": args.profile, "hetero": args.hetero,
+           "modes": {n: table_modes[n] for n in names}, "profile": args.profile,
+           "hetero": args.hetero or ",".join([args.profile] * (world - 1) + ["300/10"]),
            "machine": machine_info(), "runs": {}, "order": [],
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.resume:
+        old = json.loads(Path(args.resume).read_text())
+        if abs(old["calibrated_compute_s_per_step"] - compute_s) < 1e-6:  # --compute-ms as printed
+            compute_s = doc["calibrated_compute_s_per_step"] = old["calibrated_compute_s_per_step"]
+        differ = {k: (old.get(k), doc[k]) for k in ("config", "world", "H", "overlap", "calibrated_compute_s_per_step",
+                                                     "parameters") if old.get(k) != doc[k]}
+        if differ:
+            raise SystemExit(f"--resume {args.resume}: a different configuration (old, new): {differ}")
+        doc["runs"], doc["order"] = dict(old["runs"]), list(old.get("order", old["runs"]))
+        doc["modes"] = {**old.get("modes", {}), **doc["modes"]}
+        doc["seeds"] = sorted(set(old["seeds"]) | set(seeds))
+        doc["date_utc"] = f"{old.get('date_utc')} .. {doc['date_utc']}"
     for seed in seeds:  # interleaved: A B C A B C
         for name in names:
             mode = table_modes[name]
+            if f"{name}@{seed}" in doc["runs"]:
+                continue
             t = time.perf_counter()
             res = launch(world, mode, {**cfg, "seed": seed}, compute_s, timeout_s=3600)
             r0 = res[0]
@@ -700,6 +774,9 @@ def finish(doc: dict, out: Path) -> None:
         hetero = parse_links(doc["hetero"], doc["world"])
         doc["table_hetero"] = make_table(doc["runs"], seeds, hetero, steps, compute_s)
         print_table(doc["table_hetero"], f"one provider behind a slower link: {doc['hetero']}")
+    print("\n" + markdown_table(doc["table"]))
+    if doc.get("table_hetero"):
+        print("\n" + markdown_table(doc["table_hetero"]))
     prefix = str(out.with_suffix(""))
     doc["plots"] = [os.path.relpath(p, out.parent.parent.parent) for p in
                     plot(doc["runs"], seeds, links, prefix, f"{doc['parameters'] / 1e6:.1f}M-param GPT, "
