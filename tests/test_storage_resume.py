@@ -62,6 +62,19 @@ def _parts(srv, key: str, upload_id: str) -> dict[int, int]:
     return {int(p["PartNumber"]): int(p["Size"]) for p in resp.get("Parts", [])}
 
 
+def _write(store, data: bytes) -> None:
+    with store.open_write("f.bin") as f:
+        f.write(data)
+
+
+def _cut_at(proxy: FaultProxy, nbytes: int, upload) -> None:
+    """The proxy cuts the connection once ``nbytes`` have passed and stays down: ``upload``
+    fails with StorageError, after the cut (an event, not a sleep)."""
+    proxy.cut_after(nbytes, then_down=True)
+    with pytest.raises(StorageError):
+        upload()
+    assert proxy.cut_done.is_set()
+
 def test_copy_after_a_cut_sends_only_the_parts_the_server_lacks(tmp_path, s3):
     """The replication path (copy_file over a RetryingStore): the provider goes down after 2.5
     parts and stays down through the whole retry budget; the next copy (a catch-up) resumes the
@@ -75,10 +88,8 @@ def test_copy_after_a_cut_sends_only_the_parts_the_server_lacks(tmp_path, s3):
     key = f"{prefix}/f.bin"
     with FaultProxy(s3.port) as proxy:
         dst = RetryingStore(_store(s3, proxy, prefix), POLICY)
-        proxy.cut_after(2 * PART + PART // 2, then_down=True)
-        with pytest.raises(StorageError):
-            copy_file(src, "f.bin", dst, size_bytes=SIZE, sha256=digest, chunk_bytes=PART)
-        assert proxy.cut_done.is_set()
+        _cut_at(proxy, 2 * PART + PART // 2,
+                lambda: copy_file(src, "f.bin", dst, size_bytes=SIZE, sha256=digest, chunk_bytes=PART))
         assert not s3.filesystem().exists(f"{BUCKET}/{key}")  # nothing visible before completion
         (uid,) = _uploads(s3, key)
         assert _parts(s3, key, uid) == {1: PART, 2: PART}  # the part cut mid-way was not stored
@@ -104,11 +115,7 @@ def test_parts_that_do_not_match_are_sent_again(s3):
     key = f"{prefix}/f.bin"
     with FaultProxy(s3.port) as proxy:
         store = _store(s3, proxy, prefix)
-        proxy.cut_after(3 * PART + PART // 2, then_down=True)
-        with pytest.raises(StorageError):
-            with store.open_write("f.bin") as f:
-                f.write(data)
-        assert proxy.cut_done.is_set()
+        _cut_at(proxy, 3 * PART + PART // 2, lambda: _write(store, data))
         (uid,) = _uploads(s3, key)
         assert _parts(s3, key, uid) == {1: PART, 2: PART, 3: PART}
         fs = s3.filesystem()
@@ -185,10 +192,8 @@ def test_azure_copy_after_a_cut_sends_only_the_blocks_the_server_lacks(tmp_path,
     prefix = f"copy-{uuid.uuid4().hex[:8]}"
     with FaultProxy(azure.port) as proxy:
         dst = RetryingStore(_azure_store(azure, proxy, prefix), POLICY)
-        proxy.cut_after(2 * PART + PART // 2, then_down=True)
-        with pytest.raises(StorageError):
-            copy_file(src, "f.bin", dst, size_bytes=SIZE, sha256=digest, chunk_bytes=PART)
-        assert proxy.cut_done.is_set()
+        _cut_at(proxy, 2 * PART + PART // 2,
+                lambda: copy_file(src, "f.bin", dst, size_bytes=SIZE, sha256=digest, chunk_bytes=PART))
         assert not azure.filesystem().exists(f"{BUCKET}/{prefix}/f.bin")
         assert [size for _, size in _uncommitted(azure, f"{prefix}/f.bin")] == [PART, PART]
 
@@ -208,11 +213,7 @@ def test_azure_a_partial_block_is_staged_again(azure):
     name = f"{prefix}/f.bin"
     with FaultProxy(azure.port) as proxy:
         store = _azure_store(azure, proxy, prefix)
-        proxy.cut_after(3 * PART + PART // 2, then_down=True)
-        with pytest.raises(StorageError):
-            with store.open_write("f.bin") as f:
-                f.write(data)
-        assert proxy.cut_done.is_set()
+        _cut_at(proxy, 3 * PART + PART // 2, lambda: _write(store, data))
         blocks = _uncommitted(azure, name)
         assert [size for _, size in blocks] == [PART, PART, PART]
         _blob(azure, name).stage_block(block_id=blocks[1][0], data=data[PART: PART + PART // 2])

@@ -151,7 +151,29 @@ def _plain_md5(etag: Any) -> str | None:
     return e if len(e) == 32 and all(c in "0123456789abcdef" for c in e) else None
 
 
-class S3MultipartWriter:
+class _PartWriter:
+    """A write-only file that cuts what is written into parts of ``_part_bytes`` and hands each
+    full part to ``_put_part`` (the last, shorter one is the subclass's ``close``)."""
+
+    _part_bytes: int
+    _buf: bytearray
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        self._buf += mv
+        while len(self._buf) >= self._part_bytes:
+            self._put_part(bytes(self._buf[: self._part_bytes]))
+            del self._buf[: self._part_bytes]
+        return len(mv)
+
+    def _put_part(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class S3MultipartWriter(_PartWriter):
     """The streamed-upload file of :meth:`FsspecStore.open_write` on S3 (see module doc).
 
     ``write`` buffers up to one part and sends (or reuses) whole parts, one on the wire at a
@@ -217,17 +239,6 @@ class S3MultipartWriter:
             if not resp.get("IsTruncated"):
                 return out
             marker = int(resp["NextPartNumberMarker"])
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        mv = memoryview(data).cast("B")
-        self._buf += mv
-        while len(self._buf) >= self._part_bytes:
-            self._put_part(bytes(self._buf[: self._part_bytes]))
-            del self._buf[: self._part_bytes]
-        return len(mv)
 
     def _put_part(self, data: bytes) -> None:
         if self._on_server is None:
@@ -321,7 +332,7 @@ def _block_id(n: int, md5_hex: str) -> str:
     return f"{n:05d}{md5_hex[:27]}"
 
 
-class AzureBlockWriter:
+class AzureBlockWriter(_PartWriter):
     """The streamed-upload file of :meth:`FsspecStore.open_write` on Azure (block blobs).
 
     Each part is staged as a block whose id is its index and the MD5 of its bytes
@@ -368,17 +379,6 @@ class AzureBlockWriter:
                 return {}
             raise
         return {str(b.id): int(b.size) for b in uncommitted or []}
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        mv = memoryview(data).cast("B")
-        self._buf += mv
-        while len(self._buf) >= self._part_bytes:
-            self._put_part(bytes(self._buf[: self._part_bytes]))
-            del self._buf[: self._part_bytes]
-        return len(mv)
 
     def _put_part(self, data: bytes) -> None:
         if self._staged is None:
