@@ -78,6 +78,10 @@ def test_bad_configuration_fails_at_start(tmp_path, monkeypatch):
     assert "replica_groups" not in repr(rt.TrainerConfig(checkpoint="x"))
     with pytest.raises(errors.ConfigError, match="unknown"):
         rt.SyncConfig(mode="gossip")
+    with pytest.raises(errors.ConfigError, match="'localsgd' averages the parameters uncompressed, so codec must be 'none'"):
+        rt.SyncConfig(mode="localsgd", codec="int4")  # was accepted and the codec silently ignored
+    with pytest.raises(errors.ConfigError, match="'ddp' all-reduces the gradients every step"):
+        rt.SyncConfig(mode="ddp", fragments=2)
     with pytest.raises(errors.ConfigError, match="multiple of sync.sync_every"):
         rt.TrainerConfig(checkpoint="x", every_n_steps=7, sync=rt.SyncConfig(mode="diloco", sync_every=5))
     for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -44,7 +44,9 @@ class SyncConfig:
     ``mode``: ``ddp`` (all ranks average gradients every step; needs one group), ``localsgd``
     (groups average parameters every ``sync_every`` steps) or ``diloco`` (pseudo-gradients
     averaged every ``sync_every`` steps and applied by an outer Nesterov SGD). ``codec``,
-    ``fragments`` and ``overlap_steps`` are passed to :class:`~resilient_train.sync.DiLoCo`.
+    ``fragments`` and ``overlap_steps`` are passed to :class:`~resilient_train.sync.DiLoCo`
+    (``localsgd`` takes no codec: it averages the parameters uncompressed; ``ddp`` takes none
+    of the three; a value they would ignore raises ConfigError).
     Streaming (``fragments`` > 1) and overlap (``overlap_steps`` > 0) work with and without
     ``group=``; with ``group=`` overlap must stay below ``sync_every // fragments`` (one round in
     flight at a time; docs/sync.md, "Overlap between providers").
@@ -68,6 +70,13 @@ class SyncConfig:
             raise ConfigError(f"sync mode {self.mode!r} is unknown; choose one of {', '.join(_MODES)}")
         if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
             raise ConfigError(f"sync_every must be an int >= 1, got {self.sync_every!r}")
+        if self.mode == "localsgd" and self.codec != "none":
+            raise ConfigError(f"sync mode 'localsgd' averages the parameters uncompressed, so codec must be 'none' "
+                              f"(got {self.codec!r}); choose mode='diloco' to send compressed pseudo-gradients")
+        if self.mode == "ddp" and (self.codec, self.fragments, self.overlap_steps) != ("none", 1, 0):
+            raise ConfigError(f"sync mode 'ddp' all-reduces the gradients every step: codec, fragments and "
+                              f"overlap_steps apply to 'diloco' and 'localsgd' only (got codec={self.codec!r}, "
+                              f"fragments={self.fragments!r}, overlap_steps={self.overlap_steps!r})")
 
 
 @dataclass(frozen=True)
