@@ -36,6 +36,7 @@ still restarts a failed streamed upload from its first byte; see docs/storage.md
 from __future__ import annotations
 
 import base64
+from abc import ABC, abstractmethod
 import hashlib
 import logging
 import threading
@@ -151,7 +152,7 @@ def _plain_md5(etag: Any) -> str | None:
     return e if len(e) == 32 and all(c in "0123456789abcdef" for c in e) else None
 
 
-class _PartWriter:
+class _PartWriter(ABC):
     """A write-only file that cuts what is written into parts of ``_part_bytes`` and hands each
     full part to ``_put_part`` (the last, shorter one is the subclass's ``close``)."""
 
@@ -169,8 +170,9 @@ class _PartWriter:
             del self._buf[: self._part_bytes]
         return len(mv)
 
+    @abstractmethod
     def _put_part(self, data: bytes) -> None:
-        raise NotImplementedError
+        """Send one part (verified, or reused from an earlier attempt) of the object."""
 
 
 class S3MultipartWriter(_PartWriter):
