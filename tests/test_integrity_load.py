@@ -586,11 +586,13 @@ class _CountingStore(LocalStore):
     def __init__(self, root, name="counting"):
         super().__init__(root, name=name)
         self.scattered = 0
+        self.scatter_reads = 0
         self.ranged = 0
 
     def read_into(self, path, start, buffers):
         n = super().read_into(path, start, buffers)
         self.scattered += n
+        self.scatter_reads += 1
         return n
 
     def read_bytes(self, path, start=None, end=None):
@@ -627,6 +629,9 @@ def test_streamed_load_reads_tensors_straight_into_place(tmp_path):
     assert store.scattered > 0.9 * tensor_bytes, (store.scattered, store.ranged, tensor_bytes)
     # ranged reads: each file's first chunk (read with its header, before anything is written) and the JSON files
     assert store.ranged < 0.2 * tensor_bytes, (store.scattered, store.ranged, tensor_bytes)
+    # consecutive chunks are read as runs: one scatter read per file here, not one per 4 KiB chunk
+    chunks_read = store.scattered // CHUNK
+    assert chunks_read > 20 and store.scatter_reads <= 4, (store.scatter_reads, chunks_read)
 
 
 @pytest.mark.parametrize("where", ["first", "boundary-1", "boundary", "middle", "last"])

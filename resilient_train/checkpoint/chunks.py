@@ -259,6 +259,66 @@ class Chunks:
         exc_type = next((k for k in kinds if issubclass(k, CorruptCheckpointError)), CorruptCheckpointError)
         raise exc_type(f"no replica has a valid copy of {self.folder}/{file}: " + "; ".join(reasons))
 
+    def read_direct_run(self, file: str, parts: Sequence[tuple[int, Sequence[Any]]]) -> None:
+        """:meth:`read_direct` for consecutive chunks ``parts`` (``(index, segments)`` in
+        order) of ``file``: one read from the first replica scatters the whole run into every
+        chunk's buffers (a few large reads: from a cold page cache the disk serves 64 MiB
+        requests about twice as fast as 8 MiB ones), then each chunk is hashed from its own
+        buffers. A chunk that fails (or a read that fails) is read again alone through
+        :meth:`read_direct`, which tries every replica in order and raises like it."""
+        if len(parts) == 1:
+            self.read_direct(file, parts[0][0], parts[0][1])
+            return
+        r = self.ranges(file)
+        for (a, _), (b, _) in zip(parts, parts[1:]):
+            if b != a + 1:
+                raise ValueError(f"chunks {a} and {b} of {file} are not consecutive")
+        views = [[memoryview(b).cast("B") for b in segs] for _, segs in parts]
+        for (idx, _), vs in zip(parts, views):
+            if sum(len(v) for v in vs) != r[idx][1] - r[idx][0]:
+                raise ValueError(f"segments of {file} chunk {idx} hold {sum(len(v) for v in vs)} bytes, the chunk {r[idx][1] - r[idx][0]}")
+        start, end = r[parts[0][0]][0], r[parts[-1][0]][1]
+        last = end == self.manifest.file(file).size_bytes
+        flat = [v for vs in views for v in vs]
+        extra = [bytearray(1)] if last else []  # one more byte: notices a file that grew
+        store = self.sources[0]
+        n = -1
+        try:
+            if callable(getattr(type(store), "read_into", None)):
+                n = store.read_into(f"{self.folder}/{file}", start, flat + extra)  # type: ignore[attr-defined]
+            else:
+                data = store.read_bytes(f"{self.folder}/{file}", start, end + 1 if last else end)
+                n = len(data)
+                if n == end - start:
+                    pos = 0
+                    for v in flat:
+                        v[:] = memoryview(data)[pos:pos + len(v)]
+                        pos += len(v)
+            with self._lock:
+                self.bytes_fetched += n
+            if self.on_bytes is not None:
+                self.on_bytes(n)
+        except (StorageError, OSError):
+            n = -1  # read_direct below records why, per chunk and per replica
+
+        def good(k: int) -> bool:
+            if n != end - start:
+                return False
+            h = new_hasher(self.algorithm)
+            for v in views[k]:
+                h.update(v)
+            return h.hexdigest() == r[parts[k][0]][2]
+
+        # The chunks of one read hash in parallel on every core (the hashers release the GIL).
+        ok = list(_hash_pool().map(good, range(len(parts))))
+        for k, (idx, segs) in enumerate(parts):
+            if ok[k]:
+                with self._lock:
+                    by_src = self.served.setdefault(file, {})
+                    by_src[0] = by_src.get(0, 0) + 1
+            else:
+                self.read_direct(file, idx, segs)
+
     def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
         """Fetch and verify ``keys`` concurrently; raise the first failure after all finished.
 
