@@ -15,6 +15,9 @@ Contenders, interleaved A B C A B C ... (--reps rounds):
 * ``replicated async (copies in the save thread)``: the behaviour before issue 10: the save
   thread writes and then copies (``write_replicated``), so the next save waits for the copy.
 
+The moto server and the proxy run at nice 19: they stand in for a remote provider, and at normal
+priority they would take this machine's cores from the process under test.
+
     python benchmarks/bench_replicated_stall.py --size-mib 64 --saves 4 --reps 3
 """
 
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--interval-s", type=float, default=1.0)
     ap.add_argument("--slow-mbps", type=float, default=50.0)
     ap.add_argument("--prepare", action="store_true", help="call AsyncCheckpointer.prepare(state) before each run's loop (results: replicated_stall_prepared.json)")
+    ap.add_argument("--out", default=None, help="results file name under benchmarks/results/ (default: replicated_stall, or replicated_stall_prepared with --prepare)")
     args = ap.parse_args()
 
     state = make_state(args.size_mib)
@@ -101,6 +105,11 @@ def main() -> None:
     # The proxy runs in its own process: its forwarding must not compete with the loop for the GIL.
     proxy = subprocess.Popen([sys.executable, "-m", "resilient_train.testing.proxy", str(srv.port), "--bytes-per-s", str(args.slow_mbps * 1e6)], stdout=subprocess.PIPE, text=True)
     proxy_port = int(proxy.stdout.readline())
+    # The emulator and the throttling proxy stand in for a remote provider: at the lowest CPU
+    # priority, so that on a small machine they do not take the cores from the process under test.
+    for pid in (proxy.pid, srv._proc.pid if srv._proc is not None else None):
+        if pid is not None:
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
     opts = dict(srv.storage_options, endpoint_url=f"http://127.0.0.1:{proxy_port}")
     retry = RetryPolicy(max_attempts=3, max_total_s=120, call_timeout_s=120)
     raw: dict[str, list[dict]] = {"unreplicated async": [], "replicated async, copies in the background worker": [], "replicated async, copies in the save thread (before)": []}
@@ -149,7 +158,7 @@ def main() -> None:
     ratios = {f"{k} / unreplicated": v["steady_stall_median_s"] / base for k, v in results.items() if k != "unreplicated async"}
     ratios.update({f"{k} first save / unreplicated first save": v["first_stall_median_s"] / results["unreplicated async"]["first_stall_median_s"] for k, v in results.items() if k != "unreplicated async"})
     ratios.update({f"{k} first save / its steady median": v["first_stall_median_s"] / v["steady_stall_median_s"] for k, v in results.items()})
-    path = write_result("replicated_stall_prepared" if args.prepare else "replicated_stall", {
+    path = write_result(args.out or ("replicated_stall_prepared" if args.prepare else "replicated_stall"), {
         "prepare_before_loop": args.prepare,
         "state_bytes": nbytes, "saves_per_run": args.saves, "reps": args.reps, "interval_s": args.interval_s, "slow_provider_mb_per_s": args.slow_mbps,
         "unit": "seconds the training loop blocks in save(); medians over steady saves (the first save of each run allocates staging buffers, unless prepare_before_loop)",

@@ -148,3 +148,36 @@ def test_async_save_with_replication(tmp_path):
     assert list(ei.value.failures) == ["c"] and ei.value.committed == ["a", "b"]
     ck.close()
     assert committed_steps(a) == [1] and committed_steps(b) == [1]
+
+
+def test_save_while_copies_run_stages_exactly_and_restores_torch_threads(tmp_path):
+    """While the worker copies the previous step to another provider, the next save stages in
+    one single-threaded copy (see ``_stage_all``): the checkpoint still holds the state at
+    save time, and torch's intra-op thread count is the caller's again afterwards."""
+    a = LocalStore(str(tmp_path / "a"), name="a")
+    slow = GatedStore(LocalStore(str(tmp_path / "b"), name="b"))
+    provs = [Provider(n, str(tmp_path / n), "eu-west-1") for n in ("a", "b")]
+    pl = Placement(provs, ReplicationPolicy(copies=2), stores={"a": a, "b": slow})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        state = make_train_state()
+        ck = AsyncCheckpointer(pl, options=OPTS, copy_timeout_s=60)
+        ck.save(1, state)
+        ck._join()
+        assert ck.worker is not None and ck.worker.busy  # step 1's copy to b waits on the gate
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.add_(1.0)
+        want = state_tensors(state)
+        ck.save(2, state)
+        assert torch.get_num_threads() == 2
+        slow.gate.set()
+        ck.close()
+        assert torch.get_num_threads() == 2
+        for store in (a, slow.inner):
+            fresh = make_train_state(seed=4)
+            load(store, fresh, 2)
+            assert_same_tensors(state_tensors(fresh), want)
+    finally:
+        torch.set_num_threads(threads)

@@ -125,6 +125,11 @@ class CheckpointWorker:
         return done
 
     @property
+    def busy(self) -> bool:
+        """Whether a submitted job (copies, catch-up, retention) is queued or running."""
+        return self._pending > 0
+
+    @property
     def behind(self) -> dict[str, list[int]]:
         """Providers that miss copies, with the steps (from the health book)."""
         return self.health_book.behind
