@@ -18,7 +18,9 @@ Contenders, interleaved A B C A B C ... (--reps rounds):
 The moto server and the proxy run at nice 19: they stand in for a remote provider, and at normal
 priority they would take this machine's cores from the process under test.
 
-    python benchmarks/bench_replicated_stall.py --size-mib 64 --saves 4 --reps 3
+    python benchmarks/bench_replicated_stall.py --size-mib 64 --saves 4 --reps 3 [--prepare] [--load-procs 2]
+
+``--load-procs N`` runs N CPU-bound processes beside the loop for the whole run (a loaded machine).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--interval-s", type=float, default=1.0)
     ap.add_argument("--slow-mbps", type=float, default=50.0)
     ap.add_argument("--prepare", action="store_true", help="call AsyncCheckpointer.prepare(state) before each run's loop (results: replicated_stall_prepared.json)")
+    ap.add_argument("--load-procs", type=int, default=0, help="run this many CPU-bound processes beside the loop (a loaded machine)")
     ap.add_argument("--out", default=None, help="results file name under benchmarks/results/ (default: replicated_stall, or replicated_stall_prepared with --prepare)")
     args = ap.parse_args()
 
@@ -112,6 +115,7 @@ def main() -> None:
             os.setpriority(os.PRIO_PROCESS, pid, 19)
     opts = dict(srv.storage_options, endpoint_url=f"http://127.0.0.1:{proxy_port}")
     retry = RetryPolicy(max_attempts=3, max_total_s=120, call_timeout_s=120)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load_procs)]
     raw: dict[str, list[dict]] = {"unreplicated async": [], "replicated async, copies in the background worker": [], "replicated async, copies in the save thread (before)": []}
     ledger_out = None
     try:
@@ -138,6 +142,9 @@ def main() -> None:
                 except FileNotFoundError:
                     pass
     finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
         proxy.kill()
         proxy.wait()
         srv.stop()
@@ -159,7 +166,7 @@ def main() -> None:
     ratios.update({f"{k} first save / unreplicated first save": v["first_stall_median_s"] / results["unreplicated async"]["first_stall_median_s"] for k, v in results.items() if k != "unreplicated async"})
     ratios.update({f"{k} first save / its steady median": v["first_stall_median_s"] / v["steady_stall_median_s"] for k, v in results.items()})
     path = write_result(args.out or ("replicated_stall_prepared" if args.prepare else "replicated_stall"), {
-        "prepare_before_loop": args.prepare,
+        "prepare_before_loop": args.prepare, "cpu_bound_processes_beside": args.load_procs,
         "state_bytes": nbytes, "saves_per_run": args.saves, "reps": args.reps, "interval_s": args.interval_s, "slow_provider_mb_per_s": args.slow_mbps,
         "unit": "seconds the training loop blocks in save(); medians over steady saves (the first save of each run allocates staging buffers, unless prepare_before_loop)",
         "load_average_1m_at_end": os.getloadavg()[0], "results": results, "ratios": ratios, "ledger_of_one_replicated_run": ledger_out,
