@@ -44,7 +44,7 @@ test-faults: setup
 	$(BIN)/python -m pytest -q -m faults --durations=15
 
 bench: setup
-	$(BIN)/python benchmarks/bench_checkpoint.py
+	$(BIN)/python benchmarks/bench_io.py  # issue 22 set: about 50 minutes on 2 cores; results/io.json
 
 # Mutation testing (tools/mutate.py): the stated sample, seed 19, 10-25 mutants drawn per target
 # (signing, storage commit, membership service and decision, recovery, format, checkpoint,
