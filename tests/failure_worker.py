@@ -16,7 +16,8 @@ Fault points (``Case.fault``), each in round ``Case.fault_round``:
 Every worker appends JSON lines to ``<out>/w-<group>.jsonl``: ``up``, ``step`` (after each
 ``trainer.step()``: its index and wall time), ``fault`` (right before the SIGKILL), ``done``
 (the final step and a digest of the model). Orchestration is on events: the survivors train
-to ``stop_step`` and, when a joiner is expected, keep training until it is in.
+to ``stop_step`` and, when a joiner is expected or a partitioned member rejoins, keep training
+until it is in, then one round together.
 """
 
 from __future__ import annotations
@@ -192,11 +193,24 @@ def run(group: str, membership: str, out: str, case_json: str, joiner: bool = Fa
     # with a joiner expected, everyone trains one round together after the founders' own view
     # holds it (orchestrated on events, not on how many steps fit in a time)
     stop = max(case.stop_step, trainer.step_count + case.sync_every) if joiner else case.stop_step
+    # A partition may drop the victim, which stays alive and rejoins: every member trains until
+    # all are in one view again (an epoch after the drop), then one round together. On a busy
+    # machine the rejoin can take longer than the steps left before stop_step.
+    first_epoch = cross.view.epoch
+    everyone = set(case.groups)
+
+    def whole_again() -> bool:
+        return case.fault != "partition" or (cross.view.epoch > first_epoch and everyone <= set(cross.view.members))
+
+    rejoined = False
     while True:
         step = trainer.step_count
         if case.joiner is not None and not joiner and stop == case.stop_step and case.joiner in cross.view.members:
             stop = max(case.stop_step, step + case.sync_every)
-        if step >= stop and (case.joiner is None or joiner or case.joiner in cross.view.members):
+        if case.fault == "partition" and not rejoined and whole_again():
+            rejoined = True
+            stop = max(case.stop_step, step + case.sync_every)
+        if step >= stop and (case.joiner is None or joiner or case.joiner in cross.view.members) and whole_again():
             break
         x = _batch(step, group)
         loss = (trainer.model(x) - x).pow(2).mean()
