@@ -219,16 +219,7 @@ class Chunks:
         kinds: list[type] = []
         for i, store in enumerate(self.sources):
             try:
-                if callable(getattr(type(store), "read_into", None)):
-                    n = store.read_into(path, start, views + extra)  # type: ignore[attr-defined]
-                else:
-                    data = store.read_bytes(path, start, end + 1 if last else end)
-                    n = len(data)
-                    if n == end - start:
-                        pos = 0
-                        for v in views:
-                            v[:] = memoryview(data)[pos:pos + len(v)]
-                            pos += len(v)
+                n = _read_into(store, path, start, end, last, views, extra)
             except (StorageError, OSError) as exc:
                 kinds.append(type(exc))
                 reasons.append(redact(f"{store.name}: {type(exc).__name__}: {exc}"))
@@ -284,16 +275,7 @@ class Chunks:
         store = self.sources[0]
         n = -1
         try:
-            if callable(getattr(type(store), "read_into", None)):
-                n = store.read_into(f"{self.folder}/{file}", start, flat + extra)  # type: ignore[attr-defined]
-            else:
-                data = store.read_bytes(f"{self.folder}/{file}", start, end + 1 if last else end)
-                n = len(data)
-                if n == end - start:
-                    pos = 0
-                    for v in flat:
-                        v[:] = memoryview(data)[pos:pos + len(v)]
-                        pos += len(v)
+            n = _read_into(store, f"{self.folder}/{file}", start, end, last, flat, extra)
             with self._lock:
                 self.bytes_fetched += n
             if self.on_bytes is not None:
@@ -440,6 +422,21 @@ class Chunks:
 
     def source_names(self) -> dict[str, str]:
         return {f: self.sources[max(by, key=lambda i: by[i])].name for f, by in self.served.items() if by}
+
+
+def _read_into(store: Store, path: str, start: int, end: int, last: bool, views: list[memoryview], extra: list[bytearray]) -> int:
+    """Read ``[start, end)`` of ``path`` (one byte more when ``last``, into ``extra``) into
+    ``views``, in order: one scatter read on a store with ``read_into`` (local files), else a
+    ranged read copied in (only when it has exactly the expected length). Returns the bytes read."""
+    if callable(getattr(type(store), "read_into", None)):
+        return store.read_into(path, start, views + extra)  # type: ignore[attr-defined]
+    data = store.read_bytes(path, start, end + 1 if last else end)
+    if len(data) == end - start:
+        pos = 0
+        for v in views:
+            v[:] = memoryview(data)[pos:pos + len(v)]
+            pos += len(v)
+    return len(data)
 
 
 def read_json_file(sources: Sequence[Store], folder: str, rec: FileRecord) -> Any:
