@@ -301,24 +301,28 @@ class Chunks:
             else:
                 self.read_direct(file, idx, segs)
 
+    def runs(self, keys: Sequence[tuple[str, int]]) -> list[tuple[str, list[int]]]:
+        """``keys`` (file, chunk index), deduplicated and sorted, grouped into runs of
+        consecutive chunks of one file of at most :data:`MAX_RUN_BYTES` (each one read)."""
+        out: list[tuple[str, list[int]]] = []
+        run_bytes = 0
+        for f, i in sorted(set(keys)):
+            n = self.ranges(f)[i][1] - self.ranges(f)[i][0]
+            if out and out[-1][0] == f and out[-1][1][-1] == i - 1 and run_bytes + n <= MAX_RUN_BYTES:
+                out[-1][1].append(i)
+                run_bytes += n
+            else:
+                out.append((f, [i]))
+                run_bytes = n
+        return out
+
     def prefetch(self, keys: Sequence[tuple[str, int]]) -> None:
         """Fetch and verify ``keys`` concurrently; raise the first failure after all finished.
 
         Consecutive chunks of a file are fetched as one ranged read of up to
         :data:`MAX_RUN_BYTES` (few, large requests on object stores, as a plain ``cat`` makes),
         each chunk hashed from that buffer, in parallel."""
-        missing = sorted({k for k in keys if k not in self.cache})
-        cap = MAX_RUN_BYTES
-        runs: list[tuple[str, list[int]]] = []
-        run_bytes = 0
-        for f, i in missing:
-            n = self.ranges(f)[i][1] - self.ranges(f)[i][0]
-            if runs and runs[-1][0] == f and runs[-1][1][-1] == i - 1 and run_bytes + n <= cap:
-                runs[-1][1].append(i)
-                run_bytes += n
-            else:
-                runs.append((f, [i]))
-                run_bytes = n
+        runs = self.runs([k for k in keys if k not in self.cache])
         futs = [self.pool.submit(self._fetch_run, f, idxs) for f, idxs in runs]
         first: BaseException | None = None
         for fut in futs:

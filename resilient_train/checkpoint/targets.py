@@ -22,7 +22,7 @@ from ..format.manifest import Manifest, TensorRecord
 from ..format.names import STATE_NAME
 from ..format.safetensors_io import ST_TO_DTYPE, TensorSlot
 from ..storage import redact
-from .chunks import MAX_RUN_BYTES, Chunks
+from .chunks import Chunks
 from .planner import ReadOp, plan_reads, region_volume, tiling_problem
 from .state import TrainState, checkpoint_module, decode_rank_tree, local_piece, optimizer_fqns, rng_state, set_rng_state
 
@@ -327,19 +327,10 @@ def place_direct(chunks: Chunks, plan: DirectPlan, pool: Any, live: bool) -> Non
     for o, a, b in plan.from_cache:
         if o.target.live == live:
             chunks.copy_into(o.file, a, b, _dest_bytes(o)[a - o.begin:b - o.begin])
-    # Consecutive chunks of a file are read as one run of up to MAX_RUN_BYTES (fewer, larger
-    # reads), each chunk still hashed from its own buffers.
-    runs: list[tuple[str, list[tuple[int, list[Any]]]]] = []
-    run_bytes = 0
-    for f, i, segs, lv in sorted((r for r in plan.reads if r[3] == live), key=lambda r: (r[0], r[1])):
-        n = chunks.ranges(f)[i][1] - chunks.ranges(f)[i][0]
-        if runs and runs[-1][0] == f and runs[-1][1][-1][0] == i - 1 and run_bytes + n <= MAX_RUN_BYTES:
-            runs[-1][1].append((i, segs))
-            run_bytes += n
-        else:
-            runs.append((f, [(i, segs)]))
-            run_bytes = n
-    futs = [pool.submit(chunks.read_direct_run, f, parts) for f, parts in runs]
+    # Consecutive chunks of a file are read as one run (fewer, larger reads), each chunk still
+    # hashed from its own buffers.
+    segments = {(f, i): segs for f, i, segs, lv in plan.reads if lv == live}
+    futs = [pool.submit(chunks.read_direct_run, f, [(i, segments[(f, i)]) for i in idxs]) for f, idxs in chunks.runs(list(segments))]
     first: BaseException | None = None
     for fut in futs:
         try:
