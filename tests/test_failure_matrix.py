@@ -29,6 +29,7 @@ from tests import failure_worker as fw
 pytestmark = pytest.mark.timeout(240)
 
 RESUME_BOUND_S = 6.0
+REJOIN_BOUND_S = 30.0  # a live member dropped by the roll call after a partition: back within the round deadline
 SPREAD_BOUND_S = 2.0
 
 CASES = {
@@ -99,15 +100,23 @@ def _run_case(case: fw.Case, tmp_path) -> dict:
     failed = {g: min((e["t"] for e in fw.read_rt(out, g) if e["event"] == "round_failed" and e["t"] >= tf - 0.05),
                      default=None) for g in survivors}
     done = {g: next(e for e in logs[g] if e["ev"] == "done") for g in survivors}
-    return {"resumed": resumed, "failed": failed, "done": done, "tf": tf}
+    # after a partition the roll call may drop live members (they rejoin as joiners, with the
+    # state from a peer); the others must still go on at once
+    dropped = {g for g in survivors if any(e["event"] == "dropped" and e["t"] >= tf - 0.05 for e in fw.read_rt(out, g))}
+    return {"resumed": resumed, "failed": failed, "done": done, "tf": tf, "dropped": dropped}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_survivor_resumes_at_once(name, tmp_path):
     case = CASES[name]
     r = _run_case(case, tmp_path)
-    slowest = max(r["resumed"].values())
-    assert slowest < RESUME_BOUND_S, f"{name}: survivors trained again after {r['resumed']} s (round deadline 30 s)"
+    kept = {g: t for g, t in r["resumed"].items() if g not in r["dropped"]}
+    assert kept, f"{name}: every survivor was dropped: {r['resumed']}"
+    assert max(kept.values()) < RESUME_BOUND_S, f"{name}: survivors trained again after {r['resumed']} s (round deadline 30 s)"
+    # only a partition (everyone alive) may end in a live member dropped: it rejoins well
+    # before the round deadline (the drop decision itself is noted in the closing note)
+    assert not r["dropped"] or case.fault == "partition", f"{name}: {sorted(r['dropped'])} dropped"
+    assert all(r["resumed"][g] < REJOIN_BOUND_S for g in r["dropped"]), f"{name}: dropped {sorted(r['dropped'])} rejoined after {r['resumed']} s"
     seen = [t for t in r["failed"].values() if t is not None]
     if case.fault != "transfer":  # the joiner is in its join, not in a round: it reports no round_failed
         assert len(seen) == len(r["failed"]), f"{name}: a survivor never saw the round fail: {r['failed']}"
