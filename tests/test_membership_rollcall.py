@@ -126,6 +126,80 @@ def test_hung_member_still_heartbeating_is_dropped_at_the_round_deadline():
             m.close()
 
 
+def _stale_heartbeat(kv, m, **fields):
+    """Hold ``m``'s heartbeat thread off for a minute and leave its last heartbeat rewritten
+    with ``fields`` (its token, seq and liveness port kept)."""
+    m.heartbeat_interval_s = 60.0
+    time.sleep(4 * HB)  # its thread's current wait ends and the next one is a minute
+    key = f"rt-membership/hb/{m.member_id}"
+    hb = json.loads(kv.get(key, timeout=TO))
+    kv.set(key, json.dumps({**hb, **fields}).encode(), timeout=TO)
+
+
+def test_member_admitted_by_the_failed_epoch_that_has_not_beaten_since_is_waited_for():
+    """A fault right after a view admits the members (a CI run killed b 8 steps into epoch 1):
+    c's heartbeat still says "join" with the epoch before, because its heartbeat thread has not
+    beaten since it read the view. It is alive and in the round: the roll call waits for it (it
+    answers within the silence window) instead of taking it for a restarted process. A CI run
+    of the failure matrix dropped a and c this way (both alive) and d trained alone."""
+    kv = MemoryKVStore()
+    ms, view = _three(kv)
+    a, b, c = ms
+    results: dict[str, object] = {}
+
+    def call(m, wait_for=None):
+        if wait_for is not None:
+            wait_for()
+        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=5.0, view=view)
+
+    def c_is_late():  # c reaches the roll call after a and b are in it
+        while not (_answered(kv, view, "a") and _answered(kv, view, "b")):
+            time.sleep(0.01)
+        time.sleep(0.3)
+
+    try:
+        _stale_heartbeat(kv, c, intent="join", epoch=view.epoch - 1)
+        threads = [threading.Thread(target=call, args=(a,)), threading.Thread(target=call, args=(b,)),
+                   threading.Thread(target=call, args=(c, c_is_late))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert set(results) == {"a", "b", "c"}, results
+        for v in results.values():
+            assert v.epoch == view.epoch + 1 and v.members == ("a", "b", "c"), (v, a.latest_reason)
+    finally:
+        for m in ms:
+            m.close()
+
+
+def test_member_restarted_under_the_same_id_is_not_waited_for():
+    """c's process was replaced by a new one under the same id (its heartbeat: a new token,
+    "join", having read the failed epoch's view): the old process is gone, the new one
+    rejoins; the roll call does not wait for it (5 s silence window here) and says why."""
+    kv = MemoryKVStore()
+    ms, view = _three(kv)
+    a, b, c = ms
+    results: dict[str, object] = {}
+    took: dict[str, float] = {}
+
+    def call(m):
+        t0 = time.monotonic()
+        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=5.0, view=view)
+        took[m.member_id] = time.monotonic() - t0
+
+    try:
+        _stale_heartbeat(kv, c, intent="join", epoch=view.epoch, token="a-new-process", seq=1)
+        _run_survivors(call, (a, b), results)
+        for v in results.values():
+            assert v.epoch == view.epoch + 1 and v.members == ("a", "b"), v
+        assert max(took.values()) < 4.0, took
+        assert "c: restarted" in a.latest_reason, a.latest_reason
+    finally:
+        for m in ms:
+            m.close()
+
+
 def test_roll_call_that_every_member_answers_ends_at_the_last_answer_not_the_deadline():
     """All three members reach the roll call: it ends as soon as the last one has answered (no
     one left to wait for), long before the round deadline, and keeps all three (found by

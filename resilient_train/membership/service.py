@@ -85,11 +85,16 @@ def encode_view(view: View, reason: str = "") -> bytes:
                        "joiners": list(view.joiners), "reason": reason}, sort_keys=True).encode()
 
 
-def _intent(hb: bytes | None) -> str | None:
+def _restarted(hb: bytes | None, epoch: int) -> bool:
+    """A member of ``epoch`` whose heartbeat says "join" *after* reading that view is a new
+    process under the same id (a restart: a new process never counts itself admitted by a view
+    published before it started). One that says "join" with an older epoch was admitted by
+    ``epoch`` but has not beaten since it read it: alive, and in this round."""
     try:
-        return str(json.loads(hb)["intent"]) if hb else None
+        d = json.loads(hb) if hb else None
+        return d is not None and str(d["intent"]) == "join" and int(d["epoch"]) >= epoch
     except (ValueError, KeyError, TypeError):
-        return None
+        return False
 
 
 def _liveness_of(hb: bytes | None) -> tuple[str, str] | None:
@@ -465,6 +470,7 @@ class Membership:
         seen: dict[str, tuple[Any, float]] = {}
         probed: dict[str, float] = {}
         dead: set[str] = set()
+        not_waited: dict[str, str] = {}  # why each member not waited for is not
         while True:
             raw = kv.get(self._k(f"view/{e + 1}"), timeout=self.store_timeout)
             if raw is not None:
@@ -474,22 +480,28 @@ class Membership:
             answered = [m for m in view.members if m == me or kv.get(self._k(f"rollcall/{e}/{m}"), timeout=self.store_timeout) is not None]
             waiting = []
             for m in view.members:
-                if m in answered or m in exclude:
+                if m in answered:
+                    continue
+                if m in exclude:
+                    not_waited[m] = "not synced yet"
                     continue
                 hb = kv.get(self._k(f"hb/{m}"), timeout=self.store_timeout)
                 prev = seen.get(m)
                 if prev is None or prev[0] != hb:
                     seen[m] = (hb, now if prev is not None else t0)
-                if _intent(hb) == "join":
-                    continue  # a new process under that id (a restart): it rejoins, it is not in this round
+                if _restarted(hb, e):
+                    not_waited[m] = "restarted: a new process under that id"
+                    continue  # it rejoins, it is not in this round
                 if m in dead:
                     continue
+                not_waited[m] = "heartbeat still"
                 if now - seen[m][1] < silent_after:
                     lv = _liveness_of(hb)
                     if lv is not None and lv in self._live_ok and now - probed.get(m, -1.0) >= self.liveness_probe_s:
                         probed[m] = now
                         if probe(*lv) == "dead":
                             dead.add(m)
+                            not_waited[m] = "liveness port refused"
                             log.info("%s: roll call of epoch %d: %s's process is gone (its liveness port refuses)",
                                      me, e, m)
                             continue
@@ -506,10 +518,8 @@ class Membership:
                     gone = sorted(set(view.members) - set(members))
                     if late:
                         why = f"silent past the {deadline_s:g} s round deadline"
-                    elif dead and set(gone) <= dead:
-                        why = "process gone: liveness port refused"
                     else:
-                        why = "heartbeat still"
+                        why = ", ".join(f"{m}: {not_waited.get(m, '?')}" for m in gone)
                     new = View(e + 1, members, view.fingerprint, ())
                     reason = (f"epoch {e + 1}: dropped {gone} after a failed collective "
                               f"({why}; roll call {now - t0:.2f} s)")
@@ -609,13 +619,19 @@ class Membership:
         view, reason = decode_view(raw)
         with self._cond:
             if view.epoch > self._latest.epoch:
-                self._latest, self._latest_reason = view, reason
-                self._note_cold(view)
-                if self.member_id not in view.members:
-                    self._admitted = False
-                self._cond.notify_all()
-                log.info("membership %s saw %s", self.member_id, reason)
+                self._take(view, reason)
             return self._latest
+
+    def _take(self, view: View, reason: str) -> None:
+        """Make ``view`` the latest seen (caller holds ``_cond``; either thread)."""
+        self._latest, self._latest_reason = view, reason
+        self._note_cold(view)
+        if self.member_id in view.joiners and view.epoch > self._start_epoch:
+            self._admitted = True
+        elif self.member_id not in view.members:
+            self._admitted = False
+        self._cond.notify_all()
+        log.info("membership %s saw %s", self.member_id, reason)
 
     # ------------------------------------------------------------------ background thread
 
@@ -707,14 +723,8 @@ class Membership:
                 return
             view, reason = decode_view(raw)
             with self._cond:
-                self._latest, self._latest_reason = view, reason
-                self._note_cold(view)
-                if self.member_id in view.joiners and view.epoch > self._start_epoch:
-                    self._admitted = True
-                elif self.member_id not in view.members:
-                    self._admitted = False
-                self._cond.notify_all()
-            log.info("membership %s saw %s", self.member_id, reason)
+                if view.epoch > self._latest.epoch:  # the training thread may have taken it already
+                    self._take(view, reason)
 
     def _check_refused(self) -> None:
         with self._cond:
