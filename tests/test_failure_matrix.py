@@ -29,7 +29,6 @@ from tests import failure_worker as fw
 pytestmark = pytest.mark.timeout(240)
 
 RESUME_BOUND_S = 6.0
-REJOIN_BOUND_S = 30.0  # a live member dropped by the roll call after a partition: back within the round deadline
 SPREAD_BOUND_S = 2.0
 
 CASES = {
@@ -100,8 +99,7 @@ def _run_case(case: fw.Case, tmp_path) -> dict:
     failed = {g: min((e["t"] for e in fw.read_rt(out, g) if e["event"] == "round_failed" and e["t"] >= tf - 0.05),
                      default=None) for g in survivors}
     done = {g: next(e for e in logs[g] if e["ev"] == "done") for g in survivors}
-    # after a partition the roll call may drop live members (they rejoin as joiners, with the
-    # state from a peer); the others must still go on at once
+    # survivors the roll call dropped although alive (they would rejoin as joiners)
     dropped = {g for g in survivors if any(e["event"] == "dropped" and e["t"] >= tf - 0.05 for e in fw.read_rt(out, g))}
     return {"resumed": resumed, "failed": failed, "done": done, "tf": tf, "dropped": dropped}
 
@@ -110,13 +108,11 @@ def _run_case(case: fw.Case, tmp_path) -> dict:
 def test_every_survivor_resumes_at_once(name, tmp_path):
     case = CASES[name]
     r = _run_case(case, tmp_path)
-    kept = {g: t for g, t in r["resumed"].items() if g not in r["dropped"]}
-    assert kept, f"{name}: every survivor was dropped: {r['resumed']}"
-    assert max(kept.values()) < RESUME_BOUND_S, f"{name}: survivors trained again after {r['resumed']} s (round deadline 30 s)"
-    # only a partition (everyone alive) may end in a live member dropped: it rejoins well
-    # before the round deadline (the drop decision itself is noted in the closing note)
-    assert not r["dropped"] or case.fault == "partition", f"{name}: {sorted(r['dropped'])} dropped"
-    assert all(r["resumed"][g] < REJOIN_BOUND_S for g in r["dropped"]), f"{name}: dropped {sorted(r['dropped'])} rejoined after {r['resumed']} s"
+    # every survivor is alive and answers the roll call: none may be dropped, not even after a
+    # partition (two CI runs dropped live members whose heartbeats had not yet said "member":
+    # the roll call took them for restarted processes, fixed in the roll call)
+    assert not r["dropped"], f"{name}: live members {sorted(r['dropped'])} were dropped"
+    assert max(r["resumed"].values()) < RESUME_BOUND_S, f"{name}: survivors trained again after {r['resumed']} s (round deadline 30 s)"
     seen = [t for t in r["failed"].values() if t is not None]
     if case.fault != "transfer":  # the joiner is in its join, not in a round: it reports no round_failed
         assert len(seen) == len(r["failed"]), f"{name}: a survivor never saw the round fail: {r['failed']}"
