@@ -124,16 +124,10 @@ def prepare_folder(store: Store, folder: str) -> None:
     raise CheckpointError(f"step folder {folder} under {store.uri} is already committed; refusing to overwrite it")
 
 
-def _batched_sync(store: Store) -> bool:
-    """Whether ``store`` writes many files and makes them durable in one pass afterwards
-    (``open_write(path, sync=False)`` + ``sync_files``: local folders)."""
-    return callable(getattr(type(store), "sync_files", None))
-
-
 def _write_one(store: Store, path: str, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None, opts: SaveOptions) -> FileRecord:
     cpu_items = [(n, t if t.device.type == "cpu" else t.to("cpu")) for n, t in items]
     hasher = opts._hasher()
-    with (store.open_write(path, sync=False) if _batched_sync(store) else store.open_write(path)) as f:  # type: ignore[call-arg]
+    with store.open_write(path) as f:
         write_file_hashed(f, cpu_items, metadata, hasher)
     return FileRecord(path.rsplit("/", 1)[-1], *hasher.digests())
 
@@ -222,9 +216,4 @@ def write_rank_files(store: Store, folder: str, snap: Snapshot, plan: SavePlan, 
             records.append(fut.result())
             progress(records[-1].size_bytes)
         records.extend(fut.result() for fut in json_futures)
-    if _batched_sync(store) and jobs:
-        # Durable before this rank reports its records (the manifest that names them is written
-        # only after every rank did): one pass after all writes instead of an fsync per file
-        # while the others are written (0.75 -> 1.00 GB/s at 8 GiB on this disk).
-        store.sync_files([path for path, _, _ in jobs])  # type: ignore[attr-defined]
     return records

@@ -25,10 +25,6 @@ __all__ = ["LocalStore"]
 class LocalStore:
     """Store rooted at a local folder. Writes are fsynced before ``open_write`` returns.
 
-    ``open_write(path, sync=False)`` with :meth:`sync_files` afterwards is the batched form
-    (the checkpoint writer's): many files written, then made durable in one pass. One fsync
-    per 256 MiB file while the next is written cost 25-30% of the disk's rate at 8 GiB here.
-
     The root folder is created on the first write, not at construction (constructors do no I/O).
     """
 
@@ -59,9 +55,7 @@ class LocalStore:
         return StorageError(f"{type(exc).__name__} on {path!r} under {self._root}: {exc.strerror or exc}", provider=self.name, path=path)
 
     @contextmanager
-    def open_write(self, path: str, *, sync: bool = True) -> Iterator[BinaryIO]:
-        """``sync=False``: not fsynced here; the caller makes it durable with
-        :meth:`sync_files` before anything (a manifest) says it is there."""
+    def open_write(self, path: str) -> Iterator[BinaryIO]:
         full = self._abs(path)
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
@@ -71,8 +65,7 @@ class LocalStore:
         ok = False
         try:
             yield f  # type: ignore[misc]
-            if sync:
-                os.fsync(f.fileno())
+            os.fsync(f.fileno())
             ok = True
         except OSError as exc:
             raise self._wrap(exc, path) from exc
@@ -252,17 +245,6 @@ class LocalStore:
             return
         except OSError as exc:
             raise self._wrap(exc, path) from exc
-
-    def sync_files(self, paths: list[str]) -> None:
-        """fsync each of ``paths`` (written with ``open_write(..., sync=False)``), in order."""
-        for path in paths:
-            fd = self._open_fd(path)
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise self._wrap(exc, path) from exc
-            finally:
-                os.close(fd)
 
     def sync_folder(self, path: str) -> None:
         full = self._abs(path, allow_empty=True)
