@@ -394,3 +394,34 @@ def test_tied_weights_and_odd_dtypes(tmp_path):
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert b.out.weight.data_ptr() == b.emb.weight.data_ptr()
+
+
+def test_every_file_is_fsynced_before_the_manifest_commits(tmp_path, monkeypatch):
+    """The commit rule (docs/format.md): every file the manifest names is durable (fsynced)
+    before the manifest is created; a crash before it leaves an uncommitted folder, never a
+    manifest naming bytes the disk may not have."""
+    from resilient_train.checkpoint.writer import SaveOptions
+    from resilient_train.storage.local import LocalStore
+
+    order: list[str] = []
+    real_fsync, real_commit = os.fsync, LocalStore.write_bytes_exclusive
+
+    def fsync(fd):
+        real_fsync(fd)
+        order.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+
+    def commit(self, path, data):
+        order.append("commit " + path)
+        return real_commit(self, path, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(LocalStore, "write_bytes_exclusive", commit)
+    state = make_run()
+    train_steps(state, 2)
+    rt.save(str(tmp_path), state, 2, options=SaveOptions(max_file_bytes=4096))
+    manifest = json.loads((tmp_path / "step-0000000002" / "manifest.json").read_bytes())
+    named = {f["path"] for f in manifest["files"]}
+    assert sum(n.endswith(".safetensors") for n in named) >= 2, named  # model and optimizer files
+    at = next(i for i, e in enumerate(order) if e.startswith("commit") and e.endswith("manifest.json"))
+    synced = {os.path.basename(e.split(" ", 1)[1]) for e in order[:at] if e.startswith("fsync ")}
+    assert named <= synced, f"not fsynced before the manifest: {sorted(named - synced)}"
