@@ -51,6 +51,15 @@ def _answered(kv, view, who):
     return kv.get(f"rt-membership/rollcall/{view.epoch}/{who}", timeout=TO) is not None
 
 
+def _timed(view, results, took, **kw):
+    """A member's training thread calling the roll call of ``view``: its result and seconds."""
+    def call(m):
+        t0 = time.monotonic()
+        results[m.member_id] = m.report_failure(view=view, **kw)
+        took[m.member_id] = time.monotonic() - t0
+    return call
+
+
 def _run_survivors(call, survivors, results):
     """a and c run ``call`` on threads (their training threads); returns when both are done."""
     threads = [threading.Thread(target=call, args=(m,)) for m in survivors]
@@ -101,10 +110,7 @@ def test_hung_member_still_heartbeating_is_dropped_at_the_round_deadline():
     results: dict[str, object] = {}
     took: dict[str, float] = {}
 
-    def call(m):
-        t0 = time.monotonic()
-        results[m.member_id] = m.report_failure(deadline_s=deadline_s, view=view)
-        took[m.member_id] = time.monotonic() - t0
+    call = _timed(view, results, took, deadline_s=deadline_s)
 
     try:
         beats_before = kv.get("rt-membership/hb/b", timeout=TO)
@@ -183,10 +189,7 @@ def test_member_restarted_under_the_same_id_is_not_waited_for():
     results: dict[str, object] = {}
     took: dict[str, float] = {}
 
-    def call(m):
-        t0 = time.monotonic()
-        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=5.0, view=view)
-        took[m.member_id] = time.monotonic() - t0
+    call = _timed(view, results, took, deadline_s=30.0, silent_after_s=5.0)
 
     try:
         _stale_heartbeat(kv, c, intent="join", epoch=view.epoch, token="a-new-process", seq=1)
@@ -239,10 +242,7 @@ def test_member_whose_process_is_gone_is_dropped_at_once_not_after_the_silence_w
     results: dict[str, object] = {}
     took: dict[str, float] = {}
 
-    def call(m):
-        t0 = time.monotonic()
-        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=20.0, view=view)
-        took[m.member_id] = time.monotonic() - t0
+    call = _timed(view, results, took, deadline_s=30.0, silent_after_s=20.0)
 
     try:
         deadline = time.monotonic() + 20
@@ -295,10 +295,7 @@ def test_refusal_from_a_port_never_verified_is_not_taken_for_death(monkeypatch):
     took: dict[str, float] = {}
     silent_after = 1.5
 
-    def call(m):
-        t0 = time.monotonic()
-        results[m.member_id] = m.report_failure(deadline_s=30.0, silent_after_s=silent_after, view=view)
-        took[m.member_id] = time.monotonic() - t0
+    call = _timed(view, results, took, deadline_s=30.0, silent_after_s=silent_after)
 
     try:
         b.close()
